@@ -1,1 +1,27 @@
-//! placeholder
+//! `umbra-aloepri`: AloePri covariant obfuscation (arXiv 2603.01499), the paper of
+//! `shared/papers/aloepri.md`.
+//!
+//! A secret [`keys::KeyInit`] (Algorithm 1) and a vocabulary permutation [`tau::TokenPermutation`]
+//! turn a public Llama-family checkpoint into an obfuscated one that any HF-compatible engine serves
+//! unchanged. [`compiler::compile`] streams the checkpoint tensor by tensor through the
+//! per-component transforms of [`transform`] and writes the client's [`keyfile::ClientKey`].
+//! [`fidelity`] measures the obfuscated model against the plaintext one on the same inputs.
+//!
+//! Row-vector convention throughout the docs: `y = x W`, `x` a row of width `d`. HF stores a linear
+//! layer as `W^T` (`[out, in]`).
+
+pub mod compiler;
+pub mod error;
+pub mod fidelity;
+pub mod keyfile;
+pub mod keys;
+pub mod linalg;
+pub mod params;
+pub mod tau;
+pub mod transform;
+pub mod writer;
+
+pub use error::{AloeError, Result};
+pub use keyfile::ClientKey;
+pub use params::ObfuscationParams;
+pub use tau::TokenPermutation;

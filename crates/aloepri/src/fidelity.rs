@@ -1,0 +1,1 @@
+//! Fidelity of an obfuscated checkpoint against its plaintext model (filled in below).

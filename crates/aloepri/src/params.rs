@@ -1,0 +1,73 @@
+//! Obfuscation knobs and which of them are exact.
+//!
+//! | knob | paper symbol | exact? |
+//! |---|---|---|
+//! | `h` (residual expansion, `d' = d + 2h`) | h | exact when `junk = false` |
+//! | `lambda` (non-orthogonal part of `B = U + lambda V`) | lambda | exact only at 0 (RMSNorm sees `||xB||`) |
+//! | `junk` (C/E directions in the keys) | C, E | not exact (RMSNorm sees the junk) |
+//! | `alpha_e`, `alpha_h` (embedding / head noise) | alpha_e, alpha_h | not exact |
+//! | `beta` (RoPE block-permutation window) | beta | exact only at 1 |
+//! | rotations `R`, scalings `H`, `U_vo`, head and FFN permutations/scalings | R, H, U_vo, tau_kv, Z_f, H_f | exact |
+use crate::error::{AloeError, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ObfuscationParams {
+    /// Expansion of the residual stream: `d' = d + 2h`. Must be even.
+    pub h: usize,
+    /// Weight of the Gaussian part of `B = U + lambda V`.
+    pub lambda: f64,
+    /// Embedding noise scale (times the embedding's std).
+    pub alpha_e: f64,
+    /// LM-head noise scale (times the head's std).
+    pub alpha_h: f64,
+    /// Max window of the RoPE block permutation (1 = none).
+    pub beta: usize,
+    /// Whether the keys carry the data-dependent C/E junk directions.
+    pub junk: bool,
+}
+
+impl ObfuscationParams {
+    /// The paper's defaults: h 128, lambda .3, alpha_e 1, alpha_h .2, beta 8, junk on.
+    pub fn paper() -> Self {
+        Self { h: 128, lambda: 0.3, alpha_e: 1.0, alpha_h: 0.2, beta: 8, junk: true }
+    }
+
+    /// Every approximate part off: the obfuscated model is mathematically equivalent.
+    pub fn exact(h: usize) -> Self {
+        Self { h, lambda: 0.0, alpha_e: 0.0, alpha_h: 0.0, beta: 1, junk: false }
+    }
+
+    /// True when no approximate knob is on.
+    pub fn is_exact(&self) -> bool {
+        self.lambda == 0.0 && self.alpha_e == 0.0 && self.alpha_h == 0.0 && self.beta <= 1 && !self.junk
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(AloeError::Params(m.into()));
+        if self.h % 2 != 0 {
+            return bad("h must be even");
+        }
+        if self.junk && self.h < 2 {
+            return bad("the C/E junk needs h >= 2");
+        }
+        if !(self.lambda.is_finite() && self.lambda >= 0.0 && self.lambda <= 2.0) {
+            return bad("lambda must be in [0, 2] (larger values overflow in half precision)");
+        }
+        for (n, v) in [("alpha_e", self.alpha_e), ("alpha_h", self.alpha_h)] {
+            if !(v.is_finite() && (0.0..=10.0).contains(&v)) {
+                return Err(AloeError::Params(format!("{n} must be in [0, 10]")));
+            }
+        }
+        if self.beta == 0 || self.beta > 64 {
+            return bad("beta must be in 1..=64");
+        }
+        Ok(())
+    }
+}
+
+impl Default for ObfuscationParams {
+    fn default() -> Self {
+        Self::paper()
+    }
+}
