@@ -75,18 +75,24 @@ pub fn recorded_fingerprint(cfg: &LlamaConfig) -> Option<String> {
     cfg.extra.get(CONFIG_SECTION)?.get("key_fingerprint")?.as_str().map(str::to_string)
 }
 
+/// Embedding and head rows are transformed and written this many at a time (bounded memory).
+const ROW_CHUNK: usize = 4096;
+
 /// Result of [`compile_weights`].
 pub struct Compiled {
     pub config: LlamaConfig,
     pub key: ClientKey,
 }
 
+/// Removes a tensor from the input (freeing it once used) and widens it to F64.
 fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
-    w.remove(name).ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()).into())
+    let t = w.remove(name).ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()))?;
+    Ok(t.to_dtype(candle_core::DType::F64)?)
 }
 
 /// Transforms every tensor of a plaintext model (consumed, so each input is freed once used) and
 /// hands the results to `sink(name, tensor)` in [`output_specs`] order of the obfuscated config.
+/// The embedding and the head arrive as consecutive row chunks under the same name.
 /// `special_ids` stay fixed points of tau. Every key is drawn from `seed` in a fixed order.
 pub fn compile_weights(
     cfg: &LlamaConfig,
@@ -96,6 +102,8 @@ pub fn compile_weights(
     seed: u64,
     sink: &mut dyn FnMut(&str, Tensor) -> Result<()>,
 ) -> Result<Compiled> {
+    // Transforms run in F64; what leaves is F32, the checkpoint's storage type.
+    let mut sink = |name: &str, t: Tensor| -> Result<()> { sink(name, t.to_dtype(candle_core::DType::F32)?) };
     params.validate()?;
     cfg.validate()?;
     let dev = Device::Cpu;
@@ -122,7 +130,10 @@ pub fn compile_weights(
     let head_src = if cfg.tie_word_embeddings { embed.clone() } else { take(&mut w, "lm_head.weight")? };
     let embed_noisy = transform::add_noise(&embed, params.alpha_e, noise_e)?;
     drop(embed);
-    sink("model.embed_tokens.weight", transform::embedding(&embed_noisy, &to_tensor(&p_embed, &dev)?, &tau_inv)?)?;
+    let p_embed_t = to_tensor(&p_embed, &dev)?;
+    for rows in tau_inv.chunks(ROW_CHUNK) {
+        sink("model.embed_tokens.weight", transform::embedding(&embed_noisy, &p_embed_t, rows)?)?;
+    }
     drop(embed_noisy);
 
     for i in 0..cfg.num_hidden_layers {
@@ -181,7 +192,9 @@ pub fn compile_weights(
     let q_head = to_tensor(&init.q_key(&mut rng), &dev)?;
     let head_noisy = transform::add_noise(&head_src, params.alpha_h, noise_h)?;
     drop(head_src);
-    sink("lm_head.weight", transform::lm_head(&head_noisy, &final_norm, &q_head, &tau_inv)?)?;
+    for rows in tau_inv.chunks(ROW_CHUNK) {
+        sink("lm_head.weight", transform::lm_head(&head_noisy, &final_norm, &q_head, rows)?)?;
+    }
 
     if let Some(extra) = w.keys().next() {
         return Err(AloeError::Input(format!("unexpected tensor `{extra}` in the checkpoint")));
@@ -189,4 +202,132 @@ pub fn compile_weights(
     let key = ClientKey::new(seed, *params, &tau);
     let config = obfuscated_config(cfg, params, &key.fingerprint, gain_sq);
     Ok(Compiled { config, key })
+}
+
+/// Summary of a [`compile_checkpoint`] run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompileReport {
+    pub fingerprint: String,
+    pub hidden_plain: usize,
+    pub hidden_obfuscated: usize,
+    pub tensors: usize,
+    pub bytes_written: u64,
+    pub exact: bool,
+    pub load_s: f64,
+    pub transform_s: f64,
+}
+
+/// Special ids that must stay fixed points of tau: the tokenizer's special/added tokens and the
+/// config's BOS/EOS.
+pub fn special_ids(ck: &umbra_model::checkpoint::Checkpoint) -> Vec<u32> {
+    let mut ids: Vec<u32> = ck.tokenizer.as_ref().map(|t| t.special_token_ids()).unwrap_or_default();
+    ids.extend(ck.config.bos_token_ids());
+    ids.extend(ck.eos_token_ids());
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Compiles the checkpoint at `input` (HF folder or GGUF) into an obfuscated HF folder `out` and
+/// writes the client key to `key_path` (mode 0600). Nothing is left behind on failure: the folder
+/// is staged as `.{out}.tmp-{pid}` and renamed at the end; `out` and `key_path` must not exist.
+/// `progress(done, total, tensor_name)` is called once per tensor.
+pub fn compile_checkpoint(
+    input: &std::path::Path,
+    out: &std::path::Path,
+    key_path: &std::path::Path,
+    params: &ObfuscationParams,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<CompileReport> {
+    use std::time::Instant;
+    params.validate()?;
+    if out.exists() {
+        return Err(AloeError::OutputExists(out.into()));
+    }
+    if key_path.exists() {
+        return Err(AloeError::OutputExists(key_path.into()));
+    }
+    let t0 = Instant::now();
+    let ck = umbra_model::checkpoint::Checkpoint::open(input)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let specials = special_ids(&ck);
+    let gen_config = ck.generation_config_json();
+    let umbra_model::checkpoint::Checkpoint { config, weights, tokenizer, .. } = ck;
+
+    let name = out
+        .file_name()
+        .ok_or_else(|| AloeError::Input(format!("{}: output path has no folder name", out.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| AloeError::io(&parent, e))?;
+    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(|e| AloeError::io(&staging, e))?;
+
+    let t1 = Instant::now();
+    let result = (|| -> Result<CompileReport> {
+        let shape_cfg = obfuscated_config(&config, params, "", 1.0);
+        let specs = output_specs(&shape_cfg);
+        let total = specs.len();
+        let st_path = staging.join("model.safetensors");
+        let meta = std::collections::BTreeMap::from([("format".to_string(), "pt".to_string())]);
+        let mut writer = crate::writer::StreamingWriter::create(&st_path, specs, meta)?;
+        let mut done = 0usize;
+        let compiled = compile_weights(&config, weights, &specials, params, seed, &mut |n, t| {
+            writer.write(n, &t)?;
+            done += 1;
+            progress(done, total, n);
+            Ok(())
+        })?;
+        writer.finish()?;
+        let mut cfg = compiled.config.clone();
+        cfg.extra.insert("torch_dtype".into(), "float32".into());
+        std::fs::write(staging.join("config.json"), cfg.to_json_string()).map_err(|e| AloeError::io(&staging, e))?;
+        if let Some(t) = &tokenizer {
+            // The tokenizer is public; the server only ever sees permuted ids.
+            t.save_hf(&staging)?;
+        }
+        let gen = serde_json::to_string_pretty(&gen_config).expect("json");
+        std::fs::write(staging.join("generation_config.json"), gen).map_err(|e| AloeError::io(&staging, e))?;
+        let bytes_written = std::fs::metadata(&st_path).map_err(|e| AloeError::io(&st_path, e))?.len();
+        std::fs::rename(&staging, out).map_err(|e| AloeError::io(out, e))?;
+        if let Err(e) = compiled.key.save(key_path) {
+            let _ = std::fs::remove_dir_all(out);
+            return Err(e);
+        }
+        Ok(CompileReport {
+            fingerprint: compiled.key.fingerprint.clone(),
+            hidden_plain: config.hidden_size,
+            hidden_obfuscated: compiled.config.hidden_size,
+            tensors: total,
+            bytes_written,
+            exact: params.is_exact(),
+            load_s,
+            transform_s: t1.elapsed().as_secs_f64(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Opens an obfuscated checkpoint's config and checks that `key` belongs to it.
+pub fn check_key_for(model_dir: &std::path::Path, key: &ClientKey) -> Result<()> {
+    let (cfg, _) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model_dir)?;
+    let fp = recorded_fingerprint(&cfg).ok_or_else(|| AloeError::NotObfuscated(model_dir.into()))?;
+    key.check_matches(&fp)?;
+    if key.tau.len() != cfg.vocab_size {
+        return Err(AloeError::Input(format!(
+            "key covers {} tokens but the checkpoint has {}",
+            key.tau.len(),
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
 }

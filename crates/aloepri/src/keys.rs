@@ -3,7 +3,7 @@
 //! All keys of one model come from ONE [`KeyInit`]: `P Q = B B^-1 + C F + E D = I` holds for any
 //! `P` and `Q` drawn from the same Init (fresh `C` for every writer, fresh `D` for every reader).
 use crate::error::Result;
-use crate::linalg::{complement_basis, gaussian, haar_orthogonal, inverse};
+use crate::linalg::{complement_basis, gaussian, haar_orthogonal, inverse, matmul};
 use crate::params::ObfuscationParams;
 use nalgebra::DMatrix;
 use rand::Rng;
@@ -74,7 +74,7 @@ impl KeyInit {
             bce.view_mut((0, d), (d, h)).copy_from(&c);
         }
         bce.view_mut((0, d + h), (d, h)).copy_from(&self.e);
-        bce * &self.z
+        matmul(&bce, &self.z)
     }
 
     /// InvKeyMatGen: a reader key `Q = Z^T [B^-1 ; F ; D]` (`d' x d`) with a fresh `D`, `E D = 0`.
@@ -89,7 +89,7 @@ impl KeyInit {
             None => gaussian(rng, h, d, s),
         };
         stacked.view_mut((d + h, 0), (h, d)).copy_from(&dm);
-        self.z.transpose() * stacked
+        matmul(&self.z.transpose(), &stacked)
     }
 
     /// `r^2 = ||P||_F^2 / d`: the expected `||x P||^2 / ||x||^2` for isotropic `x`, used to

@@ -66,10 +66,26 @@ pub fn invert_permutation(p: &[usize]) -> Vec<usize> {
     inv
 }
 
-/// Row-major F32 candle tensor from an f64 nalgebra matrix.
+/// `a b` through candle's multithreaded f64 GEMM (nalgebra's product is single-threaded and
+/// dominates key generation at `d' = 832`).
+pub fn matmul(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
+    let dev = Device::Cpu;
+    let ta = Tensor::from_vec(a.transpose().as_slice().to_vec(), a.shape(), &dev);
+    let tb = Tensor::from_vec(b.transpose().as_slice().to_vec(), b.shape(), &dev);
+    match (ta, tb) {
+        (Ok(ta), Ok(tb)) => match ta.matmul(&tb).and_then(|c| c.flatten_all()?.to_vec1::<f64>()) {
+            Ok(v) => DMatrix::from_row_slice(a.nrows(), b.ncols(), &v),
+            Err(_) => a * b,
+        },
+        _ => a * b,
+    }
+}
+
+/// Row-major F64 candle tensor from an f64 nalgebra matrix (transforms run in f64 so that exact
+/// mode loses nothing but the final rounding to F32).
 pub fn to_tensor(m: &DMatrix<f64>, device: &Device) -> Result<Tensor> {
     let (r, c) = m.shape();
-    let data: Vec<f32> = m.transpose().iter().map(|&x| x as f32).collect();
+    let data: Vec<f64> = m.transpose().iter().copied().collect();
     Ok(Tensor::from_vec(data, (r, c), device)?)
 }
 

@@ -37,32 +37,32 @@ pub fn add_noise(w: &Tensor, alpha: f64, seed: u64) -> Result<Tensor> {
     }
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
-    let mean = w.mean_all()?.to_scalar::<f32>()? as f64;
-    let var = w.sqr()?.mean_all()?.to_scalar::<f32>()? as f64 - mean * mean;
+    let w64 = w.to_dtype(DType::F64)?;
+    let mean = w64.mean_all()?.to_scalar::<f64>()?;
+    let var = w64.sqr()?.mean_all()?.to_scalar::<f64>()? - mean * mean;
     let std = var.max(0.0).sqrt();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
     let n = w.elem_count();
-    let noise: Vec<f32> = (0..n)
+    let noise: Vec<f64> = (0..n)
         .map(|_| {
             let z: f64 = StandardNormal.sample(&mut rng);
-            (z * alpha * std) as f32
+            z * alpha * std
         })
         .collect();
-    Ok((w + Tensor::from_vec(noise, w.shape(), w.device())?)?)
+    Ok((w64 + Tensor::from_vec(noise, w.shape(), w.device())?)?)
 }
 
 /// Embedding `We~ = Pi We* P_embed`: row `tau(i)` of the result is `We*[i] P`.
-/// `we`: `[V, d]`, `p`: `[d, d']`, `tau_inv[t]` = plaintext id of obfuscated id `t` -> `[V, d']`.
+/// `we`: `[V, d]`, `p`: `[d, d']`, `tau_inv[t]` = plaintext id of obfuscated id `t` (a slice of
+/// consecutive obfuscated ids gives those rows) -> `[len, d']`.
 pub fn embedding(we: &Tensor, p: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
-    let x = we.matmul(p)?;
-    permute_rows(&x, tau_inv)
+    Ok(permute_rows(we, tau_inv)?.matmul(p)?)
 }
 
 /// LM head `Wh~ = Q_head Wh* Pi^T` with the final norm folded in: row `tau(i)` of the HF result
 /// is `(Wh*_hf[i] * w_norm) Q^T`. `wh`: `[V, d]`, `q`: `[d', d]` -> `[V, d']`.
 pub fn lm_head(wh: &Tensor, final_norm: &Tensor, q: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
-    let x = reader(wh, Some(final_norm), q)?;
-    permute_rows(&x, tau_inv)
+    reader(&permute_rows(wh, tau_inv)?, Some(final_norm), q)
 }
 
 /// `out[t] = x[src[t]]`.
@@ -150,14 +150,14 @@ impl FfnTransform {
 
     /// `Wup~ = Q Wup' H_f Z_f` -> `[ffn, d']`.
     pub fn up(&self, w_hf: &Tensor, norm_w: &Tensor, q: &Tensor) -> Result<Tensor> {
-        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?;
+        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?.to_dtype(w_hf.dtype())?;
         let scaled = reader(w_hf, Some(norm_w), q)?.broadcast_mul(&s.unsqueeze(1)?)?;
         permute_rows(&scaled, &self.perm)
     }
 
     /// `Wdown~ = Z_f^T H_f^-1 Wdown P` -> HF `P^T Wdown_hf H_f^-1 Z_f`: `[d', ffn]`.
     pub fn down(&self, w_hf: &Tensor, p: &Tensor) -> Result<Tensor> {
-        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?;
+        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?.to_dtype(w_hf.dtype())?;
         let scaled = w_hf.broadcast_div(&s.unsqueeze(0)?)?;
         let idx = Tensor::from_slice(&self.perm, self.perm.len(), w_hf.device())?;
         let permuted = scaled.index_select(&idx, D::Minus1)?;
@@ -167,5 +167,5 @@ impl FfnTransform {
 
 /// Constant stock-RMSNorm weight `kappa * 1` of width `d'`.
 pub fn norm_weight(kappa: f64, d_prime: usize, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::full(kappa as f32, d_prime, device)?.to_dtype(DType::F32)?)
+    Ok(Tensor::full(kappa, d_prime, device)?)
 }

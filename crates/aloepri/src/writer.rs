@@ -12,6 +12,8 @@ pub struct StreamingWriter {
     out: BufWriter<std::fs::File>,
     order: Vec<(String, Vec<usize>)>,
     next: usize,
+    /// Elements of `order[next]` written so far (tensors may arrive in row chunks).
+    filled: usize,
 }
 
 impl StreamingWriter {
@@ -39,31 +41,46 @@ impl StreamingWriter {
         let io = |e| AloeError::io(path, e);
         out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
         out.write_all(&json).map_err(io)?;
-        Ok(Self { path: path.into(), out, order: specs, next: 0 })
+        Ok(Self { path: path.into(), out, order: specs, next: 0, filled: 0 })
     }
 
-    /// Writes the next tensor; its name and shape must be the next in the header.
+    /// Writes the next tensor, or the next rows of it: `t` is the whole tensor or a chunk of rows
+    /// (same trailing dims); the writer moves on once all of its elements have arrived.
     pub fn write(&mut self, name: &str, t: &Tensor) -> Result<()> {
         let (want_name, want_shape) = self
             .order
             .get(self.next)
             .ok_or_else(|| AloeError::Input(format!("unexpected extra tensor `{name}`")))?;
-        if want_name != name || want_shape.as_slice() != t.dims() {
+        let total: usize = want_shape.iter().product();
+        let fits = if self.filled == 0 && t.dims() == want_shape.as_slice() {
+            true
+        } else {
+            want_shape.len() > 1 && t.rank() == want_shape.len() && t.dims()[1..] == want_shape[1..]
+        };
+        if want_name != name || !fits || self.filled + t.elem_count() > total {
             return Err(AloeError::Input(format!(
-                "writer expected `{want_name}` {want_shape:?}, got `{name}` {:?}",
+                "writer expected `{want_name}` {want_shape:?} ({} of {total} written), got `{name}` {:?}",
+                self.filled,
                 t.dims()
             )));
         }
         let data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        if data.iter().any(|x| !x.is_finite()) {
-            return Err(AloeError::Input(format!("tensor `{name}` has non-finite values")));
+        let mut buf = Vec::with_capacity(1 << 16);
+        for chunk in data.chunks(1 << 14) {
+            buf.clear();
+            for x in chunk {
+                if !x.is_finite() {
+                    return Err(AloeError::Input(format!("tensor `{name}` has non-finite values")));
+                }
+                buf.extend_from_slice(&x.to_le_bytes());
+            }
+            self.out.write_all(&buf).map_err(|e| AloeError::io(&self.path, e))?;
         }
-        let mut buf = Vec::with_capacity(data.len() * 4);
-        for x in data {
-            buf.extend_from_slice(&x.to_le_bytes());
+        self.filled += data.len();
+        if self.filled == total {
+            self.next += 1;
+            self.filled = 0;
         }
-        self.out.write_all(&buf).map_err(|e| AloeError::io(&self.path, e))?;
-        self.next += 1;
         Ok(())
     }
 
@@ -100,7 +117,9 @@ mod tests {
         )
         .unwrap();
         assert!(w.write("a.b", &b).is_err(), "out of order must fail");
-        w.write("z.a", &a).unwrap();
+        w.write("z.a", &a.narrow(0, 0, 1).unwrap()).unwrap();
+        assert!(w.write("a.b", &b).is_err(), "z.a is only half written");
+        w.write("z.a", &a.narrow(0, 1, 1).unwrap()).unwrap();
         w.write("a.b", &b).unwrap();
         w.finish().unwrap();
         let loaded = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();

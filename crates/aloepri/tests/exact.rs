@@ -13,12 +13,23 @@ fn compile(cfg: &LlamaConfig, w: &Weights, params: ObfuscationParams, seed: u64)
     let mut out = Weights::new();
     let mut order = vec![];
     let c = compile_weights(cfg, w.clone(), &[0, 1], &params, seed, &mut |n, t| {
-        order.push((n.to_string(), t.dims().to_vec()));
+        // The embedding and the head arrive in row chunks: stitch them together.
+        let t = match out.remove(n) {
+            Some(prev) => Tensor::cat(&[&prev, &t], 0).unwrap(),
+            None => {
+                order.push(n.to_string());
+                t
+            }
+        };
         out.insert(n.to_string(), t);
         Ok(())
     })
     .unwrap();
-    assert_eq!(order, output_specs(&c.config), "sink order must match the header order");
+    let specs = output_specs(&c.config);
+    assert_eq!(order, specs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), "sink order must match the header order");
+    for (n, shape) in &specs {
+        assert_eq!(out[n].dims(), shape.as_slice(), "{n}");
+    }
     (c.config, out, c.key)
 }
 

