@@ -125,9 +125,13 @@ pub fn compile_weights(
     let kappa = (gain_sq * d as f64 / dp as f64).sqrt();
     let norm_w = transform::norm_weight(kappa, dp, &dev)?;
 
-    let embed = take(&mut w, "model.embed_tokens.weight")?;
+    // The two vocabulary matrices stay in their storage type and are widened chunk by chunk.
+    let take_raw = |w: &mut Weights, name: &str| -> Result<Tensor> {
+        w.remove(name).ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()).into())
+    };
+    let embed = take_raw(&mut w, "model.embed_tokens.weight")?;
     // Untie first: the head starts from the clean embedding matrix.
-    let head_src = if cfg.tie_word_embeddings { embed.clone() } else { take(&mut w, "lm_head.weight")? };
+    let head_src = if cfg.tie_word_embeddings { embed.clone() } else { take_raw(&mut w, "lm_head.weight")? };
     let embed_noisy = transform::add_noise(&embed, params.alpha_e, noise_e)?;
     drop(embed);
     let p_embed_t = to_tensor(&p_embed, &dev)?;

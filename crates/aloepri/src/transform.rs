@@ -49,20 +49,21 @@ pub fn add_noise(w: &Tensor, alpha: f64, seed: u64) -> Result<Tensor> {
             z * alpha * std
         })
         .collect();
-    Ok((w64 + Tensor::from_vec(noise, w.shape(), w.device())?)?)
+    let noise = Tensor::from_vec(noise, w.shape(), w.device())?.to_dtype(w.dtype())?;
+    Ok((w + noise)?)
 }
 
 /// Embedding `We~ = Pi We* P_embed`: row `tau(i)` of the result is `We*[i] P`.
 /// `we`: `[V, d]`, `p`: `[d, d']`, `tau_inv[t]` = plaintext id of obfuscated id `t` (a slice of
 /// consecutive obfuscated ids gives those rows) -> `[len, d']`.
 pub fn embedding(we: &Tensor, p: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
-    Ok(permute_rows(we, tau_inv)?.matmul(p)?)
+    Ok(permute_rows(we, tau_inv)?.to_dtype(p.dtype())?.matmul(p)?)
 }
 
 /// LM head `Wh~ = Q_head Wh* Pi^T` with the final norm folded in: row `tau(i)` of the HF result
 /// is `(Wh*_hf[i] * w_norm) Q^T`. `wh`: `[V, d]`, `q`: `[d', d]` -> `[V, d']`.
 pub fn lm_head(wh: &Tensor, final_norm: &Tensor, q: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
-    reader(&permute_rows(wh, tau_inv)?, Some(final_norm), q)
+    reader(&permute_rows(wh, tau_inv)?.to_dtype(q.dtype())?, Some(final_norm), q)
 }
 
 /// `out[t] = x[src[t]]`.

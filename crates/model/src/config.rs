@@ -74,7 +74,10 @@ impl LlamaConfig {
             msg: e.to_string(),
         })?;
         cfg.validate().map_err(|msg| match msg {
-            ModelError::Config { msg, .. } => ModelError::Config { path: path.into(), msg },
+            ModelError::Config { msg, .. } => ModelError::Config {
+                path: path.into(),
+                msg,
+            },
             other => other,
         })?;
         Ok(cfg)
@@ -91,22 +94,33 @@ impl LlamaConfig {
                 self.model_type, self.hidden_act
             )));
         }
-        let bad = |msg: String| ModelError::Config { path: "config.json".into(), msg };
+        let bad = |msg: String| ModelError::Config {
+            path: "config.json".into(),
+            msg,
+        };
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
-            return Err(bad("hidden_size, num_attention_heads and num_hidden_layers must be > 0".into()));
+            return Err(bad(
+                "hidden_size, num_attention_heads and num_hidden_layers must be > 0".into(),
+            ));
         }
         let kv = self.num_kv_heads();
-        if kv == 0 || self.num_attention_heads % kv != 0 {
+        if kv == 0 || !self.num_attention_heads.is_multiple_of(kv) {
             return Err(bad(format!(
                 "num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
                 self.num_attention_heads
             )));
         }
-        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
-            return Err(bad("hidden_size is not a multiple of num_attention_heads and no head_dim is given".into()));
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(bad(
+                "hidden_size is not a multiple of num_attention_heads and no head_dim is given"
+                    .into(),
+            ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(bad(format!("head_dim {} must be even for RoPE", self.head_dim())));
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim()
+            )));
         }
         Ok(())
     }
@@ -116,7 +130,8 @@ impl LlamaConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Whether q/k/v projections carry a bias (Qwen2, or Llama with `attention_bias`).
@@ -146,8 +161,14 @@ impl LlamaConfig {
 
 fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        Some(serde_json::Value::Number(n)) => {
+            n.as_u64().map(|x| vec![x as u32]).unwrap_or_default()
+        }
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64())
+            .map(|x| x as u32)
+            .collect(),
         _ => vec![],
     }
 }
@@ -182,6 +203,9 @@ mod tests {
         cfg.num_key_value_heads = Some(2);
         cfg.validate().unwrap();
         cfg.model_type = "gpt2".into();
-        assert!(matches!(cfg.validate(), Err(ModelError::UnsupportedArch(_))));
+        assert!(matches!(
+            cfg.validate(),
+            Err(ModelError::UnsupportedArch(_))
+        ));
     }
 }

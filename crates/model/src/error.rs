@@ -26,6 +26,8 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("gguf: {0}")]
     Gguf(String),
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     #[error("invalid input: {0}")]
     Input(String),
     #[error(transparent)]

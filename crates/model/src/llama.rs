@@ -1,1 +1,861 @@
-//! TODO
+//! The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) on candle, F32.
+//!
+//! Shapes use `b` = batch, `t` = new positions in this call, `L` = cached + new positions,
+//! `d` = `hidden_size`, `nh`/`nkv` = query/key-value heads, `hd` = `head_dim` (may differ from
+//! `d / nh`), `V` = vocabulary.
+//!
+//! Entry points:
+//! - [`Llama::forward`]: ids `[b,t]` -> logits `[b,t,V]` (prefill with causal mask, or decode).
+//! - [`Llama::forward_last`]: ids `[b,t]` -> logits of the last position `[b,V]` (generation).
+//! - Split mode: [`Llama::embed`] -> [`Llama::forward_embeds`] (blocks only) -> [`Llama::head`].
+//! - [`Llama::forward_embeds_with_taps`]: the same blocks, with a [`TapPoint`] callback that sees
+//!   the residual stream after the embeddings and after every layer (for probes).
+//!
+//! Load-time work: q/k/v are fused into one `[(nh+2nkv)*hd, d]` matrix, gate/up likewise, the `1/sqrt(hd)` attention scale is folded into the q rows, and
+//! the RoPE cos/sin tables are precomputed.
+use crate::config::LlamaConfig;
+use crate::error::{ModelError, Result};
+use crate::weights::Weights;
+use candle_core::{DType, Device, Tensor};
+
+/// Positions for which cos/sin are tabulated at load time; later positions are computed per call.
+const ROPE_TABLE_MAX: usize = 8192;
+/// Initial KV capacity (positions) when a cache is first written and none was requested.
+const DEFAULT_KV_CAPACITY: usize = 256;
+
+/// A linear map in HF layout: `w` is `[out, in]`, contiguous; `y = x @ w^T + b`.
+#[derive(Debug, Clone)]
+struct Lin {
+    w: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Lin {
+    /// `x`: `[.., in]` -> `[.., out]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let k = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let n = self.w.dim(0)?;
+        let mut out = dims;
+        let last = out.len() - 1;
+        out[last] = n;
+        if rows <= kernels::SMALL_ROWS {
+            if let Some(y) = kernels::linear_small(x, &self.w, self.bias.as_ref())? {
+                return Ok(y.reshape(out)?);
+            }
+        }
+        let x2 = x.reshape((rows, k))?;
+        let mut y = x2.matmul(&self.w.t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok(y.reshape(out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    ln1: Tensor,
+    /// `[(nh + 2 nkv) hd, d]`, q rows pre-scaled by `1/sqrt(hd)`.
+    qkv: Lin,
+    /// `[d, nh hd]`.
+    o: Lin,
+    ln2: Tensor,
+    /// `[2 ffn, d]`: gate rows then up rows.
+    gate_up: Lin,
+    /// `[d, ffn]`.
+    down: Lin,
+}
+
+/// RoPE (HF `rotate_half` pairing: dim `j` with `j + hd/2`).
+#[derive(Debug, Clone)]
+struct Rope {
+    inv_freq: Vec<f64>,
+    /// `[table_len, hd/2]` each.
+    cos: Tensor,
+    sin: Tensor,
+    table_len: usize,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let hd = cfg.head_dim();
+        let base = cfg.rope_theta;
+        // HF computes inv_freq in f32; we match that rounding, then work in f64.
+        let mut inv_freq: Vec<f64> = (0..hd / 2)
+            .map(|i| (1.0f32 / (base as f32).powf((2 * i) as f32 / hd as f32)) as f64)
+            .collect();
+        if let Some(scaling) = &cfg.rope_scaling {
+            apply_rope_scaling(scaling, &mut inv_freq)?;
+        }
+        let table_len = cfg.max_position_embeddings.clamp(1, ROPE_TABLE_MAX);
+        let (cos, sin) = Self::compute(&inv_freq, 0, table_len, device)?;
+        Ok(Self { inv_freq, cos, sin, table_len })
+    }
+
+    fn compute(inv_freq: &[f64], start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(t * half);
+        let mut sin = Vec::with_capacity(t * half);
+        for p in start..start + t {
+            for &f in inv_freq {
+                // HF: float32 position * float32 inv_freq, then cos/sin.
+                let a = (p as f32 * f as f32) as f64;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+    }
+
+    /// cos/sin `[t, hd/2]` for positions `start..start+t`.
+    fn cos_sin(&self, start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        if start + t <= self.table_len {
+            Ok((self.cos.narrow(0, start, t)?, self.sin.narrow(0, start, t)?))
+        } else {
+            Self::compute(&self.inv_freq, start, t, device)
+        }
+    }
+}
+
+/// Applies `rope_scaling` to `inv_freq`. Supports `default` (no-op) and `llama3`.
+fn apply_rope_scaling(scaling: &serde_json::Value, inv_freq: &mut [f64]) -> Result<()> {
+    let bad = |msg: String| ModelError::Unsupported(format!("rope_scaling: {msg}"));
+    if scaling.is_null() {
+        return Ok(());
+    }
+    let obj = scaling.as_object().ok_or_else(|| bad(format!("expected an object, got {scaling}")))?;
+    let kind = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(()),
+        "llama3" => {
+            let num = |k: &str| -> Result<f64> {
+                obj.get(k)
+                    .and_then(|v| v.as_f64())
+                    .ok_or_else(|| bad(format!("llama3 scaling needs numeric `{k}`")))
+            };
+            let factor = num("factor")?;
+            let low = num("low_freq_factor")?;
+            let high = num("high_freq_factor")?;
+            let old_ctx = num("original_max_position_embeddings")?;
+            if factor <= 0.0 || high <= low || low <= 0.0 || old_ctx <= 0.0 {
+                return Err(bad(format!(
+                    "invalid llama3 parameters (factor {factor}, low_freq_factor {low}, high_freq_factor {high}, original_max_position_embeddings {old_ctx})"
+                )));
+            }
+            let low_wl = old_ctx / low;
+            let high_wl = old_ctx / high;
+            for f in inv_freq.iter_mut() {
+                let wl = 2.0 * std::f64::consts::PI / *f;
+                *f = if wl < high_wl {
+                    *f
+                } else if wl > low_wl {
+                    *f / factor
+                } else {
+                    let smooth = (old_ctx / wl - low) / (high - low);
+                    (1.0 - smooth) * *f / factor + smooth * *f
+                };
+            }
+            Ok(())
+        }
+        other => Err(bad(format!("type `{other}` is not supported (supported: default, llama3)"))),
+    }
+}
+
+/// Where a [`Tap`] callback is invoked during [`Llama::forward_embeds_with_taps`].
+///
+/// Follows HF `output_hidden_states` except that the last entry is *before* the final norm:
+/// `Embeddings` = HF `hidden_states[0]`, `Layer(i)` = residual stream after block `i`
+/// (HF `hidden_states[i+1]` for `i < n-1`), `FinalNorm` = after `model.norm` (HF's last entry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TapPoint {
+    Embeddings,
+    Layer(usize),
+    /// Only emitted by [`Llama::forward_with_taps`] (which applies the head).
+    FinalNorm,
+}
+
+/// A read-only hook on hidden states `[b,t,d]`; the tensor is the live activation (cheap clone).
+pub type Tap<'a> = &'a mut dyn FnMut(TapPoint, &Tensor);
+
+/// Per-layer K/V for one batch of sequences that advance together.
+///
+/// Buffers are `[b, nkv, capacity, hd]`, written in place and grown by doubling; a serving layer
+/// keeps one `KvCache` (b = 1) per sequence. Not `Clone` (buffers are mutated in place); use
+/// [`KvCache::try_clone`] for a deep copy.
+#[derive(Debug)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+    capacity: usize,
+    batch: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model with `num_layers` blocks.
+    pub fn new(num_layers: usize) -> Self {
+        Self::with_capacity(num_layers, DEFAULT_KV_CAPACITY)
+    }
+
+    /// Reserves `capacity` positions on first write (grows past it if needed).
+    pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
+        Self { layers: vec![None; num_layers], len: 0, capacity: capacity.max(1), batch: 0 }
+    }
+
+    /// Cached positions (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Batch size of the cached sequences (0 while empty).
+    pub fn batch_size(&self) -> usize {
+        if self.len == 0 {
+            0
+        } else {
+            self.batch
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// A deep copy (e.g. to fork a shared prompt prefix).
+    pub fn try_clone(&self) -> Result<Self> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((k.copy()?, v.copy()?))),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, len: self.len, capacity: self.capacity, batch: self.batch })
+    }
+
+    /// Forgets all positions; keeps the buffers for reuse.
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+
+    /// Keeps only the first `len` positions (e.g. to roll back a rejected draft).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Writes `k`, `v` (`[b, nkv, t, hd]`, contiguous) at `start` for `layer`; returns views of
+    /// positions `0..start+t`.
+    fn append(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, nkv, t, hd) = k.dims4()?;
+        let need = start + t;
+        let slot = &mut self.layers[layer];
+        let realloc = match slot {
+            Some((kb, _)) => {
+                let (kb_b, _, cap, _) = kb.dims4()?;
+                kb_b != b || cap < need
+            }
+            None => true,
+        };
+        if realloc {
+            let mut cap = self.capacity.max(need);
+            if let Some((kb, _)) = slot.as_ref() {
+                if kb.dim(0)? == b {
+                    cap = cap.max(kb.dim(2)? * 2);
+                }
+            }
+            let nk = Tensor::zeros((b, nkv, cap, hd), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, nkv, cap, hd), v.dtype(), v.device())?;
+            if let Some((kb, vb)) = slot.as_ref() {
+                if start > 0 && kb.dim(0)? == b {
+                    nk.slice_set(&kb.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+                    nv.slice_set(&vb.narrow(2, 0, start)?.contiguous()?, 2, 0)?;
+                }
+            }
+            *slot = Some((nk, nv));
+        }
+        let (kb, vb) = slot.as_ref().expect("allocated above");
+        kb.slice_set(k, 2, start)?;
+        vb.slice_set(v, 2, start)?;
+        Ok((kb.narrow(2, 0, need)?, vb.narrow(2, 0, need)?))
+    }
+}
+
+/// A loaded Llama-family model (F32).
+#[derive(Debug, Clone)]
+pub struct Llama {
+    cfg: LlamaConfig,
+    device: Device,
+    /// `[V, d]`.
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// `[V, d]` (shares the embedding storage when tied).
+    lm_head: Lin,
+    rope: Rope,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    eps: f32,
+}
+
+fn get<'a>(w: &'a Weights, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
+    let t = w.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    if t.dims() != shape {
+        return Err(ModelError::Mismatch(format!(
+            "tensor `{name}` has shape {:?}, config implies {:?}",
+            t.dims(),
+            shape
+        )));
+    }
+    Ok(t)
+}
+
+impl Llama {
+    /// Builds the model from HF-named weights, validating every tensor's presence and shape.
+    pub fn new(cfg: &LlamaConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.hidden_size;
+        let nh = cfg.num_attention_heads;
+        let nkv = cfg.num_kv_heads();
+        let hd = cfg.head_dim();
+        let ffn = cfg.intermediate_size;
+        let v = cfg.vocab_size;
+        if v == 0 || ffn == 0 || hd == 0 {
+            return Err(ModelError::Mismatch("vocab_size, intermediate_size and head_dim must be > 0".into()));
+        }
+        let load = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            Ok(get(weights, name, shape)?.to_dtype(DType::F32)?.to_device(device)?)
+        };
+        let embed = load("model.embed_tokens.weight", &[v, d])?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ln1 = load(&format!("{p}.input_layernorm.weight"), &[d])?;
+            let ln2 = load(&format!("{p}.post_attention_layernorm.weight"), &[d])?;
+            let q = (load(&format!("{p}.self_attn.q_proj.weight"), &[nh * hd, d])? * scale)?;
+            let k = load(&format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, d])?;
+            let vw = load(&format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, d])?;
+            let qkv_w = Tensor::cat(&[&q, &k, &vw], 0)?.contiguous()?;
+            let qkv_b = if cfg.qkv_bias() {
+                let qb = (load(&format!("{p}.self_attn.q_proj.bias"), &[nh * hd])? * scale)?;
+                let kb = load(&format!("{p}.self_attn.k_proj.bias"), &[nkv * hd])?;
+                let vb = load(&format!("{p}.self_attn.v_proj.bias"), &[nkv * hd])?;
+                Some(Tensor::cat(&[&qb, &kb, &vb], 0)?)
+            } else {
+                None
+            };
+            let o_w = load(&format!("{p}.self_attn.o_proj.weight"), &[d, nh * hd])?.contiguous()?;
+            let o_b = if cfg.o_bias() { Some(load(&format!("{p}.self_attn.o_proj.bias"), &[d])?) } else { None };
+            let gate = load(&format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?;
+            let up = load(&format!("{p}.mlp.up_proj.weight"), &[ffn, d])?;
+            let gu_w = Tensor::cat(&[&gate, &up], 0)?.contiguous()?;
+            let down_w = load(&format!("{p}.mlp.down_proj.weight"), &[d, ffn])?.contiguous()?;
+            blocks.push(Block {
+                ln1,
+                qkv: Lin { w: qkv_w, bias: qkv_b },
+                o: Lin { w: o_w, bias: o_b },
+                ln2,
+                gate_up: Lin { w: gu_w, bias: None },
+                down: Lin { w: down_w, bias: None },
+            });
+        }
+        let norm = load("model.norm.weight", &[d])?;
+        let lm_head = Lin {
+            w: if cfg.tie_word_embeddings { embed.clone() } else { load("lm_head.weight", &[v, d])?.contiguous()? },
+            bias: None,
+        };
+        let rope = Rope::new(cfg, device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            device: device.clone(),
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            rope,
+            nh,
+            nkv,
+            hd,
+            eps: cfg.rms_norm_eps as f32,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// An empty cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.blocks.len())
+    }
+
+    /// An empty cache that reserves `capacity` positions up front.
+    pub fn new_cache_with_capacity(&self, capacity: usize) -> KvCache {
+        KvCache::with_capacity(self.blocks.len(), capacity)
+    }
+
+    /// Token embeddings: ids `[b,t]` (u32, each `< V`) -> `[b,t,d]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids
+            .dims2()
+            .map_err(|_| ModelError::Input(format!("token ids must be [batch, seq], got shape {:?}", ids.dims())))?;
+        if ids.dtype() != DType::U32 {
+            return Err(ModelError::Input(format!("token ids must be u32, got {:?}", ids.dtype())));
+        }
+        if b == 0 || t == 0 {
+            return Err(ModelError::Input(format!("empty token ids of shape [{b}, {t}]")));
+        }
+        let flat = ids.flatten_all()?;
+        let vocab = self.cfg.vocab_size;
+        if let Some(bad) = flat.to_vec1::<u32>()?.into_iter().find(|&i| i as usize >= vocab) {
+            return Err(ModelError::Input(format!("token id {bad} is out of range for vocab size {vocab}")));
+        }
+        let e = self.embed.index_select(&flat.to_device(&self.device)?, 0)?;
+        Ok(e.reshape((b, t, self.cfg.hidden_size))?)
+    }
+
+    /// Final norm and LM head: hidden `[b,t,d]` -> logits `[b,t,V]` (or `[b,d]` -> `[b,V]`).
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(&hidden.contiguous()?, &self.norm, self.eps)?;
+        self.lm_head(&h)
+    }
+
+    fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(normed)
+    }
+
+    /// ids `[b,t]` -> logits `[b,t,V]`; appends `t` positions to `cache` (causal within the call).
+    pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let h = self.run_blocks(&x, cache, None)?;
+        self.head(&h)
+    }
+
+    /// ids `[b,t]` -> logits of the last position `[b,V]`; the LM head runs on that position only.
+    pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let h = self.run_blocks(&x, cache, None)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        self.head(&last)
+    }
+
+    /// Blocks only (no final norm): embeddings `[b,t,d]` -> residual stream `[b,t,d]`.
+    pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.run_blocks(embeds, cache, None)
+    }
+
+    /// [`Llama::forward_embeds`] calling `tap` at [`TapPoint::Embeddings`] and each `Layer(i)`.
+    pub fn forward_embeds_with_taps(&self, embeds: &Tensor, cache: &mut KvCache, tap: Tap<'_>) -> Result<Tensor> {
+        self.run_blocks(embeds, cache, Some(tap))
+    }
+
+    /// [`Llama::forward`] with taps, including [`TapPoint::FinalNorm`]; returns logits `[b,t,V]`.
+    pub fn forward_with_taps(&self, ids: &Tensor, cache: &mut KvCache, tap: Tap<'_>) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        let h = self.run_blocks(&x, cache, Some(&mut *tap))?;
+        let normed = candle_nn::ops::rms_norm(&h, &self.norm, self.eps)?;
+        tap(TapPoint::FinalNorm, &normed);
+        self.lm_head(&normed)
+    }
+
+    fn run_blocks(&self, embeds: &Tensor, cache: &mut KvCache, mut tap: Option<Tap<'_>>) -> Result<Tensor> {
+        let (b, t, d) = embeds
+            .dims3()
+            .map_err(|_| ModelError::Input(format!("embeddings must be [batch, seq, hidden], got {:?}", embeds.dims())))?;
+        if d != self.cfg.hidden_size || b == 0 || t == 0 {
+            return Err(ModelError::Input(format!(
+                "embeddings of shape {:?}, expected [b>0, t>0, {}]",
+                embeds.dims(),
+                self.cfg.hidden_size
+            )));
+        }
+        if cache.num_layers() != self.blocks.len() {
+            return Err(ModelError::Input(format!(
+                "KV cache has {} layers, model has {}",
+                cache.num_layers(),
+                self.blocks.len()
+            )));
+        }
+        if !cache.is_empty() && cache.batch != b {
+            return Err(ModelError::Input(format!("KV cache holds batch {}, input has batch {b}", cache.batch)));
+        }
+        let start = cache.len();
+        let max_pos = self.cfg.max_position_embeddings;
+        if start + t > max_pos {
+            return Err(ModelError::Input(format!(
+                "sequence of {} positions ({start} cached + {t} new) exceeds max_position_embeddings {max_pos}",
+                start + t
+            )));
+        }
+        let (cos, sin) = self.rope.cos_sin(start, t, &self.device)?;
+        let mask = if t > 1 { Some(causal_mask(t, start, &self.device)?) } else { None };
+        let mut x = embeds.to_dtype(DType::F32)?.contiguous()?;
+        if let Some(tap) = tap.as_mut() {
+            tap(TapPoint::Embeddings, &x);
+        }
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = self.block_forward(blk, i, &x, start, &cos, &sin, mask.as_ref(), cache)?;
+            if let Some(tap) = tap.as_mut() {
+                tap(TapPoint::Layer(i), &x);
+            }
+        }
+        cache.len = start + t;
+        cache.batch = b;
+        Ok(x)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        blk: &Block,
+        layer: usize,
+        x: &Tensor,
+        start: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t, _d) = x.dims3()?;
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let h = candle_nn::ops::rms_norm(x, &blk.ln1, self.eps)?;
+        let qkv = blk.qkv.forward(&h)?; // [b,t,(nh+2nkv)hd]
+        let qkv = qkv.reshape((b, t, nh + 2 * nkv, hd))?.transpose(1, 2)?.contiguous()?; // [b,H,t,hd]
+        let q = qkv.narrow(1, 0, nh)?.contiguous()?;
+        let k = qkv.narrow(1, nh, nkv)?.contiguous()?;
+        let v = qkv.narrow(1, nh + nkv, nkv)?.contiguous()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k_all, v_all) = cache.append(layer, start, &k, &v)?; // [b,nkv,L,hd] views
+        let l = start + t;
+        let fast = if t == 1 { self.decode_attention(&q, cache, layer, b, l)? } else { None };
+        let y = match fast {
+            Some(y) => y,
+            None => self.attention(&q, &k_all, &v_all, mask, b, t, l)?,
+        };
+        let x = (x + blk.o.forward(&y)?)?;
+        let h = candle_nn::ops::rms_norm(&x, &blk.ln2, self.eps)?;
+        let gu = blk.gate_up.forward(&h)?;
+        let ffn = gu.dim(2)? / 2;
+        let act = (candle_nn::ops::silu(&gu.narrow(2, 0, ffn)?)? * gu.narrow(2, ffn, ffn)?)?;
+        Ok((x + blk.down.forward(&act)?)?)
+    }
+
+    /// Attention with candle ops: q `[b,nh,t,hd]` (scaled), k/v `[b,nkv,L,hd]` -> `[b,t,nh*hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Tensor,
+        k_all: &Tensor,
+        v_all: &Tensor,
+        mask: Option<&Tensor>,
+        b: usize,
+        t: usize,
+        l: usize,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let rep = nh / nkv;
+        // GQA without copying K/V: group the `rep` query heads that share a KV head.
+        let q = q.reshape((b, nkv, rep * t, hd))?;
+        let att = q.matmul(&k_all.t()?)?; // [b,nkv,rep*t,L] (scale folded into q)
+        let att = match mask {
+            Some(m) => att.reshape((b, nkv, rep, t, l))?.broadcast_add(m)?.reshape((b, nkv, rep * t, l))?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v_all)?; // [b,nkv,rep*t,hd]
+        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(y)
+    }
+
+    /// One-position attention read straight from the cache buffers (CPU); `None` elsewhere.
+    fn decode_attention(&self, q: &Tensor, cache: &KvCache, layer: usize, b: usize, l: usize) -> Result<Option<Tensor>> {
+        let Some((kb, vb)) = cache.layers[layer].as_ref() else { return Ok(None) };
+        let cap = kb.dim(2)?;
+        let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
+        let out = kernels::with_f32(q, |qs| {
+            kernels::with_f32(kb, |ks| {
+                kernels::with_f32(vb, |vs| kernels::attend_one(qs, ks, vs, b, nh, nkv, cap, hd, l))
+            })
+        })
+        .flatten()
+        .flatten();
+        match out {
+            Some(y) => Ok(Some(Tensor::from_vec(y, (b, 1, nh * hd), &self.device)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// `[t, start+t]`: 0 where key `j <= start + i`, `-inf` after.
+fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
+    let l = start + t;
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| (0..l).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(m, (t, l), device)?)
+}
+
+/// Hand-written CPU paths for decode steps, where candle's per-op dispatch (rayon wake-ups
+/// for tiny matmuls and softmax) costs more than the work itself.
+mod kernels {
+    use crate::error::Result;
+    use candle_core::{Storage, Tensor};
+    use std::sync::OnceLock;
+
+    /// Rows up to which [`linear_small`] replaces candle's matmul.
+    pub const SMALL_ROWS: usize = 8;
+
+    /// Multiply-adds from which a small-row matmul is split across threads
+    /// (`UMBRA_PAR_MIN_WORK`; a thread wake-up costs more than smaller products).
+    fn par_min_work() -> usize {
+        static V: OnceLock<usize> = OnceLock::new();
+        *V.get_or_init(|| {
+            std::env::var("UMBRA_PAR_MIN_WORK").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20)
+        })
+    }
+
+    fn threads() -> usize {
+        static V: OnceLock<usize> = OnceLock::new();
+        *V.get_or_init(|| {
+            std::env::var("RAYON_NUM_THREADS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        })
+    }
+
+    /// `x` `[.., k]` (few rows) times `w^T` (`w`: `[n, k]`) plus `bias` -> `[rows, n]` with gemm,
+    /// single-threaded unless the product is large. `None` when not contiguous f32 on the CPU.
+    pub fn linear_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
+        let (n, k) = w.dims2()?;
+        let rows = x.elem_count() / k.max(1);
+        let work = rows * n * k;
+        let par = if work >= par_min_work() && threads() > 1 {
+            gemm::Parallelism::Rayon(threads())
+        } else {
+            gemm::Parallelism::None
+        };
+        let y = with_f32(x, |xs| {
+            with_f32(w, |ws| {
+                let mut y = vec![0f32; rows * n];
+                if xs.len() != rows * k || ws.len() != n * k {
+                    return None;
+                }
+                // SAFETY: dst is rows x n (row-major), lhs rows x k (row-major), rhs = w^T is
+                // k x n read from w [n, k] (column stride k, row stride 1); all in bounds.
+                unsafe {
+                    gemm::gemm(
+                        rows,
+                        n,
+                        k,
+                        y.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        xs.as_ptr(),
+                        1,
+                        k as isize,
+                        ws.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        par,
+                    )
+                };
+                Some(y)
+            })
+        })
+        .flatten()
+        .flatten();
+        let Some(y) = y else { return Ok(None) };
+        let y = Tensor::from_vec(y, (rows, n), x.device())?;
+        Ok(Some(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
+    }
+
+    /// Runs `f` on the contiguous f32 CPU data of `t`; `None` for other devices/dtypes/layouts.
+    pub fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+        let (st, layout) = t.storage_and_layout();
+        let (a, b) = layout.contiguous_offsets()?;
+        match &*st {
+            Storage::Cpu(cs) => Some(f(&cs.as_slice::<f32>().ok()?[a..b])),
+            _ => None,
+        }
+    }
+
+    /// Dot product with 32 independent lanes (vectorizes without reassociation).
+    #[inline(always)]
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let body = n / 32 * 32;
+        let mut acc = [0f32; 32];
+        for (x, y) in a[..body].chunks_exact(32).zip(b[..body].chunks_exact(32)) {
+            for j in 0..32 {
+                acc[j] += x[j] * y[j];
+            }
+        }
+        let mut s = 0f32;
+        for j in 0..8 {
+            s += (acc[j] + acc[j + 8]) + (acc[j + 16] + acc[j + 24]);
+        }
+        for (x, y) in a[body..n].iter().zip(&b[body..n]) {
+            s += x * y;
+        }
+        s
+    }
+
+    /// Decode attention (one new position) straight from the KV buffers.
+    ///
+    /// `q`: `[b, nh, hd]` (pre-scaled), `kbuf`/`vbuf`: `[b, nkv, cap, hd]`, keys `0..l` valid.
+    /// Returns `[b, nh * hd]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend_one(
+        q: &[f32],
+        kbuf: &[f32],
+        vbuf: &[f32],
+        b: usize,
+        nh: usize,
+        nkv: usize,
+        cap: usize,
+        hd: usize,
+        l: usize,
+    ) -> Vec<f32> {
+        let rep = nh / nkv;
+        let mut out = vec![0f32; b * nh * hd];
+        let mut scores = vec![0f32; l];
+        for (bh, o) in out.chunks_exact_mut(hd).enumerate() {
+            let (bi, h) = (bh / nh, bh % nh);
+            let g = h / rep;
+            let base = (bi * nkv + g) * cap * hd;
+            let qv = &q[bh * hd..(bh + 1) * hd];
+            let mut mx = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate() {
+                *s = dot(qv, &kbuf[base + j * hd..base + (j + 1) * hd]);
+                mx = mx.max(*s);
+            }
+            let mut z = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - mx).exp();
+                z += *s;
+            }
+            let inv = 1.0 / z;
+            for (j, s) in scores.iter().enumerate() {
+                let p = s * inv;
+                let vr = &vbuf[base + j * hd..base + (j + 1) * hd];
+                for (oc, vc) in o.iter_mut().zip(vr) {
+                    *oc += p * vc;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Seeded random models for tests and benchmarks (public so other crates' tests can reuse it).
+pub mod testing {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// Random HF-layout F32 weights matching `cfg` (biases when the config implies them, norm
+    /// weights around 1 but not 1, `lm_head.weight` unless tied). Deterministic in `seed`.
+    pub fn random_weights(cfg: &LlamaConfig, seed: u64) -> Weights {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut w = Weights::new();
+        let d = cfg.hidden_size;
+        let (nh, nkv, hd, ffn, v) =
+            (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let mut put = |name: String, shape: &[usize], lo: f32, hi: f32, rng: &mut ChaCha8Rng| {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
+            let t = Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches data");
+            w.insert(name, t);
+        };
+        let s = |fan_in: usize| (3.0f32 / fan_in as f32).sqrt();
+        put("model.embed_tokens.weight".into(), &[v, d], -1.0, 1.0, &mut rng);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            put(format!("{p}.input_layernorm.weight"), &[d], 0.5, 1.5, &mut rng);
+            put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.5, 1.5, &mut rng);
+            put(format!("{p}.self_attn.q_proj.weight"), &[nh * hd, d], -s(d), s(d), &mut rng);
+            put(format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, d], -s(d), s(d), &mut rng);
+            put(format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, d], -s(d), s(d), &mut rng);
+            put(format!("{p}.self_attn.o_proj.weight"), &[d, nh * hd], -s(nh * hd), s(nh * hd), &mut rng);
+            if cfg.qkv_bias() {
+                put(format!("{p}.self_attn.q_proj.bias"), &[nh * hd], -0.2, 0.2, &mut rng);
+                put(format!("{p}.self_attn.k_proj.bias"), &[nkv * hd], -0.2, 0.2, &mut rng);
+                put(format!("{p}.self_attn.v_proj.bias"), &[nkv * hd], -0.2, 0.2, &mut rng);
+            }
+            if cfg.o_bias() {
+                put(format!("{p}.self_attn.o_proj.bias"), &[d], -0.2, 0.2, &mut rng);
+            }
+            put(format!("{p}.mlp.gate_proj.weight"), &[ffn, d], -s(d), s(d), &mut rng);
+            put(format!("{p}.mlp.up_proj.weight"), &[ffn, d], -s(d), s(d), &mut rng);
+            put(format!("{p}.mlp.down_proj.weight"), &[d, ffn], -s(ffn), s(ffn), &mut rng);
+        }
+        put("model.norm.weight".into(), &[d], 0.5, 1.5, &mut rng);
+        if !cfg.tie_word_embeddings {
+            put("lm_head.weight".into(), &[v, d], -s(d), s(d), &mut rng);
+        }
+        w
+    }
+
+    /// A small Llama config: `hidden`, `heads`, `kv_heads`, `layers`, `vocab`, ffn = 2*hidden.
+    pub fn tiny_config(hidden: usize, heads: usize, kv_heads: usize, layers: usize, vocab: usize) -> LlamaConfig {
+        let json = serde_json::json!({
+            "model_type": "llama",
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "vocab_size": vocab,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": false,
+        });
+        serde_json::from_value(json).expect("valid tiny config")
+    }
+
+    /// SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, ffn 1536, vocab 49152).
+    pub fn smollm2_135m_config() -> LlamaConfig {
+        let mut c = tiny_config(576, 9, 3, 30, 49152);
+        c.intermediate_size = 1536;
+        c.rope_theta = 100_000.0;
+        c.max_position_embeddings = 8192;
+        c.tie_word_embeddings = true;
+        c
+    }
+}

@@ -1,0 +1,171 @@
+//! Throughput on a random model of SmolLM2-135M's shape (F32, CPU). Ignored by default:
+//! `cargo test --release -p umbra-model --test engine_bench -- --ignored --nocapture`
+use candle_core::{Device, Tensor};
+use std::time::Instant;
+use umbra_model::generate::{generate, GenerateParams};
+use umbra_model::llama::{testing, Llama};
+use umbra_model::sampling::SamplingParams;
+
+#[test]
+#[ignore]
+fn engine_bench_smollm2_shape_decode() {
+    let cfg = testing::smollm2_135m_config();
+    let w = testing::random_weights(&cfg, 7);
+    let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+    let prompt: Vec<u32> = (0..32u32).map(|i| (i * 997) % 49152).collect();
+    let n: usize = std::env::var("BENCH_TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    // Warm up.
+    let params = GenerateParams { max_tokens: 8, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    generate(&model, &prompt, &params, |_| true).unwrap();
+    let params = GenerateParams { max_tokens: n, ..params };
+    let out = generate(&model, &prompt, &params, |_| true).unwrap();
+    println!(
+        "smollm2-shape F32: prefill {} tok in {:.3}s ({:.1} tok/s); decode {} tok in {:.3}s => {:.1} tok/s",
+        prompt.len(),
+        out.prefill_s,
+        prompt.len() as f64 / out.prefill_s,
+        out.ids.len() - 1,
+        out.decode_s,
+        out.decode_tok_per_s()
+    );
+}
+
+#[test]
+#[ignore]
+fn engine_bench_matvec_layouts() {
+    let dev = Device::Cpu;
+    for (k, n) in [(576usize, 1536usize), (1536, 576), (576, 49152), (576, 3072)] {
+        let x = Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(); // [out, in]
+        let wt = w.t().unwrap().contiguous().unwrap(); // [in, out]
+        let reps = 200;
+        let t = Instant::now();
+        for _ in 0..reps {
+            x.matmul(&wt).unwrap();
+        }
+        let a = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            x.matmul(&w.t().unwrap()).unwrap();
+        }
+        let b = t.elapsed().as_secs_f64() / reps as f64;
+        let gb = (k * n * 4) as f64 / 1e9;
+        println!("k={k} n={n}: [in,out] {:.1}us ({:.1} GB/s), [out,in].t() {:.1}us ({:.1} GB/s)", a * 1e6, gb / a, b * 1e6, gb / b);
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, ar) = a.split_at(a.len() / 16 * 16);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(16).zip(bc.chunks_exact(16)) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+#[test]
+#[ignore]
+fn engine_bench_custom_matvec() {
+    for (k, n) in [(576usize, 49152usize), (576, 3072)] {
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 0.01).collect();
+        let x: Vec<f32> = (0..k).map(|i| i as f32 * 0.001).collect();
+        let mut y = vec![0f32; n];
+        let reps = 50;
+        let t = Instant::now();
+        for _ in 0..reps {
+            let half = n / 2;
+            let (y0, y1) = y.split_at_mut(half);
+            std::thread::scope(|s| {
+                let w0 = &w[..half * k];
+                let w1 = &w[half * k..];
+                let x = &x;
+                s.spawn(move || {
+                    for (o, r) in y0.iter_mut().zip(w0.chunks_exact(k)) {
+                        *o = dot(r, x);
+                    }
+                });
+                for (o, r) in y1.iter_mut().zip(w1.chunks_exact(k)) {
+                    *o = dot(r, x);
+                }
+            });
+        }
+        let a = t.elapsed().as_secs_f64() / reps as f64;
+        println!("custom k={k} n={n}: {:.1}us ({:.1} GB/s) {}", a * 1e6, (k * n * 4) as f64 / 1e9 / a, y[7]);
+    }
+}
+
+/// Per-token framework overhead: SmolLM2's depth (30 layers) with tiny matrices.
+#[test]
+#[ignore]
+fn engine_bench_op_overhead() {
+    let mut cfg = testing::tiny_config(64, 4, 2, 30, 64);
+    cfg.max_position_embeddings = 4096;
+    let w = testing::random_weights(&cfg, 7);
+    let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+    let params = GenerateParams { max_tokens: 200, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let out = generate(&model, &[1, 2, 3], &params, |_| true).unwrap();
+    println!("30 tiny layers: {:.1} us/token", 1e6 / out.decode_tok_per_s());
+}
+
+#[test]
+#[ignore]
+fn engine_bench_op_costs() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 1, 64), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (64, 192), &dev).unwrap();
+    let g = Tensor::ones(64, candle_core::DType::F32, &dev).unwrap();
+    let q = Tensor::randn(0f32, 1.0, (1, 4, 1, 16), &dev).unwrap();
+    let cs = Tensor::randn(0f32, 1.0, (1, 8), &dev).unwrap();
+    let big = Tensor::zeros((1, 2, 256, 16), candle_core::DType::F32, &dev).unwrap();
+    let k = Tensor::randn(0f32, 1.0, (1, 2, 1, 16), &dev).unwrap();
+    let att = Tensor::randn(0f32, 1.0, (1, 2, 2, 100), &dev).unwrap();
+    let time = |name: &str, f: &dyn Fn()| {
+        for _ in 0..100 {
+            f();
+        }
+        let t = Instant::now();
+        for _ in 0..2000 {
+            f();
+        }
+        println!("{name}: {:.2} us", t.elapsed().as_secs_f64() / 2000.0 * 1e6);
+    };
+    time("matmul 1x64x192", &|| {
+        x.reshape((1, 64)).unwrap().matmul(&w).unwrap();
+    });
+    time("rms_norm", &|| {
+        candle_nn::ops::rms_norm(&x, &g, 1e-5).unwrap();
+    });
+    time("rope", &|| {
+        candle_nn::rotary_emb::rope(&q, &cs, &cs).unwrap();
+    });
+    time("softmax", &|| {
+        candle_nn::ops::softmax_last_dim(&att).unwrap();
+    });
+    time("slice_set", &|| {
+        big.slice_set(&k, 2, 5).unwrap();
+    });
+    time("add", &|| {
+        (&x + &x).unwrap();
+    });
+    time("silu", &|| {
+        candle_nn::ops::silu(&x).unwrap();
+    });
+    time("narrow+contig b=1", &|| {
+        q.narrow(1, 0, 2).unwrap().contiguous().unwrap();
+    });
+    time("attn matmul q@kT", &|| {
+        let kk = big.narrow(2, 0, 100).unwrap();
+        q.reshape((1, 2, 2, 16)).unwrap().matmul(&kk.t().unwrap()).unwrap();
+    });
+    time("attn matmul att@v", &|| {
+        let vv = big.narrow(2, 0, 100).unwrap();
+        att.matmul(&vv).unwrap();
+    });
+}

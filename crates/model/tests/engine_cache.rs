@@ -1,0 +1,157 @@
+//! KV cache, batching, split mode and taps: every path must agree with a plain full forward.
+use candle_core::{Device, Tensor};
+use umbra_model::llama::{testing, KvCache, Llama, TapPoint};
+use umbra_model::LlamaConfig;
+
+fn model(cfg: &LlamaConfig, seed: u64) -> Llama {
+    Llama::new(cfg, &testing::random_weights(cfg, seed), &Device::Cpu).unwrap()
+}
+
+fn gqa() -> LlamaConfig {
+    testing::tiny_config(48, 6, 2, 3, 64)
+}
+
+fn ids(v: &[u32]) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (1, v.len()), &Device::Cpu).unwrap()
+}
+
+fn seq(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 13 + salt * 7 + 1) % 64).collect()
+}
+
+fn rel(a: &[f32], b: &[f32]) -> f32 {
+    let s = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / s
+}
+
+fn full(m: &Llama, s: &[u32]) -> Vec<Vec<f32>> {
+    m.forward(&ids(s), &mut m.new_cache()).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn engine_cache_incremental_matches_full_forward() {
+    let m = model(&gqa(), 1);
+    let s = seq(12, 0);
+    let want = full(&m, &s);
+    // Chunks of 4 (prefill), 1, 1, 3 (chunked prefill with an offset mask), 1, 1, 1.
+    let mut cache = m.new_cache();
+    let mut pos = 0;
+    for chunk in [4usize, 1, 1, 3, 1, 1, 1] {
+        let got: Vec<Vec<f32>> = m.forward(&ids(&s[pos..pos + chunk]), &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let e = rel(g, &want[pos + i]);
+            assert!(e < 1e-4, "position {}: {e:e}", pos + i);
+        }
+        pos += chunk;
+        assert_eq!(cache.len(), pos);
+    }
+}
+
+#[test]
+fn engine_cache_growth_past_initial_capacity() {
+    let m = model(&gqa(), 2);
+    let s = seq(20, 1);
+    let want = full(&m, &s);
+    let mut cache = KvCache::with_capacity(m.num_layers(), 2);
+    for (p, &tok) in s.iter().enumerate() {
+        let got = m.forward_last(&ids(&[tok]), &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        assert!(rel(&got, &want[p]) < 1e-4, "position {p}");
+    }
+}
+
+#[test]
+fn engine_cache_forward_last_is_last_row() {
+    let m = model(&gqa(), 3);
+    let s = seq(7, 2);
+    let want = full(&m, &s);
+    let got = m.forward_last(&ids(&s), &mut m.new_cache()).unwrap();
+    assert_eq!(got.dims(), &[1, 64]);
+    assert!(rel(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap(), &want[6]) < 1e-5);
+}
+
+#[test]
+fn engine_cache_batched_prefill_and_decode_equal_single_runs() {
+    let m = model(&gqa(), 4);
+    let seqs: Vec<Vec<u32>> = (0..3).map(|i| seq(6, 10 + i)).collect();
+    let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+    let mut bc = m.new_cache();
+    let batched = m.forward(&Tensor::from_vec(flat, (3, 6), &Device::Cpu).unwrap(), &mut bc).unwrap();
+    assert_eq!(batched.dims(), &[3, 6, 64]);
+    assert_eq!(bc.batch_size(), 3);
+    let next = [5u32, 17, 33];
+    let step = m.forward_last(&Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu).unwrap(), &mut bc).unwrap();
+    for (i, s) in seqs.iter().enumerate() {
+        let mut c = m.new_cache();
+        let single: Vec<Vec<f32>> = m.forward(&ids(s), &mut c).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let b: Vec<Vec<f32>> = batched.get(i).unwrap().to_vec2().unwrap();
+        for p in 0..6 {
+            assert!(rel(&b[p], &single[p]) < 1e-5, "seq {i} position {p}");
+        }
+        let one = m.forward_last(&ids(&[next[i]]), &mut c).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        assert!(rel(&step.get(i).unwrap().to_vec1::<f32>().unwrap(), &one) < 1e-5, "decode seq {i}");
+    }
+}
+
+#[test]
+fn engine_cache_reset_truncate_and_fork() {
+    let m = model(&gqa(), 5);
+    let s = seq(8, 3);
+    let want = full(&m, &s);
+    let mut c = m.new_cache();
+    m.forward(&ids(&seq(5, 9)), &mut c).unwrap();
+    c.reset();
+    assert!(c.is_empty());
+    let got: Vec<Vec<f32>> = m.forward(&ids(&s[..6]), &mut c).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    assert!(rel(&got[5], &want[5]) < 1e-5);
+    // Fork at 6, then roll the original back to 4 and replay.
+    let mut fork = c.try_clone().unwrap();
+    c.truncate(4);
+    assert_eq!(c.len(), 4);
+    let r = m.forward_last(&ids(&s[4..7]), &mut c).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    assert!(rel(&r, &want[6]) < 1e-4);
+    let f = m.forward_last(&ids(&s[6..7]), &mut fork).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    assert!(rel(&f, &want[6]) < 1e-4);
+}
+
+#[test]
+fn engine_split_mode_equals_forward() {
+    let m = model(&gqa(), 6);
+    let s = seq(5, 4);
+    let want = full(&m, &s);
+    let mut c = m.new_cache();
+    let e = m.embed(&ids(&s)).unwrap();
+    assert_eq!(e.dims(), &[1, 5, 48]);
+    let h = m.forward_embeds(&e, &mut c).unwrap();
+    assert_eq!(h.dims(), &[1, 5, 48]);
+    let got: Vec<Vec<f32>> = m.head(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    for p in 0..5 {
+        assert!(rel(&got[p], &want[p]) < 1e-6);
+    }
+}
+
+#[test]
+fn engine_taps_see_every_layer_and_match_outputs() {
+    let m = model(&gqa(), 7);
+    let s = seq(4, 5);
+    let mut seen: Vec<(TapPoint, Tensor)> = vec![];
+    let mut c = m.new_cache();
+    let logits = m.forward_with_taps(&ids(&s), &mut c, &mut |p, h| seen.push((p, h.clone()))).unwrap();
+    let points: Vec<TapPoint> = seen.iter().map(|x| x.0).collect();
+    let mut want = vec![TapPoint::Embeddings];
+    want.extend((0..3).map(TapPoint::Layer));
+    want.push(TapPoint::FinalNorm);
+    assert_eq!(points, want);
+    for (_, h) in &seen {
+        assert_eq!(h.dims(), &[1, 4, 48]);
+    }
+    // Layer outputs differ from each other, and the last one is what forward_embeds returns.
+    let l0 = seen[1].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let l1 = seen[2].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(rel(&l0, &l1) > 1e-3);
+    let mut c2 = m.new_cache();
+    let h = m.forward_embeds(&m.embed(&ids(&s)).unwrap(), &mut c2).unwrap();
+    assert!(rel(&seen[3].1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &h.flatten_all().unwrap().to_vec1::<f32>().unwrap()) < 1e-7);
+    let want_logits = full(&m, &s);
+    let got: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
+    assert!(rel(&got[3], &want_logits[3]) < 1e-6);
+}
