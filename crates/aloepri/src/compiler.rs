@@ -21,7 +21,10 @@ pub fn output_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let f = cfg.intermediate_size;
-    let mut s = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d])];
+    let mut s = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         s.push((format!("{p}.input_layernorm.weight"), vec![d]));
@@ -49,7 +52,12 @@ pub fn output_specs(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
 
 /// The obfuscated model's config: width `d + 2h`, explicit `head_dim`, untied, stock RMSNorm with
 /// `eps' = eps * r^2 * d / d'`, and the key fingerprint (never the key).
-pub fn obfuscated_config(cfg: &LlamaConfig, params: &ObfuscationParams, fingerprint: &str, gain_sq: f64) -> LlamaConfig {
+pub fn obfuscated_config(
+    cfg: &LlamaConfig,
+    params: &ObfuscationParams,
+    fingerprint: &str,
+    gain_sq: f64,
+) -> LlamaConfig {
     let d = cfg.hidden_size;
     let dp = d + 2 * params.h;
     let mut out = cfg.clone();
@@ -72,7 +80,11 @@ pub fn obfuscated_config(cfg: &LlamaConfig, params: &ObfuscationParams, fingerpr
 
 /// The key fingerprint a compiled checkpoint's config records, if any.
 pub fn recorded_fingerprint(cfg: &LlamaConfig) -> Option<String> {
-    cfg.extra.get(CONFIG_SECTION)?.get("key_fingerprint")?.as_str().map(str::to_string)
+    cfg.extra
+        .get(CONFIG_SECTION)?
+        .get("key_fingerprint")?
+        .as_str()
+        .map(str::to_string)
 }
 
 /// Embedding and head rows are transformed and written this many at a time (bounded memory).
@@ -86,7 +98,9 @@ pub struct Compiled {
 
 /// Removes a tensor from the input (freeing it once used) and widens it to F64.
 fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
-    let t = w.remove(name).ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()))?;
+    let t = w
+        .remove(name)
+        .ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()))?;
     Ok(t.to_dtype(candle_core::DType::F64)?)
 }
 
@@ -103,7 +117,8 @@ pub fn compile_weights(
     sink: &mut dyn FnMut(&str, Tensor) -> Result<()>,
 ) -> Result<Compiled> {
     // Transforms run in F64; what leaves is F32, the checkpoint's storage type.
-    let mut sink = |name: &str, t: Tensor| -> Result<()> { sink(name, t.to_dtype(candle_core::DType::F32)?) };
+    let mut sink =
+        |name: &str, t: Tensor| -> Result<()> { sink(name, t.to_dtype(candle_core::DType::F32)?) };
     params.validate()?;
     cfg.validate()?;
     let dev = Device::Cpu;
@@ -127,16 +142,24 @@ pub fn compile_weights(
 
     // The two vocabulary matrices stay in their storage type and are widened chunk by chunk.
     let take_raw = |w: &mut Weights, name: &str| -> Result<Tensor> {
-        w.remove(name).ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()).into())
+        w.remove(name)
+            .ok_or_else(|| umbra_model::ModelError::MissingTensor(name.into()).into())
     };
     let embed = take_raw(&mut w, "model.embed_tokens.weight")?;
     // Untie first: the head starts from the clean embedding matrix.
-    let head_src = if cfg.tie_word_embeddings { embed.clone() } else { take_raw(&mut w, "lm_head.weight")? };
+    let head_src = if cfg.tie_word_embeddings {
+        embed.clone()
+    } else {
+        take_raw(&mut w, "lm_head.weight")?
+    };
     let embed_noisy = transform::add_noise(&embed, params.alpha_e, noise_e)?;
     drop(embed);
     let p_embed_t = to_tensor(&p_embed, &dev)?;
     for rows in tau_inv.chunks(ROW_CHUNK) {
-        sink("model.embed_tokens.weight", transform::embedding(&embed_noisy, &p_embed_t, rows)?)?;
+        sink(
+            "model.embed_tokens.weight",
+            transform::embedding(&embed_noisy, &p_embed_t, rows)?,
+        )?;
     }
     drop(embed_noisy);
 
@@ -145,22 +168,33 @@ pub fn compile_weights(
         let q_q = to_tensor(&init.q_key(&mut rng), &dev)?;
         let q_k = to_tensor(&init.q_key(&mut rng), &dev)?;
         let q_v = to_tensor(&init.q_key(&mut rng), &dev)?;
-        let heads = (0..nkv).map(|_| HeadKeys::draw(&mut rng, hd, params.beta)).collect::<Result<Vec<_>>>()?;
+        let heads = (0..nkv)
+            .map(|_| HeadKeys::draw(&mut rng, hd, params.beta))
+            .collect::<Result<Vec<_>>>()?;
         let tau_kv = permutation(&mut rng, nkv);
         let tau_group: Vec<Vec<usize>> = (0..nkv).map(|_| permutation(&mut rng, groups)).collect();
         let p_o = to_tensor(&init.p_key(&mut rng), &dev)?;
         let q_gate = to_tensor(&init.q_key(&mut rng), &dev)?;
         let q_up = to_tensor(&init.q_key(&mut rng), &dev)?;
         let ffn = FfnTransform {
-            perm: permutation(&mut rng, cfg.intermediate_size).into_iter().map(|x| x as u32).collect(),
-            scale: (0..cfg.intermediate_size).map(|_| 2f32.powf(rng.random_range(-1.0..1.0))).collect(),
+            perm: permutation(&mut rng, cfg.intermediate_size)
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            scale: (0..cfg.intermediate_size)
+                .map(|_| 2f32.powf(rng.random_range(-1.0..1.0)))
+                .collect(),
         };
         let p_down = to_tensor(&init.p_key(&mut rng), &dev)?;
         let at = AttentionTransform::new(&heads, &tau_kv, &tau_group, nh, hd, &dev)?;
 
         let in_norm = take(&mut w, &format!("{pre}.input_layernorm.weight"))?;
         sink(&format!("{pre}.input_layernorm.weight"), norm_w.clone())?;
-        for (n, m, q) in [("q", &at.m_q, &q_q), ("k", &at.m_k, &q_k), ("v", &at.m_v, &q_v)] {
+        for (n, m, q) in [
+            ("q", &at.m_q, &q_q),
+            ("k", &at.m_k, &q_k),
+            ("v", &at.m_v, &q_v),
+        ] {
             let name = format!("{pre}.self_attn.{n}_proj.weight");
             let wt = take(&mut w, &name)?;
             sink(&name, AttentionTransform::qkv(m, &wt, &in_norm, q)?)?;
@@ -179,7 +213,10 @@ pub fn compile_weights(
             sink(&name, transform::writer_bias(&b, &p_o)?)?;
         }
         let post_norm = take(&mut w, &format!("{pre}.post_attention_layernorm.weight"))?;
-        sink(&format!("{pre}.post_attention_layernorm.weight"), norm_w.clone())?;
+        sink(
+            &format!("{pre}.post_attention_layernorm.weight"),
+            norm_w.clone(),
+        )?;
         let name = format!("{pre}.mlp.gate_proj.weight");
         let g = take(&mut w, &name)?;
         sink(&name, ffn.gate(&g, &post_norm, &q_gate)?)?;
@@ -197,11 +234,16 @@ pub fn compile_weights(
     let head_noisy = transform::add_noise(&head_src, params.alpha_h, noise_h)?;
     drop(head_src);
     for rows in tau_inv.chunks(ROW_CHUNK) {
-        sink("lm_head.weight", transform::lm_head(&head_noisy, &final_norm, &q_head, rows)?)?;
+        sink(
+            "lm_head.weight",
+            transform::lm_head(&head_noisy, &final_norm, &q_head, rows)?,
+        )?;
     }
 
     if let Some(extra) = w.keys().next() {
-        return Err(AloeError::Input(format!("unexpected tensor `{extra}` in the checkpoint")));
+        return Err(AloeError::Input(format!(
+            "unexpected tensor `{extra}` in the checkpoint"
+        )));
     }
     let key = ClientKey::new(seed, *params, &tau);
     let config = obfuscated_config(cfg, params, &key.fingerprint, gain_sq);
@@ -224,7 +266,11 @@ pub struct CompileReport {
 /// Special ids that must stay fixed points of tau: the tokenizer's special/added tokens and the
 /// config's BOS/EOS.
 pub fn special_ids(ck: &umbra_model::checkpoint::Checkpoint) -> Vec<u32> {
-    let mut ids: Vec<u32> = ck.tokenizer.as_ref().map(|t| t.special_token_ids()).unwrap_or_default();
+    let mut ids: Vec<u32> = ck
+        .tokenizer
+        .as_ref()
+        .map(|t| t.special_token_ids())
+        .unwrap_or_default();
     ids.extend(ck.config.bos_token_ids());
     ids.extend(ck.eos_token_ids());
     ids.sort_unstable();
@@ -257,11 +303,18 @@ pub fn compile_checkpoint(
     let load_s = t0.elapsed().as_secs_f64();
     let specials = special_ids(&ck);
     let gen_config = ck.generation_config_json();
-    let umbra_model::checkpoint::Checkpoint { config, weights, tokenizer, .. } = ck;
+    let umbra_model::checkpoint::Checkpoint {
+        config,
+        weights,
+        tokenizer,
+        ..
+    } = ck;
 
     let name = out
         .file_name()
-        .ok_or_else(|| AloeError::Input(format!("{}: output path has no folder name", out.display())))?
+        .ok_or_else(|| {
+            AloeError::Input(format!("{}: output path has no folder name", out.display()))
+        })?
         .to_string_lossy()
         .into_owned();
     let parent = match out.parent() {
@@ -291,14 +344,18 @@ pub fn compile_checkpoint(
         writer.finish()?;
         let mut cfg = compiled.config.clone();
         cfg.extra.insert("torch_dtype".into(), "float32".into());
-        std::fs::write(staging.join("config.json"), cfg.to_json_string()).map_err(|e| AloeError::io(&staging, e))?;
+        std::fs::write(staging.join("config.json"), cfg.to_json_string())
+            .map_err(|e| AloeError::io(&staging, e))?;
         if let Some(t) = &tokenizer {
             // The tokenizer is public; the server only ever sees permuted ids.
             t.save_hf(&staging)?;
         }
         let gen = serde_json::to_string_pretty(&gen_config).expect("json");
-        std::fs::write(staging.join("generation_config.json"), gen).map_err(|e| AloeError::io(&staging, e))?;
-        let bytes_written = std::fs::metadata(&st_path).map_err(|e| AloeError::io(&st_path, e))?.len();
+        std::fs::write(staging.join("generation_config.json"), gen)
+            .map_err(|e| AloeError::io(&staging, e))?;
+        let bytes_written = std::fs::metadata(&st_path)
+            .map_err(|e| AloeError::io(&st_path, e))?
+            .len();
         std::fs::rename(&staging, out).map_err(|e| AloeError::io(out, e))?;
         if let Err(e) = compiled.key.save(key_path) {
             let _ = std::fs::remove_dir_all(out);
@@ -324,7 +381,8 @@ pub fn compile_checkpoint(
 /// Opens an obfuscated checkpoint's config and checks that `key` belongs to it.
 pub fn check_key_for(model_dir: &std::path::Path, key: &ClientKey) -> Result<()> {
     let (cfg, _) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model_dir)?;
-    let fp = recorded_fingerprint(&cfg).ok_or_else(|| AloeError::NotObfuscated(model_dir.into()))?;
+    let fp =
+        recorded_fingerprint(&cfg).ok_or_else(|| AloeError::NotObfuscated(model_dir.into()))?;
     key.check_matches(&fp)?;
     if key.tau.len() != cfg.vocab_size {
         return Err(AloeError::Input(format!(

@@ -23,7 +23,11 @@ pub struct FidelityOptions {
 
 impl Default for FidelityOptions {
     fn default() -> Self {
-        Self { greedy_prompts: 50, greedy_prompt_tokens: 16, greedy_tokens: 32 }
+        Self {
+            greedy_prompts: 50,
+            greedy_prompt_tokens: 16,
+            greedy_tokens: 32,
+        }
     }
 }
 
@@ -79,15 +83,33 @@ fn seq_stats(plain: &Llama, obf: &Llama, tau: &TokenPermutation, ids: &[u32]) ->
     let logp = lp.broadcast_sub(&lsm_p.unsqueeze(1)?)?;
     let lsm_o = candle_core::Tensor::log_sum_exp(&lo, D::Minus1)?;
     let logo = lo.broadcast_sub(&lsm_o.unsqueeze(1)?)?;
-    let kl = (logp.exp()? * (&logp - &logo)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+    let kl = (logp.exp()? * (&logp - &logo)?)?
+        .sum_all()?
+        .to_scalar::<f32>()? as f64;
     let (mut nll_p, mut nll_o) = (0.0, 0.0);
     let t = ids.len();
     if t > 1 {
         let next = Tensor::from_slice(&ids[1..], t - 1, &dev)?.unsqueeze(1)?;
-        nll_p = -logp.narrow(0, 0, t - 1)?.gather(&next, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
-        nll_o = -logo.narrow(0, 0, t - 1)?.gather(&next, 1)?.sum_all()?.to_scalar::<f32>()? as f64;
+        nll_p = -logp
+            .narrow(0, 0, t - 1)?
+            .gather(&next, 1)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
+        nll_o = -logo
+            .narrow(0, 0, t - 1)?
+            .gather(&next, 1)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
     }
-    Ok(SeqStats { agree, positions: t, nll_plain: nll_p, nll_obf: nll_o, kl, max_diff: diff, max_abs })
+    Ok(SeqStats {
+        agree,
+        positions: t,
+        nll_plain: nll_p,
+        nll_obf: nll_o,
+        kl,
+        max_diff: diff,
+        max_abs,
+    })
 }
 
 /// Measures `obf` (served with `tau`) against `plain` on token sequences of plaintext ids.
@@ -101,8 +123,11 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<FidelityReport> {
     let start = Instant::now();
-    let greedy: Vec<&Vec<u32>> =
-        seqs.iter().filter(|s| s.len() >= opts.greedy_prompt_tokens).take(opts.greedy_prompts).collect();
+    let greedy: Vec<&Vec<u32>> = seqs
+        .iter()
+        .filter(|s| s.len() >= opts.greedy_prompt_tokens)
+        .take(opts.greedy_prompts)
+        .collect();
     let total = seqs.len() + greedy.len();
     let (mut agree, mut positions, mut nll_p, mut nll_o, mut kl, mut max_diff, mut max_abs) =
         (0usize, 0usize, 0.0, 0.0, 0.0, 0f64, 0f64);
@@ -126,7 +151,11 @@ pub fn evaluate(
     for (i, s) in greedy.iter().enumerate() {
         let prompt = &s[..opts.greedy_prompt_tokens];
         let a = generate_greedy(plain, prompt, opts.greedy_tokens)?;
-        let b = tau.invert(&generate_greedy(obf, &tau.apply(prompt)?, opts.greedy_tokens)?)?;
+        let b = tau.invert(&generate_greedy(
+            obf,
+            &tau.apply(prompt)?,
+            opts.greedy_tokens,
+        )?)?;
         same += (a == b) as usize;
         progress(seqs.len() + i + 1, total);
     }
@@ -139,10 +168,18 @@ pub fn evaluate(
         ppl_plain,
         ppl_obfuscated,
         ppl_ratio: ppl_obfuscated / ppl_plain,
-        max_rel_logit_diff: if max_abs > 0.0 { max_diff / max_abs } else { 0.0 },
+        max_rel_logit_diff: if max_abs > 0.0 {
+            max_diff / max_abs
+        } else {
+            0.0
+        },
         mean_kl: kl / positions.max(1) as f64,
         greedy_prompts: greedy.len(),
-        greedy_match: if greedy.is_empty() { 1.0 } else { same as f64 / greedy.len() as f64 },
+        greedy_match: if greedy.is_empty() {
+            1.0
+        } else {
+            same as f64 / greedy.len() as f64
+        },
         seconds: start.elapsed().as_secs_f64(),
     })
 }

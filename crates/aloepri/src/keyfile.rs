@@ -69,9 +69,13 @@ impl ClientKey {
 
     /// Reads and verifies a key file (kind, version, permutation, fingerprint).
     pub fn load(path: &Path) -> Result<Self> {
-        let bad = |msg: String| AloeError::KeyFile { path: path.into(), msg };
+        let bad = |msg: String| AloeError::KeyFile {
+            path: path.into(),
+            msg,
+        };
         let bytes = std::fs::read(path).map_err(|e| AloeError::io(path, e))?;
-        let key: ClientKey = serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a key file ({e})")))?;
+        let key: ClientKey =
+            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not a key file ({e})")))?;
         if key.kind != KIND {
             return Err(bad(format!("kind is `{}`, expected `{KIND}`", key.kind)));
         }
@@ -83,7 +87,9 @@ impl ClientKey {
         }
         key.permutation().map_err(|e| bad(e.to_string()))?;
         if key.compute_fingerprint() != key.fingerprint {
-            return Err(bad("fingerprint does not match the content: the key was modified".into()));
+            return Err(bad(
+                "fingerprint does not match the content: the key was modified".into(),
+            ));
         }
         Ok(key)
     }
@@ -108,9 +114,18 @@ impl ClientKey {
 
 /// Writes `bytes` to `path` through a 0600 temp file and a rename.
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| AloeError::Input(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| AloeError::Input(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let write = || -> std::io::Result<()> {
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create(true).truncate(true);
@@ -138,7 +153,11 @@ mod tests {
 
     fn key() -> ClientKey {
         let mut rng = ChaCha20Rng::seed_from_u64(1);
-        ClientKey::new(42, ObfuscationParams::paper(), &TokenPermutation::random(&mut rng, 64, &[0]))
+        ClientKey::new(
+            42,
+            ObfuscationParams::paper(),
+            &TokenPermutation::random(&mut rng, 64, &[0]),
+        )
     }
 
     #[test]
@@ -150,11 +169,17 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         assert_eq!(ClientKey::load(&p).unwrap(), k);
         k.check_matches(&k.fingerprint).unwrap();
-        assert!(matches!(k.check_matches("00"), Err(AloeError::KeyMismatch { .. })));
+        assert!(matches!(
+            k.check_matches("00"),
+            Err(AloeError::KeyMismatch { .. })
+        ));
     }
 
     #[test]
@@ -167,7 +192,10 @@ mod tests {
         let err = ClientKey::load(&p).unwrap_err().to_string();
         assert!(err.contains("modified"), "{err}");
         std::fs::write(&p, b"{not json").unwrap();
-        assert!(ClientKey::load(&p).unwrap_err().to_string().contains("not a key file"));
+        assert!(ClientKey::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a key file"));
         let mut k = key();
         k.tau[0] = 5; // duplicates 5
         std::fs::write(&p, serde_json::to_vec(&k).unwrap()).unwrap();

@@ -51,7 +51,17 @@ impl KeyInit {
         } else {
             (DMatrix::zeros(d, h), None, None)
         };
-        Ok(Self { d, h, b, b_inv, e, f, z, c_null, d_null })
+        Ok(Self {
+            d,
+            h,
+            b,
+            b_inv,
+            e,
+            f,
+            z,
+            c_null,
+            d_null,
+        })
     }
 
     pub fn d(&self) -> usize {
@@ -114,7 +124,7 @@ pub struct HeadKeys {
 
 impl HeadKeys {
     /// Draws `R` (2x2 rotations on the HF rotate_half pairs `(j, j + hd/2)`), `H = diag(s_j I2)`,
-    /// the RoPE block permutation `Zb` with window `beta`, and `U_vo ~ N(0, 1/hd)`.
+    /// the RoPE block permutation `Zb` with window `beta`, and a well-conditioned random `U_vo`.
     pub fn draw<R: Rng>(rng: &mut R, hd: usize, beta: usize) -> Result<Self> {
         let half = hd / 2;
         let mut rot = DMatrix::zeros(hd, hd);
@@ -134,9 +144,22 @@ impl HeadKeys {
             }
         }
         let zb = block_permutation(rng, hd, beta);
-        let u = gaussian(rng, hd, hd, 1.0 / (hd as f64).sqrt());
+        // U_vo = O1 diag(s) O2 with Haar O1, O2 and s log-uniform in [1/2, 2]: a random invertible
+        // map like the paper's N(0, 1/hd) draw, but with condition number <= 4 — a Gaussian
+        // 64 x 64 matrix typically has ~300, which amplifies F32 rounding in the served checkpoint.
+        let o1 = haar_orthogonal(rng, hd);
+        let o2 = haar_orthogonal(rng, hd);
+        let s = DMatrix::from_diagonal(&nalgebra::DVector::from_fn(hd, |_, _| {
+            2f64.powf(rng.random_range(-1.0..1.0))
+        }));
+        let u = &o1 * s * &o2;
         let u_inv = inverse(&u)?;
-        Ok(Self { q: &rot * &scale * &zb, k: &rot * &scale_inv * &zb, v: u, o: u_inv })
+        Ok(Self {
+            q: &rot * &scale * &zb,
+            k: &rot * &scale_inv * &zb,
+            v: u,
+            o: u_inv,
+        })
     }
 }
 
@@ -180,8 +203,15 @@ mod tests {
     #[test]
     fn any_p_q_pair_from_one_init_is_an_inverse() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        for params in [ObfuscationParams::paper(), ObfuscationParams::exact(8), ObfuscationParams::exact(0)] {
-            let params = ObfuscationParams { h: params.h.min(16), ..params };
+        for params in [
+            ObfuscationParams::paper(),
+            ObfuscationParams::exact(8),
+            ObfuscationParams::exact(0),
+        ] {
+            let params = ObfuscationParams {
+                h: params.h.min(16),
+                ..params
+            };
             let init = KeyInit::new(&mut rng, 24, &params).unwrap();
             let p1 = init.p_key(&mut rng);
             let p2 = init.p_key(&mut rng);
@@ -216,6 +246,8 @@ mod tests {
         let prod = &hk.q * hk.k.transpose();
         assert!(max_abs(&(prod - DMatrix::identity(8, 8))) < 1e-10);
         assert!(max_abs(&(&hk.v * &hk.o - DMatrix::identity(8, 8))) < 1e-9);
+        let sv = hk.v.clone().singular_values();
+        assert!(sv.max() / sv.min() <= 4.0 + 1e-9);
     }
 
     #[test]
@@ -228,6 +260,9 @@ mod tests {
         }
         let moved = (0..32).filter(|&j| m[(j, j)] == 0.0).count();
         assert!(moved > 0);
-        assert_eq!(block_permutation(&mut rng, 64, 1), DMatrix::identity(64, 64));
+        assert_eq!(
+            block_permutation(&mut rng, 64, 1),
+            DMatrix::identity(64, 64)
+        );
     }
 }

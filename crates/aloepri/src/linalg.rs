@@ -32,9 +32,13 @@ pub fn haar_orthogonal<R: Rng>(rng: &mut R, n: usize) -> DMatrix<f64> {
 
 /// Inverse of a square matrix, with a clear error when it is singular.
 pub fn inverse(m: &DMatrix<f64>) -> Result<DMatrix<f64>> {
-    m.clone()
-        .try_inverse()
-        .ok_or_else(|| AloeError::Linalg(format!("{}x{} key matrix is singular", m.nrows(), m.ncols())))
+    m.clone().try_inverse().ok_or_else(|| {
+        AloeError::Linalg(format!(
+            "{}x{} key matrix is singular",
+            m.nrows(),
+            m.ncols()
+        ))
+    })
 }
 
 /// `k` columns spanning (generically) the orthogonal complement of the column space of `a`
@@ -73,7 +77,10 @@ pub fn matmul(a: &DMatrix<f64>, b: &DMatrix<f64>) -> DMatrix<f64> {
     let ta = Tensor::from_vec(a.transpose().as_slice().to_vec(), a.shape(), &dev);
     let tb = Tensor::from_vec(b.transpose().as_slice().to_vec(), b.shape(), &dev);
     match (ta, tb) {
-        (Ok(ta), Ok(tb)) => match ta.matmul(&tb).and_then(|c| c.flatten_all()?.to_vec1::<f64>()) {
+        (Ok(ta), Ok(tb)) => match ta
+            .matmul(&tb)
+            .and_then(|c| c.flatten_all()?.to_vec1::<f64>())
+        {
             Ok(v) => DMatrix::from_row_slice(a.nrows(), b.ncols(), &v),
             Err(_) => a * b,
         },

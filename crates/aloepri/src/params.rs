@@ -30,22 +30,40 @@ pub struct ObfuscationParams {
 impl ObfuscationParams {
     /// The paper's defaults: h 128, lambda .3, alpha_e 1, alpha_h .2, beta 8, junk on.
     pub fn paper() -> Self {
-        Self { h: 128, lambda: 0.3, alpha_e: 1.0, alpha_h: 0.2, beta: 8, junk: true }
+        Self {
+            h: 128,
+            lambda: 0.3,
+            alpha_e: 1.0,
+            alpha_h: 0.2,
+            beta: 8,
+            junk: true,
+        }
     }
 
     /// Every approximate part off: the obfuscated model is mathematically equivalent.
     pub fn exact(h: usize) -> Self {
-        Self { h, lambda: 0.0, alpha_e: 0.0, alpha_h: 0.0, beta: 1, junk: false }
+        Self {
+            h,
+            lambda: 0.0,
+            alpha_e: 0.0,
+            alpha_h: 0.0,
+            beta: 1,
+            junk: false,
+        }
     }
 
     /// True when no approximate knob is on.
     pub fn is_exact(&self) -> bool {
-        self.lambda == 0.0 && self.alpha_e == 0.0 && self.alpha_h == 0.0 && self.beta <= 1 && !self.junk
+        self.lambda == 0.0
+            && self.alpha_e == 0.0
+            && self.alpha_h == 0.0
+            && self.beta <= 1
+            && !self.junk
     }
 
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(AloeError::Params(m.into()));
-        if self.h % 2 != 0 {
+        if !self.h.is_multiple_of(2) {
             return bad("h must be even");
         }
         if self.junk && self.h < 2 {

@@ -18,7 +18,9 @@ impl TokenPermutation {
                 is_fixed[f as usize] = true;
             }
         }
-        let movable: Vec<u32> = (0..vocab as u32).filter(|&i| !is_fixed[i as usize]).collect();
+        let movable: Vec<u32> = (0..vocab as u32)
+            .filter(|&i| !is_fixed[i as usize])
+            .collect();
         let perm = crate::linalg::permutation(rng, movable.len());
         let mut forward: Vec<u32> = (0..vocab as u32).collect();
         for (k, &i) in movable.iter().enumerate() {
@@ -37,11 +39,15 @@ impl TokenPermutation {
         let n = forward.len();
         let mut inverse = vec![u32::MAX; n];
         for (i, &t) in forward.iter().enumerate() {
-            let slot = inverse
-                .get_mut(t as usize)
-                .ok_or_else(|| AloeError::Input(format!("tau maps {i} to {t}, outside the vocabulary of {n}")))?;
+            let slot = inverse.get_mut(t as usize).ok_or_else(|| {
+                AloeError::Input(format!(
+                    "tau maps {i} to {t}, outside the vocabulary of {n}"
+                ))
+            })?;
             if *slot != u32::MAX {
-                return Err(AloeError::Input(format!("tau is not a permutation: {t} is hit twice")));
+                return Err(AloeError::Input(format!(
+                    "tau is not a permutation: {t} is hit twice"
+                )));
             }
             *slot = i as u32;
         }
@@ -75,7 +81,10 @@ fn map(table: &[u32], ids: &[u32]) -> Result<Vec<u32>> {
     ids.iter()
         .map(|&i| {
             table.get(i as usize).copied().ok_or_else(|| {
-                AloeError::Input(format!("token id {i} is outside the vocabulary of {}", table.len()))
+                AloeError::Input(format!(
+                    "token id {i} is outside the vocabulary of {}",
+                    table.len()
+                ))
             })
         })
         .collect()

@@ -31,26 +31,24 @@ pub fn writer_bias(b: &Tensor, p: &Tensor) -> Result<Tensor> {
 }
 
 /// Adds `alpha * std(W) * N(0, 1)` noise (the paper's `W* = W + alpha N(0, sigma^2)`), seeded.
+/// Works in place on one F32 copy of `w` (no separate noise matrix).
 pub fn add_noise(w: &Tensor, alpha: f64, seed: u64) -> Result<Tensor> {
     if alpha == 0.0 {
         return Ok(w.clone());
     }
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};
-    let w64 = w.to_dtype(DType::F64)?;
-    let mean = w64.mean_all()?.to_scalar::<f64>()?;
-    let var = w64.sqr()?.mean_all()?.to_scalar::<f64>()? - mean * mean;
-    let std = var.max(0.0).sqrt();
+    let mut data = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let n = data.len().max(1) as f64;
+    let mean = data.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = data.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let scale = alpha * var.sqrt();
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-    let n = w.elem_count();
-    let noise: Vec<f64> = (0..n)
-        .map(|_| {
-            let z: f64 = StandardNormal.sample(&mut rng);
-            z * alpha * std
-        })
-        .collect();
-    let noise = Tensor::from_vec(noise, w.shape(), w.device())?.to_dtype(w.dtype())?;
-    Ok((w + noise)?)
+    for x in data.iter_mut() {
+        let z: f64 = StandardNormal.sample(&mut rng);
+        *x += (z * scale) as f32;
+    }
+    Ok(Tensor::from_vec(data, w.shape(), w.device())?.to_dtype(w.dtype())?)
 }
 
 /// Embedding `We~ = Pi We* P_embed`: row `tau(i)` of the result is `We*[i] P`.
@@ -63,7 +61,11 @@ pub fn embedding(we: &Tensor, p: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
 /// LM head `Wh~ = Q_head Wh* Pi^T` with the final norm folded in: row `tau(i)` of the HF result
 /// is `(Wh*_hf[i] * w_norm) Q^T`. `wh`: `[V, d]`, `q`: `[d', d]` -> `[V, d']`.
 pub fn lm_head(wh: &Tensor, final_norm: &Tensor, q: &Tensor, tau_inv: &[u32]) -> Result<Tensor> {
-    reader(&permute_rows(wh, tau_inv)?.to_dtype(q.dtype())?, Some(final_norm), q)
+    reader(
+        &permute_rows(wh, tau_inv)?.to_dtype(q.dtype())?,
+        Some(final_norm),
+        q,
+    )
 }
 
 /// `out[t] = x[src[t]]`.
@@ -106,11 +108,13 @@ impl AttentionTransform {
             let ng = tau_kv[g];
             m_k.view_mut((g * hd, ng * hd), (hd, hd)).copy_from(&hk.k);
             m_v.view_mut((g * hd, ng * hd), (hd, hd)).copy_from(&hk.v);
-            for j in 0..groups {
+            for (j, &in_group) in tau_group[g].iter().enumerate().take(groups) {
                 let old = g * groups + j;
-                let new = ng * groups + tau_group[g][j];
-                m_q.view_mut((old * hd, new * hd), (hd, hd)).copy_from(&hk.q);
-                m_o.view_mut((new * hd, old * hd), (hd, hd)).copy_from(&hk.o);
+                let new = ng * groups + in_group;
+                m_q.view_mut((old * hd, new * hd), (hd, hd))
+                    .copy_from(&hk.q);
+                m_o.view_mut((new * hd, old * hd), (hd, hd))
+                    .copy_from(&hk.o);
             }
         }
         Ok(Self {
@@ -151,14 +155,16 @@ impl FfnTransform {
 
     /// `Wup~ = Q Wup' H_f Z_f` -> `[ffn, d']`.
     pub fn up(&self, w_hf: &Tensor, norm_w: &Tensor, q: &Tensor) -> Result<Tensor> {
-        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?.to_dtype(w_hf.dtype())?;
+        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?
+            .to_dtype(w_hf.dtype())?;
         let scaled = reader(w_hf, Some(norm_w), q)?.broadcast_mul(&s.unsqueeze(1)?)?;
         permute_rows(&scaled, &self.perm)
     }
 
     /// `Wdown~ = Z_f^T H_f^-1 Wdown P` -> HF `P^T Wdown_hf H_f^-1 Z_f`: `[d', ffn]`.
     pub fn down(&self, w_hf: &Tensor, p: &Tensor) -> Result<Tensor> {
-        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?.to_dtype(w_hf.dtype())?;
+        let s = Tensor::from_slice(&self.scale, self.scale.len(), w_hf.device())?
+            .to_dtype(w_hf.dtype())?;
         let scaled = w_hf.broadcast_div(&s.unsqueeze(0)?)?;
         let idx = Tensor::from_slice(&self.perm, self.perm.len(), w_hf.device())?;
         let permuted = scaled.index_select(&idx, D::Minus1)?;

@@ -18,10 +18,17 @@ pub struct StreamingWriter {
 
 impl StreamingWriter {
     /// Creates the file and writes the header for `specs` (name, shape), in write order.
-    pub fn create(path: &Path, specs: Vec<(String, Vec<usize>)>, metadata: BTreeMap<String, String>) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        specs: Vec<(String, Vec<usize>)>,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<Self> {
         let mut header = serde_json::Map::new();
         if !metadata.is_empty() {
-            header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("metadata"));
+            header.insert(
+                "__metadata__".into(),
+                serde_json::to_value(metadata).expect("metadata"),
+            );
         }
         let mut offset = 0usize;
         for (name, shape) in &specs {
@@ -33,15 +40,22 @@ impl StreamingWriter {
             offset += bytes;
         }
         let mut json = serde_json::to_vec(&header).expect("header");
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let file = std::fs::File::create(path).map_err(|e| AloeError::io(path, e))?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         let io = |e| AloeError::io(path, e);
-        out.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        out.write_all(&(json.len() as u64).to_le_bytes())
+            .map_err(io)?;
         out.write_all(&json).map_err(io)?;
-        Ok(Self { path: path.into(), out, order: specs, next: 0, filled: 0 })
+        Ok(Self {
+            path: path.into(),
+            out,
+            order: specs,
+            next: 0,
+            filled: 0,
+        })
     }
 
     /// Writes the next tensor, or the next rows of it: `t` is the whole tensor or a chunk of rows
@@ -70,11 +84,15 @@ impl StreamingWriter {
             buf.clear();
             for x in chunk {
                 if !x.is_finite() {
-                    return Err(AloeError::Input(format!("tensor `{name}` has non-finite values")));
+                    return Err(AloeError::Input(format!(
+                        "tensor `{name}` has non-finite values"
+                    )));
                 }
                 buf.extend_from_slice(&x.to_le_bytes());
             }
-            self.out.write_all(&buf).map_err(|e| AloeError::io(&self.path, e))?;
+            self.out
+                .write_all(&buf)
+                .map_err(|e| AloeError::io(&self.path, e))?;
         }
         self.filled += data.len();
         if self.filled == total {
@@ -94,7 +112,10 @@ impl StreamingWriter {
             )));
         }
         let path = self.path;
-        let file = self.out.into_inner().map_err(|e| AloeError::io(&path, e.into_error()))?;
+        let file = self
+            .out
+            .into_inner()
+            .map_err(|e| AloeError::io(&path, e.into_error()))?;
         file.sync_all().map_err(|e| AloeError::io(&path, e))
     }
 }
@@ -108,7 +129,10 @@ mod tests {
     fn writes_a_file_safetensors_can_read() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.safetensors");
-        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let b = Tensor::new(&[7f32], &Device::Cpu).unwrap();
         let mut w = StreamingWriter::create(
             &p,
@@ -123,14 +147,22 @@ mod tests {
         w.write("a.b", &b).unwrap();
         w.finish().unwrap();
         let loaded = candle_core::safetensors::load(&p, &Device::Cpu).unwrap();
-        assert_eq!(loaded["z.a"].to_vec2::<f32>().unwrap(), a.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            loaded["z.a"].to_vec2::<f32>().unwrap(),
+            a.to_vec2::<f32>().unwrap()
+        );
         assert_eq!(loaded["a.b"].to_vec1::<f32>().unwrap(), vec![7.0]);
     }
 
     #[test]
     fn unfinished_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
-        let w = StreamingWriter::create(&dir.path().join("x"), vec![("a".into(), vec![1])], BTreeMap::new()).unwrap();
+        let w = StreamingWriter::create(
+            &dir.path().join("x"),
+            vec![("a".into(), vec![1])],
+            BTreeMap::new(),
+        )
+        .unwrap();
         assert!(w.finish().is_err());
     }
 }

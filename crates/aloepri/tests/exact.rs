@@ -9,7 +9,12 @@ use umbra_model::llama::testing::{random_weights, tiny_config};
 use umbra_model::llama::Llama;
 use umbra_model::{LlamaConfig, Weights};
 
-fn compile(cfg: &LlamaConfig, w: &Weights, params: ObfuscationParams, seed: u64) -> (LlamaConfig, Weights, umbra_aloepri::ClientKey) {
+fn compile(
+    cfg: &LlamaConfig,
+    w: &Weights,
+    params: ObfuscationParams,
+    seed: u64,
+) -> (LlamaConfig, Weights, umbra_aloepri::ClientKey) {
     let mut out = Weights::new();
     let mut order = vec![];
     let c = compile_weights(cfg, w.clone(), &[0, 1], &params, seed, &mut |n, t| {
@@ -26,7 +31,11 @@ fn compile(cfg: &LlamaConfig, w: &Weights, params: ObfuscationParams, seed: u64)
     })
     .unwrap();
     let specs = output_specs(&c.config);
-    assert_eq!(order, specs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(), "sink order must match the header order");
+    assert_eq!(
+        order,
+        specs.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+        "sink order must match the header order"
+    );
     for (n, shape) in &specs {
         assert_eq!(out[n].dims(), shape.as_slice(), "{n}");
     }
@@ -36,8 +45,16 @@ fn compile(cfg: &LlamaConfig, w: &Weights, params: ObfuscationParams, seed: u64)
 fn logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f32>> {
     let m = Llama::new(cfg, w, &Device::Cpu).unwrap();
     let mut cache = m.new_cache();
-    let x = Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    m.forward(&x, &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    let x = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.forward(&x, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 /// max |obf[tau(v)] - plain[v]| / max |plain|, and top-1 agreement.
@@ -51,7 +68,12 @@ fn compare(plain: &[Vec<f32>], obf: &[Vec<f32>], tau: &[u32]) -> (f32, f32) {
             max_diff = max_diff.max((a - b).abs());
             max_abs = max_abs.max(a.abs());
         }
-        let am = |x: &[f32]| x.iter().enumerate().fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m }).0;
+        let am = |x: &[f32]| {
+            x.iter()
+                .enumerate()
+                .fold((0, f32::MIN), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                .0
+        };
         agree += (am(p) == am(&un)) as usize;
     }
     (max_diff / max_abs, agree as f32 / plain.len() as f32)
@@ -89,8 +111,15 @@ fn exact_mode_matches_plaintext_on_every_shape() {
             assert_eq!(ocfg.hidden_size, cfg.hidden_size + 2 * h);
             assert!(!ocfg.tie_word_embeddings);
             let tau = key.permutation().unwrap();
-            assert_eq!(tau.apply(&[0, 1]).unwrap(), vec![0, 1], "special ids must be fixed points");
-            let moved = ids.iter().filter(|&&i| tau.apply(&[i]).unwrap()[0] != i).count();
+            assert_eq!(
+                tau.apply(&[0, 1]).unwrap(),
+                vec![0, 1],
+                "special ids must be fixed points"
+            );
+            let moved = ids
+                .iter()
+                .filter(|&&i| tau.apply(&[i]).unwrap()[0] != i)
+                .count();
             assert!(moved >= ids.len() - 3, "{name}: tau should move most ids");
             let obf_ids = tau.apply(&ids).unwrap();
             let obf = logits(&ocfg, &ow, &obf_ids);
@@ -100,7 +129,10 @@ fn exact_mode_matches_plaintext_on_every_shape() {
             // The same checkpoint through the independent reference forward.
             let reference = common::reference::forward(&ocfg, &ow, &obf_ids);
             let (rel_ref, top1_ref) = compare(&plain, &reference, tau.forward_table());
-            assert!(rel_ref <= 1e-3, "{name} h={h}: reference forward rel diff {rel_ref}");
+            assert!(
+                rel_ref <= 1e-3,
+                "{name} h={h}: reference forward rel diff {rel_ref}"
+            );
             assert_eq!(top1_ref, 1.0);
         }
     }
@@ -124,12 +156,18 @@ fn approximate_knobs_change_the_model_and_paper_mode_runs() {
     let w = random_weights(&cfg, 1);
     let ids: Vec<u32> = vec![4, 5, 6, 7, 8, 9];
     let plain = logits(&cfg, &w, &ids);
-    let params = ObfuscationParams { h: 8, ..ObfuscationParams::paper() };
+    let params = ObfuscationParams {
+        h: 8,
+        ..ObfuscationParams::paper()
+    };
     let (ocfg, ow, key) = compile(&cfg, &w, params, 9);
     let tau = key.permutation().unwrap();
     let obf = logits(&ocfg, &ow, &tau.apply(&ids).unwrap());
     let (rel, _) = compare(&plain, &obf, tau.forward_table());
-    assert!(rel > 1e-3, "noise and junk must perturb the logits, got {rel}");
+    assert!(
+        rel > 1e-3,
+        "noise and junk must perturb the logits, got {rel}"
+    );
     assert!(obf.iter().flatten().all(|x| x.is_finite()));
 }
 
@@ -143,7 +181,14 @@ fn same_seed_same_checkpoint_other_seed_other_key() {
     assert_eq!(ka, kb);
     assert_ne!(ka.fingerprint, kc.fingerprint);
     for (n, t) in &a {
-        let diff = (t - &b[n]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &b[n])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{n}");
     }
 }

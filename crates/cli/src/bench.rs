@@ -32,9 +32,16 @@ pub struct BenchObfuscationArgs {
 
 fn child_json(args: &[&str], json_path: &Path) -> Result<serde_json::Value> {
     let exe = std::env::current_exe()?;
-    let out = Command::new(exe).args(args).output().context("spawning umbra")?;
+    let out = Command::new(exe)
+        .args(args)
+        .output()
+        .context("spawning umbra")?;
     if !out.status.success() {
-        bail!("umbra {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "umbra {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     let text = std::fs::read_to_string(json_path)?;
     Ok(serde_json::from_str(&text)?)
@@ -42,8 +49,15 @@ fn child_json(args: &[&str], json_path: &Path) -> Result<serde_json::Value> {
 
 fn tok_s(model: &Path, key: Option<&Path>, tokens: usize, reps: usize) -> Result<f64> {
     let s = Session::open(model, key)?;
-    let prompt = encode_prompt(&s.tokenizer, "Write a long story about a lighthouse keeper and the sea.", true)?;
-    let params = GenerateParams { max_tokens: tokens, ..Default::default() };
+    let prompt = encode_prompt(
+        &s.tokenizer,
+        "Write a long story about a lighthouse keeper and the sea.",
+        true,
+    )?;
+    let params = GenerateParams {
+        max_tokens: tokens,
+        ..Default::default()
+    };
     let mut best = 0f64;
     for _ in 0..reps.max(1) {
         let (_, _, out) = s.generate(&prompt, &params, |_| {})?;
@@ -70,11 +84,20 @@ print(best)
 "#,
         gguf = gguf.display().to_string()
     );
-    let out = Command::new("python3").arg("-c").arg(script).output().ok()?;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .ok()?;
     if !out.status.success() {
         return None;
     }
-    String::from_utf8_lossy(&out.stdout).trim().lines().last()?.parse().ok()
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .lines()
+        .last()?
+        .parse()
+        .ok()
 }
 
 pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
@@ -87,15 +110,32 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
     eprintln!("[1/3] load + re-save vs obfuscate ...");
     let conv_json = w.join("convert.json");
     let conv = child_json(
-        &["convert", "--gguf", &gguf.display().to_string(), "--out", &w.join("resaved").display().to_string(), "--json", &conv_json.display().to_string()],
+        &[
+            "convert",
+            "--gguf",
+            &gguf.display().to_string(),
+            "--out",
+            &w.join("resaved").display().to_string(),
+            "--json",
+            &conv_json.display().to_string(),
+        ],
         &conv_json,
     )?;
     let _ = std::fs::remove_dir_all(w.join("resaved"));
     let obf_json = w.join("obf.json");
     let obf = child_json(
         &[
-            "obfuscate", "--model", &gguf.display().to_string(), "--out", &w.join("paper").display().to_string(),
-            "--key", &w.join("paper.key").display().to_string(), "--seed", "1", "--json", &obf_json.display().to_string(),
+            "obfuscate",
+            "--model",
+            &gguf.display().to_string(),
+            "--out",
+            &w.join("paper").display().to_string(),
+            "--key",
+            &w.join("paper.key").display().to_string(),
+            "--seed",
+            "1",
+            "--json",
+            &obf_json.display().to_string(),
         ],
         &obf_json,
     )?;
@@ -112,8 +152,20 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
         let j = w.join(format!("exact-h{h}.json"));
         child_json(
             &[
-                "obfuscate", "--model", &plain.display().to_string(), "--out", &dir.display().to_string(), "--key",
-                &key.display().to_string(), "--exact", "--h", &h.to_string(), "--seed", "1", "--json", &j.display().to_string(),
+                "obfuscate",
+                "--model",
+                &plain.display().to_string(),
+                "--out",
+                &dir.display().to_string(),
+                "--key",
+                &key.display().to_string(),
+                "--exact",
+                "--h",
+                &h.to_string(),
+                "--seed",
+                "1",
+                "--json",
+                &j.display().to_string(),
             ],
             &j,
         )?;
@@ -126,18 +178,40 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
     let lcpp = llama_cpp_tok_s(&gguf, a.tokens);
 
     println!("| step | seconds | peak RSS MiB |\n|---|---|---|");
-    println!("| load + re-save (GGUF -> HF F32) | {conv_s:.1} | {:.0} |", conv["peak_rss_mib"].as_f64().unwrap_or(0.0));
-    println!("| obfuscate (paper params, h 128) | {obf_s:.1} | {:.0} |", obf["peak_rss_mib"].as_f64().unwrap_or(0.0));
+    println!(
+        "| load + re-save (GGUF -> HF F32) | {conv_s:.1} | {:.0} |",
+        conv["peak_rss_mib"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "| obfuscate (paper params, h 128) | {obf_s:.1} | {:.0} |",
+        obf["peak_rss_mib"].as_f64().unwrap_or(0.0)
+    );
     println!("\n| model | decode tok/s | vs plaintext | vs llama.cpp Q4_1 |\n|---|---|---|---|");
-    let vs = |t: f64| lcpp.map(|l| format!("{:.2}", t / l)).unwrap_or_else(|| "n/a".into());
-    println!("| plaintext F32 | {plain_tps:.1} | 1.00 | {} |", vs(plain_tps));
+    let vs = |t: f64| {
+        lcpp.map(|l| format!("{:.2}", t / l))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    println!(
+        "| plaintext F32 | {plain_tps:.1} | 1.00 | {} |",
+        vs(plain_tps)
+    );
     for r in &rows {
         let t = r["tok_s"].as_f64().unwrap_or(0.0);
-        println!("| obfuscated exact h={} | {t:.1} | {:.2} | {} |", r["h"], t / plain_tps, vs(t));
+        println!(
+            "| obfuscated exact h={} | {t:.1} | {:.2} | {} |",
+            r["h"],
+            t / plain_tps,
+            vs(t)
+        );
     }
     match lcpp {
-        Some(l) => println!("| llama.cpp Q4_1, 2 threads | {l:.1} | {:.2} | 1.00 |", l / plain_tps),
-        None => println!("| llama.cpp | not measured: `pip install llama-cpp-python` to include it | | |"),
+        Some(l) => println!(
+            "| llama.cpp Q4_1, 2 threads | {l:.1} | {:.2} | 1.00 |",
+            l / plain_tps
+        ),
+        None => println!(
+            "| llama.cpp | not measured: `pip install llama-cpp-python` to include it | | |"
+        ),
     }
     let report = json!({
         "resave_s": conv_s, "resave_peak_rss_mib": conv["peak_rss_mib"],

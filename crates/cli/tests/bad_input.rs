@@ -6,13 +6,25 @@ use umbra_model::checkpoint::Checkpoint;
 use umbra_model::llama::testing::{random_weights, tiny_config};
 
 fn umbra(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_umbra")).args(args).output().expect("runs");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn tiny_model(dir: &Path) -> PathBuf {
     let cfg = tiny_config(32, 4, 2, 2, 64);
-    let ck = Checkpoint { weights: random_weights(&cfg, 1), config: cfg, tokenizer: None, source: dir.into() };
+    let ck = Checkpoint {
+        weights: random_weights(&cfg, 1),
+        config: cfg,
+        tokenizer: None,
+        source: dir.into(),
+    };
     let p = dir.join("tiny");
     ck.save_hf(&p, false).unwrap();
     p
@@ -24,14 +36,28 @@ fn assert_fails(args: &[&str], needle: &str) {
     assert!(!ok, "{args:?} should fail");
     let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(lines.len(), 1, "{args:?}: stderr was {err}");
-    assert!(lines[0].to_lowercase().contains(&needle.to_lowercase()), "{args:?}: `{}` lacks `{needle}`", lines[0]);
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "{args:?}: `{}` lacks `{needle}`",
+        lines[0]
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
 fn obfuscate(model: &Path, out: &Path, key: &Path, seed: &str) -> (bool, String, String) {
     umbra(&[
-        "obfuscate", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(),
-        "--key", key.to_str().unwrap(), "--exact", "--h", "4", "--seed", seed,
+        "obfuscate",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--exact",
+        "--h",
+        "4",
+        "--seed",
+        seed,
     ])
 }
 
@@ -45,11 +71,28 @@ fn truncated_safetensors_is_refused_without_output() {
     f.set_len(len / 2).unwrap();
     let out = dir.path().join("obf");
     let key = dir.path().join("k.key");
-    let args = ["obfuscate", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--key", key.to_str().unwrap(), "--exact"];
+    let args = [
+        "obfuscate",
+        "--model",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--exact",
+    ];
     assert_fails(&args, "model.safetensors");
     assert!(!out.exists() && !key.exists());
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 1, "only the input folder may remain: {leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        1,
+        "only the input folder may remain: {leftovers:?}"
+    );
 }
 
 #[test]
@@ -57,11 +100,16 @@ fn config_that_does_not_match_weights_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny_model(dir.path());
     let cfg_path = m.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"intermediate_size\": 64", "\"intermediate_size\": 80");
+    let text = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"intermediate_size\": 64", "\"intermediate_size\": 80");
     std::fs::write(&cfg_path, text).unwrap();
     let out = dir.path().join("obf");
     let (ok, _, err) = obfuscate(&m, &out, &dir.path().join("k"), "1");
-    assert!(!ok && err.contains("error:") && err.to_lowercase().contains("mlp"), "{err}");
+    assert!(
+        !ok && err.contains("error:") && err.to_lowercase().contains("mlp"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
@@ -70,16 +118,24 @@ fn unsupported_architecture_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny_model(dir.path());
     let cfg_path = m.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).unwrap().replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
+    let text = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt2\"");
     std::fs::write(&cfg_path, text).unwrap();
-    assert_fails(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"], "unsupported architecture");
+    assert_fails(
+        &["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"],
+        "unsupported architecture",
+    );
 }
 
 #[test]
 fn missing_tokenizer_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny_model(dir.path());
-    assert_fails(&["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"], "tokenizer");
+    assert_fails(
+        &["generate", "--model", m.to_str().unwrap(), "--prompt", "hi"],
+        "tokenizer",
+    );
 }
 
 #[test]
@@ -93,18 +149,54 @@ fn wrong_and_tampered_keys_are_refused() {
     // Existing outputs are never overwritten.
     let (ok, _, err) = obfuscate(&m, &a, &dir.path().join("c.key"), "3");
     assert!(!ok && err.contains("already exists"), "{err}");
-    assert_fails(&["generate", "--model", a.to_str().unwrap(), "--key", kb.to_str().unwrap(), "--prompt", "x"], "does not match");
+    assert_fails(
+        &[
+            "generate",
+            "--model",
+            a.to_str().unwrap(),
+            "--key",
+            kb.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        "does not match",
+    );
     // An obfuscated model without its key.
-    assert_fails(&["generate", "--model", a.to_str().unwrap(), "--prompt", "x"], "--key");
+    assert_fails(
+        &["generate", "--model", a.to_str().unwrap(), "--prompt", "x"],
+        "--key",
+    );
     // Tamper with tau.
     let text = std::fs::read_to_string(&ka).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let tau = v["tau"].as_array_mut().unwrap();
     tau.swap(5, 6);
     std::fs::write(&ka, serde_json::to_string(&v).unwrap()).unwrap();
-    assert_fails(&["generate", "--model", a.to_str().unwrap(), "--key", ka.to_str().unwrap(), "--prompt", "x"], "modified");
+    assert_fails(
+        &[
+            "generate",
+            "--model",
+            a.to_str().unwrap(),
+            "--key",
+            ka.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        "modified",
+    );
     std::fs::write(&ka, b"garbage").unwrap();
-    assert_fails(&["generate", "--model", a.to_str().unwrap(), "--key", ka.to_str().unwrap(), "--prompt", "x"], "key file");
+    assert_fails(
+        &[
+            "generate",
+            "--model",
+            a.to_str().unwrap(),
+            "--key",
+            ka.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ],
+        "key file",
+    );
 }
 
 #[test]
@@ -112,8 +204,27 @@ fn bad_parameters_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny_model(dir.path());
     let out = dir.path().join("o");
-    let args = ["obfuscate", "--model", m.to_str().unwrap(), "--out", out.to_str().unwrap(), "--key", "/tmp/nope.key", "--h", "3"];
+    let args = [
+        "obfuscate",
+        "--model",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--key",
+        "/tmp/nope.key",
+        "--h",
+        "3",
+    ];
     assert_fails(&args, "h must be even");
     assert!(!out.exists());
-    assert_fails(&["generate", "--model", "/definitely/not/here", "--prompt", "x"], "no such");
+    assert_fails(
+        &[
+            "generate",
+            "--model",
+            "/definitely/not/here",
+            "--prompt",
+            "x",
+        ],
+        "no such",
+    );
 }

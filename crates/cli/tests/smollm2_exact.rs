@@ -14,7 +14,10 @@ use umbra_model::generate::{generate_batch, GenerateParams};
 use umbra_model::llama::Llama;
 
 fn smollm2() -> PathBuf {
-    let dir = Cache::from_env().unwrap().root().join("models/SmolLM2-135M-Instruct");
+    let dir = Cache::from_env()
+        .unwrap()
+        .root()
+        .join("models/SmolLM2-135M-Instruct");
     assert!(
         dir.join("model.safetensors").is_file(),
         "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
@@ -24,12 +27,20 @@ fn smollm2() -> PathBuf {
 }
 
 fn passages(n: usize) -> Vec<String> {
-    let path = Cache::from_env().unwrap().require(Asset::HaluEvalQa).unwrap_or_else(|e| panic!("{e}"));
+    let path = Cache::from_env()
+        .unwrap()
+        .require(Asset::HaluEvalQa)
+        .unwrap_or_else(|e| panic!("{e}"));
     std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .take(n)
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["knowledge"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["knowledge"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect()
 }
 
@@ -38,7 +49,15 @@ fn exact_mode_is_exact_on_smollm2() {
     let plain_dir = smollm2();
     let tmp = tempfile::tempdir().unwrap();
     let (obf_dir, key_path) = (tmp.path().join("obf"), tmp.path().join("client.key"));
-    compile_checkpoint(&plain_dir, &obf_dir, &key_path, &ObfuscationParams::exact(128), 5, &mut |_, _, _| {}).unwrap();
+    compile_checkpoint(
+        &plain_dir,
+        &obf_dir,
+        &key_path,
+        &ObfuscationParams::exact(128),
+        5,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     let tau = ClientKey::load(&key_path).unwrap().permutation().unwrap();
 
     let pck = Checkpoint::open(&plain_dir).unwrap();
@@ -64,12 +83,36 @@ fn exact_mode_is_exact_on_smollm2() {
     for ids in seqs.iter().take(10) {
         let run = |m: &Llama, ids: &[u32]| {
             let mut c = m.new_cache();
-            m.forward(&Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut c).unwrap().squeeze(0).unwrap()
+            m.forward(
+                &Tensor::new(ids, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                &mut c,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
         };
         let lp = run(&plain, ids);
-        let lo = run(&obf, &tau.apply(ids).unwrap()).index_select(&col, 1).unwrap();
-        let diff = (&lo - &lp).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let scale = lp.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let lo = run(&obf, &tau.apply(ids).unwrap())
+            .index_select(&col, 1)
+            .unwrap();
+        let diff = (&lo - &lp)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = lp
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         worst = worst.max(diff / scale);
         let a = lp.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
         let b = lo.argmax(D::Minus1).unwrap().to_vec1::<u32>().unwrap();
@@ -80,9 +123,20 @@ fn exact_mode_is_exact_on_smollm2() {
     assert_eq!(agree, positions, "top-1 agreement must be 100%");
 
     // 50 greedy generations of 32 tokens, batched, from 16-token prefixes.
-    let prompts: Vec<Vec<u32>> = seqs.iter().filter(|s| s.len() >= 16).take(50).map(|s| s[..16].to_vec()).collect();
+    let prompts: Vec<Vec<u32>> = seqs
+        .iter()
+        .filter(|s| s.len() >= 16)
+        .take(50)
+        .map(|s| s[..16].to_vec())
+        .collect();
     assert_eq!(prompts.len(), 50);
-    let params = vec![GenerateParams { max_tokens: 32, ..Default::default() }; 50];
+    let params = vec![
+        GenerateParams {
+            max_tokens: 32,
+            ..Default::default()
+        };
+        50
+    ];
     let refs: Vec<&[u32]> = prompts.iter().map(|p| p.as_slice()).collect();
     let a = generate_batch(&plain, &refs, &params, |_, _| true).unwrap();
     let obf_prompts: Vec<Vec<u32>> = prompts.iter().map(|p| tau.apply(p).unwrap()).collect();
@@ -90,7 +144,11 @@ fn exact_mode_is_exact_on_smollm2() {
     let b = generate_batch(&obf, &refs, &params, |_, _| true).unwrap();
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert_eq!(x.ids.len(), 32);
-        assert_eq!(x.ids, tau.invert(&y.ids).unwrap(), "greedy generation {i} differs");
+        assert_eq!(
+            x.ids,
+            tau.invert(&y.ids).unwrap(),
+            "greedy generation {i} differs"
+        );
     }
 
     // The obfuscated checkpoint through an independent forward pass written from the HF spec.
@@ -98,7 +156,13 @@ fn exact_mode_is_exact_on_smollm2() {
     let reference = reference::forward(&ock.config, &ock.weights, &tau.apply(short).unwrap());
     let mut c = plain.new_cache();
     let lp: Vec<Vec<f32>> = plain
-        .forward(&Tensor::new(short, &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &mut c)
+        .forward(
+            &Tensor::new(short, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &mut c,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -107,8 +171,14 @@ fn exact_mode_is_exact_on_smollm2() {
     let fwd = tau.forward_table();
     for (p, r) in lp.iter().zip(&reference) {
         let scale = p.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let worst = (0..p.len()).map(|v| (p[v] - r[fwd[v] as usize]).abs()).fold(0f32, f32::max);
-        assert!(worst / scale <= 1e-3, "reference forward differs by {}", worst / scale);
+        let worst = (0..p.len())
+            .map(|v| (p[v] - r[fwd[v] as usize]).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst / scale <= 1e-3,
+            "reference forward differs by {}",
+            worst / scale
+        );
         let am = |x: &[f32]| (0..x.len()).max_by(|&i, &j| x[i].total_cmp(&x[j])).unwrap();
         assert_eq!(fwd[am(p)] as usize, am(r));
     }

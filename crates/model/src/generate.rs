@@ -68,14 +68,18 @@ pub fn generate(
     params: &GenerateParams,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<GenerateOutput> {
-    let mut outs = generate_batch(model, &[prompt_ids], std::slice::from_ref(params), |_, id| on_token(id))?;
+    let mut outs = generate_batch(
+        model,
+        &[prompt_ids],
+        std::slice::from_ref(params),
+        |_, id| on_token(id),
+    )?;
     Ok(outs.pop().expect("one output per prompt"))
 }
 
 /// Generates from `prompts` (all the same length) in one batch; `params[i]` (own sampler, stop
 /// ids, `max_tokens`) applies to `prompts[i]`. `on_token(i, id)` returns `false` to stop sequence
-/// `i`. Finished sequences keep riding along in the batch (their outputs are ignored) until all
-/// are done.
+/// `i`. Finished sequences are dropped from the batch ([`crate::llama::KvCache::retain`]).
 pub fn generate_batch(
     model: &Llama,
     prompts: &[&[u32]],
@@ -87,7 +91,10 @@ pub fn generate_batch(
         return Ok(vec![]);
     }
     if params.len() != b {
-        return Err(ModelError::Input(format!("{b} prompts but {} parameter sets", params.len())));
+        return Err(ModelError::Input(format!(
+            "{b} prompts but {} parameter sets",
+            params.len()
+        )));
     }
     let plen = prompts[0].len();
     if let Some(p) = prompts.iter().find(|p| p.len() != plen) {
@@ -103,7 +110,12 @@ pub fn generate_batch(
         .map(|p| Sampler::new(p.sampling.clone()))
         .collect::<Result<Vec<_>>>()?;
     let mut outs: Vec<GenerateOutput> = (0..b)
-        .map(|_| GenerateOutput { ids: vec![], finish_reason: FinishReason::Length, prefill_s: 0.0, decode_s: 0.0 })
+        .map(|_| GenerateOutput {
+            ids: vec![],
+            finish_reason: FinishReason::Length,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+        })
         .collect();
     let mut done: Vec<bool> = params.iter().map(|p| p.max_tokens == 0).collect();
     if done.iter().all(|&d| d) {
@@ -117,17 +129,20 @@ pub fn generate_batch(
     let mut logits = model.forward_last(&ids, &mut cache)?.to_vec2::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut next = vec![0u32; b];
     for o in outs.iter_mut() {
         o.prefill_s = prefill_s;
     }
+    // `active[r]` = the sequence in batch row `r`; finished rows are dropped from the cache.
+    let mut active: Vec<usize> = (0..b).collect();
     loop {
-        for i in 0..b {
+        let mut next = Vec::with_capacity(active.len());
+        let mut keep = Vec::with_capacity(active.len());
+        for (r, &i) in active.iter().enumerate() {
             if done[i] {
+                keep.push(false);
                 continue;
             }
-            let tok = samplers[i].sample(&logits[i]);
-            next[i] = tok;
+            let tok = samplers[i].sample(&logits[r]);
             let stop = if params[i].stop_ids.contains(&tok) {
                 true
             } else {
@@ -141,11 +156,24 @@ pub fn generate_batch(
                 done[i] = true;
                 outs[i].decode_s = t1.elapsed().as_secs_f64();
             }
+            keep.push(!done[i]);
+            if !done[i] {
+                next.push(tok);
+            }
         }
-        if done.iter().all(|&d| d) {
+        if next.is_empty() {
             break;
         }
-        let ids = Tensor::from_vec(next.clone(), (b, 1), device)?;
+        if next.len() != active.len() {
+            cache.retain(&keep)?;
+            active = active
+                .iter()
+                .zip(&keep)
+                .filter(|(_, &k)| k)
+                .map(|(&i, _)| i)
+                .collect();
+        }
+        let ids = Tensor::from_vec(next, (active.len(), 1), device)?;
         logits = model.forward_last(&ids, &mut cache)?.to_vec2::<f32>()?;
     }
     Ok(outs)
@@ -153,6 +181,10 @@ pub fn generate_batch(
 
 /// Greedy generation of up to `max_tokens`, no stop ids (handy in tests and examples).
 pub fn generate_greedy(model: &Llama, prompt_ids: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
-    let params = GenerateParams { max_tokens, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let params = GenerateParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
     Ok(generate(model, prompt_ids, &params, |_| true)?.ids)
 }

@@ -11,8 +11,14 @@
 //! - [`Llama::forward_embeds_with_taps`]: the same blocks, with a [`TapPoint`] callback that sees
 //!   the residual stream after the embeddings and after every layer (for probes).
 //!
-//! Load-time work: q/k/v are fused into one `[(nh+2nkv)*hd, d]` matrix, gate/up likewise, the `1/sqrt(hd)` attention scale is folded into the q rows, and
-//! the RoPE cos/sin tables are precomputed.
+//! Load-time work: q/k/v are fused into one `[(nh+2nkv)*hd, d]` matrix, gate/up likewise, the
+//! `1/sqrt(hd)` attention scale is folded into the q rows, and the RoPE cos/sin tables are
+//! precomputed. The KV cache is written in place into buffers that grow by doubling.
+//!
+//! Decode steps (at most 8 rows) avoid candle's per-op rayon dispatch,
+//! which on a small CPU costs more than the work: projections call gemm directly, single-threaded
+//! unless the product has at least `UMBRA_PAR_MIN_WORK` (default 2^22 ≈ the LM head)
+//! multiply-adds, and one-position attention reads the cache buffers directly.
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
@@ -91,10 +97,20 @@ impl Rope {
         }
         let table_len = cfg.max_position_embeddings.clamp(1, ROPE_TABLE_MAX);
         let (cos, sin) = Self::compute(&inv_freq, 0, table_len, device)?;
-        Ok(Self { inv_freq, cos, sin, table_len })
+        Ok(Self {
+            inv_freq,
+            cos,
+            sin,
+            table_len,
+        })
     }
 
-    fn compute(inv_freq: &[f64], start: usize, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    fn compute(
+        inv_freq: &[f64],
+        start: usize,
+        t: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(t * half);
         let mut sin = Vec::with_capacity(t * half);
@@ -106,7 +122,10 @@ impl Rope {
                 sin.push(a.sin() as f32);
             }
         }
-        Ok((Tensor::from_vec(cos, (t, half), device)?, Tensor::from_vec(sin, (t, half), device)?))
+        Ok((
+            Tensor::from_vec(cos, (t, half), device)?,
+            Tensor::from_vec(sin, (t, half), device)?,
+        ))
     }
 
     /// cos/sin `[t, hd/2]` for positions `start..start+t`.
@@ -125,7 +144,9 @@ fn apply_rope_scaling(scaling: &serde_json::Value, inv_freq: &mut [f64]) -> Resu
     if scaling.is_null() {
         return Ok(());
     }
-    let obj = scaling.as_object().ok_or_else(|| bad(format!("expected an object, got {scaling}")))?;
+    let obj = scaling
+        .as_object()
+        .ok_or_else(|| bad(format!("expected an object, got {scaling}")))?;
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
@@ -163,7 +184,9 @@ fn apply_rope_scaling(scaling: &serde_json::Value, inv_freq: &mut [f64]) -> Resu
             }
             Ok(())
         }
-        other => Err(bad(format!("type `{other}` is not supported (supported: default, llama3)"))),
+        other => Err(bad(format!(
+            "type `{other}` is not supported (supported: default, llama3)"
+        ))),
     }
 }
 
@@ -204,7 +227,12 @@ impl KvCache {
 
     /// Reserves `capacity` positions on first write (grows past it if needed).
     pub fn with_capacity(num_layers: usize, capacity: usize) -> Self {
-        Self { layers: vec![None; num_layers], len: 0, capacity: capacity.max(1), batch: 0 }
+        Self {
+            layers: vec![None; num_layers],
+            len: 0,
+            capacity: capacity.max(1),
+            batch: 0,
+        }
     }
 
     /// Cached positions (the next token's position).
@@ -239,7 +267,46 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, len: self.len, capacity: self.capacity, batch: self.batch })
+        Ok(Self {
+            layers,
+            len: self.len,
+            capacity: self.capacity,
+            batch: self.batch,
+        })
+    }
+
+    /// Keeps only the batch rows whose `keep` flag is set (in order), e.g. to drop finished
+    /// sequences from a batch. `keep.len()` must equal the cached batch size.
+    pub fn retain(&mut self, keep: &[bool]) -> Result<()> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        if keep.len() != self.batch {
+            return Err(ModelError::Input(format!(
+                "retain: {} flags for a cached batch of {}",
+                keep.len(),
+                self.batch
+            )));
+        }
+        let idx: Vec<u32> = (0..keep.len() as u32)
+            .filter(|&i| keep[i as usize])
+            .collect();
+        if idx.len() == keep.len() {
+            return Ok(());
+        }
+        if idx.is_empty() {
+            self.layers.iter_mut().for_each(|l| *l = None);
+            self.len = 0;
+            self.batch = 0;
+            return Ok(());
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let ix = Tensor::new(idx.as_slice(), k.device())?;
+            *k = k.index_select(&ix, 0)?.contiguous()?;
+            *v = v.index_select(&ix, 0)?.contiguous()?;
+        }
+        self.batch = idx.len();
+        Ok(())
     }
 
     /// Forgets all positions; keeps the buffers for reuse.
@@ -254,7 +321,13 @@ impl KvCache {
 
     /// Writes `k`, `v` (`[b, nkv, t, hd]`, contiguous) at `start` for `layer`; returns views of
     /// positions `0..start+t`.
-    fn append(&mut self, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        layer: usize,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, nkv, t, hd) = k.dims4()?;
         let need = start + t;
         let slot = &mut self.layers[layer];
@@ -308,7 +381,9 @@ pub struct Llama {
 }
 
 fn get<'a>(w: &'a Weights, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
-    let t = w.get(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+    let t = w
+        .get(name)
+        .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
     if t.dims() != shape {
         return Err(ModelError::Mismatch(format!(
             "tensor `{name}` has shape {:?}, config implies {:?}",
@@ -330,10 +405,14 @@ impl Llama {
         let ffn = cfg.intermediate_size;
         let v = cfg.vocab_size;
         if v == 0 || ffn == 0 || hd == 0 {
-            return Err(ModelError::Mismatch("vocab_size, intermediate_size and head_dim must be > 0".into()));
+            return Err(ModelError::Mismatch(
+                "vocab_size, intermediate_size and head_dim must be > 0".into(),
+            ));
         }
         let load = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            Ok(get(weights, name, shape)?.to_dtype(DType::F32)?.to_device(device)?)
+            Ok(get(weights, name, shape)?
+                .to_dtype(DType::F32)?
+                .to_device(device)?)
         };
         let embed = load("model.embed_tokens.weight", &[v, d])?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -355,23 +434,40 @@ impl Llama {
                 None
             };
             let o_w = load(&format!("{p}.self_attn.o_proj.weight"), &[d, nh * hd])?.contiguous()?;
-            let o_b = if cfg.o_bias() { Some(load(&format!("{p}.self_attn.o_proj.bias"), &[d])?) } else { None };
+            let o_b = if cfg.o_bias() {
+                Some(load(&format!("{p}.self_attn.o_proj.bias"), &[d])?)
+            } else {
+                None
+            };
             let gate = load(&format!("{p}.mlp.gate_proj.weight"), &[ffn, d])?;
             let up = load(&format!("{p}.mlp.up_proj.weight"), &[ffn, d])?;
             let gu_w = Tensor::cat(&[&gate, &up], 0)?.contiguous()?;
             let down_w = load(&format!("{p}.mlp.down_proj.weight"), &[d, ffn])?.contiguous()?;
             blocks.push(Block {
                 ln1,
-                qkv: Lin { w: qkv_w, bias: qkv_b },
+                qkv: Lin {
+                    w: qkv_w,
+                    bias: qkv_b,
+                },
                 o: Lin { w: o_w, bias: o_b },
                 ln2,
-                gate_up: Lin { w: gu_w, bias: None },
-                down: Lin { w: down_w, bias: None },
+                gate_up: Lin {
+                    w: gu_w,
+                    bias: None,
+                },
+                down: Lin {
+                    w: down_w,
+                    bias: None,
+                },
             });
         }
         let norm = load("model.norm.weight", &[d])?;
         let lm_head = Lin {
-            w: if cfg.tie_word_embeddings { embed.clone() } else { load("lm_head.weight", &[v, d])?.contiguous()? },
+            w: if cfg.tie_word_embeddings {
+                embed.clone()
+            } else {
+                load("lm_head.weight", &[v, d])?.contiguous()?
+            },
             bias: None,
         };
         let rope = Rope::new(cfg, device)?;
@@ -418,19 +514,33 @@ impl Llama {
 
     /// Token embeddings: ids `[b,t]` (u32, each `< V`) -> `[b,t,d]`.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, t) = ids
-            .dims2()
-            .map_err(|_| ModelError::Input(format!("token ids must be [batch, seq], got shape {:?}", ids.dims())))?;
+        let (b, t) = ids.dims2().map_err(|_| {
+            ModelError::Input(format!(
+                "token ids must be [batch, seq], got shape {:?}",
+                ids.dims()
+            ))
+        })?;
         if ids.dtype() != DType::U32 {
-            return Err(ModelError::Input(format!("token ids must be u32, got {:?}", ids.dtype())));
+            return Err(ModelError::Input(format!(
+                "token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
         }
         if b == 0 || t == 0 {
-            return Err(ModelError::Input(format!("empty token ids of shape [{b}, {t}]")));
+            return Err(ModelError::Input(format!(
+                "empty token ids of shape [{b}, {t}]"
+            )));
         }
         let flat = ids.flatten_all()?;
         let vocab = self.cfg.vocab_size;
-        if let Some(bad) = flat.to_vec1::<u32>()?.into_iter().find(|&i| i as usize >= vocab) {
-            return Err(ModelError::Input(format!("token id {bad} is out of range for vocab size {vocab}")));
+        if let Some(bad) = flat
+            .to_vec1::<u32>()?
+            .into_iter()
+            .find(|&i| i as usize >= vocab)
+        {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is out of range for vocab size {vocab}"
+            )));
         }
         let e = self.embed.index_select(&flat.to_device(&self.device)?, 0)?;
         Ok(e.reshape((b, t, self.cfg.hidden_size))?)
@@ -468,12 +578,22 @@ impl Llama {
     }
 
     /// [`Llama::forward_embeds`] calling `tap` at [`TapPoint::Embeddings`] and each `Layer(i)`.
-    pub fn forward_embeds_with_taps(&self, embeds: &Tensor, cache: &mut KvCache, tap: Tap<'_>) -> Result<Tensor> {
+    pub fn forward_embeds_with_taps(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
         self.run_blocks(embeds, cache, Some(tap))
     }
 
     /// [`Llama::forward`] with taps, including [`TapPoint::FinalNorm`]; returns logits `[b,t,V]`.
-    pub fn forward_with_taps(&self, ids: &Tensor, cache: &mut KvCache, tap: Tap<'_>) -> Result<Tensor> {
+    pub fn forward_with_taps(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
         let x = self.embed(ids)?;
         let h = self.run_blocks(&x, cache, Some(&mut *tap))?;
         let normed = candle_nn::ops::rms_norm(&h, &self.norm, self.eps)?;
@@ -481,10 +601,18 @@ impl Llama {
         self.lm_head(&normed)
     }
 
-    fn run_blocks(&self, embeds: &Tensor, cache: &mut KvCache, mut tap: Option<Tap<'_>>) -> Result<Tensor> {
-        let (b, t, d) = embeds
-            .dims3()
-            .map_err(|_| ModelError::Input(format!("embeddings must be [batch, seq, hidden], got {:?}", embeds.dims())))?;
+    fn run_blocks(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        mut tap: Option<Tap<'_>>,
+    ) -> Result<Tensor> {
+        let (b, t, d) = embeds.dims3().map_err(|_| {
+            ModelError::Input(format!(
+                "embeddings must be [batch, seq, hidden], got {:?}",
+                embeds.dims()
+            ))
+        })?;
         if d != self.cfg.hidden_size || b == 0 || t == 0 {
             return Err(ModelError::Input(format!(
                 "embeddings of shape {:?}, expected [b>0, t>0, {}]",
@@ -500,7 +628,10 @@ impl Llama {
             )));
         }
         if !cache.is_empty() && cache.batch != b {
-            return Err(ModelError::Input(format!("KV cache holds batch {}, input has batch {b}", cache.batch)));
+            return Err(ModelError::Input(format!(
+                "KV cache holds batch {}, input has batch {b}",
+                cache.batch
+            )));
         }
         let start = cache.len();
         let max_pos = self.cfg.max_position_embeddings;
@@ -511,7 +642,11 @@ impl Llama {
             )));
         }
         let (cos, sin) = self.rope.cos_sin(start, t, &self.device)?;
-        let mask = if t > 1 { Some(causal_mask(t, start, &self.device)?) } else { None };
+        let mask = if t > 1 {
+            Some(causal_mask(t, start, &self.device)?)
+        } else {
+            None
+        };
         let mut x = embeds.to_dtype(DType::F32)?.contiguous()?;
         if let Some(tap) = tap.as_mut() {
             tap(TapPoint::Embeddings, &x);
@@ -543,7 +678,10 @@ impl Llama {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let h = candle_nn::ops::rms_norm(x, &blk.ln1, self.eps)?;
         let qkv = blk.qkv.forward(&h)?; // [b,t,(nh+2nkv)hd]
-        let qkv = qkv.reshape((b, t, nh + 2 * nkv, hd))?.transpose(1, 2)?.contiguous()?; // [b,H,t,hd]
+        let qkv = qkv
+            .reshape((b, t, nh + 2 * nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?; // [b,H,t,hd]
         let q = qkv.narrow(1, 0, nh)?.contiguous()?;
         let k = qkv.narrow(1, nh, nkv)?.contiguous()?;
         let v = qkv.narrow(1, nh + nkv, nkv)?.contiguous()?;
@@ -551,7 +689,11 @@ impl Llama {
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let (k_all, v_all) = cache.append(layer, start, &k, &v)?; // [b,nkv,L,hd] views
         let l = start + t;
-        let fast = if t == 1 { self.decode_attention(&q, cache, layer, b, l)? } else { None };
+        let fast = if t == 1 {
+            self.decode_attention(&q, cache, layer, b, l)?
+        } else {
+            None
+        };
         let y = match fast {
             Some(y) => y,
             None => self.attention(&q, &k_all, &v_all, mask, b, t, l)?,
@@ -582,23 +724,40 @@ impl Llama {
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let att = q.matmul(&k_all.t()?)?; // [b,nkv,rep*t,L] (scale folded into q)
         let att = match mask {
-            Some(m) => att.reshape((b, nkv, rep, t, l))?.broadcast_add(m)?.reshape((b, nkv, rep * t, l))?,
+            Some(m) => att
+                .reshape((b, nkv, rep, t, l))?
+                .broadcast_add(m)?
+                .reshape((b, nkv, rep * t, l))?,
             None => att,
         };
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v_all)?; // [b,nkv,rep*t,hd]
-        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = att.matmul(v_all)?; // [b,nkv,rep*t,hd]
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         Ok(y)
     }
 
     /// One-position attention read straight from the cache buffers (CPU); `None` elsewhere.
-    fn decode_attention(&self, q: &Tensor, cache: &KvCache, layer: usize, b: usize, l: usize) -> Result<Option<Tensor>> {
-        let Some((kb, vb)) = cache.layers[layer].as_ref() else { return Ok(None) };
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        cache: &KvCache,
+        layer: usize,
+        b: usize,
+        l: usize,
+    ) -> Result<Option<Tensor>> {
+        let Some((kb, vb)) = cache.layers[layer].as_ref() else {
+            return Ok(None);
+        };
         let cap = kb.dim(2)?;
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let out = kernels::with_f32(q, |qs| {
             kernels::with_f32(kb, |ks| {
-                kernels::with_f32(vb, |vs| kernels::attend_one(qs, ks, vs, b, nh, nkv, cap, hd, l))
+                kernels::with_f32(vb, |vs| {
+                    kernels::attend_one(qs, ks, vs, b, nh, nkv, cap, hd, l)
+                })
             })
         })
         .flatten()
@@ -614,7 +773,15 @@ impl Llama {
 fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
     let l = start + t;
     let m: Vec<f32> = (0..t)
-        .flat_map(|i| (0..l).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..l).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(m, (t, l), device)?)
 }
@@ -634,7 +801,10 @@ mod kernels {
     fn par_min_work() -> usize {
         static V: OnceLock<usize> = OnceLock::new();
         *V.get_or_init(|| {
-            std::env::var("UMBRA_PAR_MIN_WORK").ok().and_then(|s| s.parse().ok()).unwrap_or(1 << 20)
+            std::env::var("UMBRA_PAR_MIN_WORK")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(1 << 22)
         })
     }
 
@@ -645,7 +815,11 @@ mod kernels {
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .filter(|&n| n > 0)
-                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                })
         })
     }
 
@@ -794,8 +968,13 @@ pub mod testing {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut w = Weights::new();
         let d = cfg.hidden_size;
-        let (nh, nkv, hd, ffn, v) =
-            (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim(), cfg.intermediate_size, cfg.vocab_size);
+        let (nh, nkv, hd, ffn, v) = (
+            cfg.num_attention_heads,
+            cfg.num_kv_heads(),
+            cfg.head_dim(),
+            cfg.intermediate_size,
+            cfg.vocab_size,
+        );
         let mut put = |name: String, shape: &[usize], lo: f32, hi: f32, rng: &mut ChaCha8Rng| {
             let n: usize = shape.iter().product();
             let data: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi)).collect();
@@ -803,26 +982,110 @@ pub mod testing {
             w.insert(name, t);
         };
         let s = |fan_in: usize| (3.0f32 / fan_in as f32).sqrt();
-        put("model.embed_tokens.weight".into(), &[v, d], -1.0, 1.0, &mut rng);
+        put(
+            "model.embed_tokens.weight".into(),
+            &[v, d],
+            -1.0,
+            1.0,
+            &mut rng,
+        );
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            put(format!("{p}.input_layernorm.weight"), &[d], 0.5, 1.5, &mut rng);
-            put(format!("{p}.post_attention_layernorm.weight"), &[d], 0.5, 1.5, &mut rng);
-            put(format!("{p}.self_attn.q_proj.weight"), &[nh * hd, d], -s(d), s(d), &mut rng);
-            put(format!("{p}.self_attn.k_proj.weight"), &[nkv * hd, d], -s(d), s(d), &mut rng);
-            put(format!("{p}.self_attn.v_proj.weight"), &[nkv * hd, d], -s(d), s(d), &mut rng);
-            put(format!("{p}.self_attn.o_proj.weight"), &[d, nh * hd], -s(nh * hd), s(nh * hd), &mut rng);
+            put(
+                format!("{p}.input_layernorm.weight"),
+                &[d],
+                0.5,
+                1.5,
+                &mut rng,
+            );
+            put(
+                format!("{p}.post_attention_layernorm.weight"),
+                &[d],
+                0.5,
+                1.5,
+                &mut rng,
+            );
+            put(
+                format!("{p}.self_attn.q_proj.weight"),
+                &[nh * hd, d],
+                -s(d),
+                s(d),
+                &mut rng,
+            );
+            put(
+                format!("{p}.self_attn.k_proj.weight"),
+                &[nkv * hd, d],
+                -s(d),
+                s(d),
+                &mut rng,
+            );
+            put(
+                format!("{p}.self_attn.v_proj.weight"),
+                &[nkv * hd, d],
+                -s(d),
+                s(d),
+                &mut rng,
+            );
+            put(
+                format!("{p}.self_attn.o_proj.weight"),
+                &[d, nh * hd],
+                -s(nh * hd),
+                s(nh * hd),
+                &mut rng,
+            );
             if cfg.qkv_bias() {
-                put(format!("{p}.self_attn.q_proj.bias"), &[nh * hd], -0.2, 0.2, &mut rng);
-                put(format!("{p}.self_attn.k_proj.bias"), &[nkv * hd], -0.2, 0.2, &mut rng);
-                put(format!("{p}.self_attn.v_proj.bias"), &[nkv * hd], -0.2, 0.2, &mut rng);
+                put(
+                    format!("{p}.self_attn.q_proj.bias"),
+                    &[nh * hd],
+                    -0.2,
+                    0.2,
+                    &mut rng,
+                );
+                put(
+                    format!("{p}.self_attn.k_proj.bias"),
+                    &[nkv * hd],
+                    -0.2,
+                    0.2,
+                    &mut rng,
+                );
+                put(
+                    format!("{p}.self_attn.v_proj.bias"),
+                    &[nkv * hd],
+                    -0.2,
+                    0.2,
+                    &mut rng,
+                );
             }
             if cfg.o_bias() {
-                put(format!("{p}.self_attn.o_proj.bias"), &[d], -0.2, 0.2, &mut rng);
+                put(
+                    format!("{p}.self_attn.o_proj.bias"),
+                    &[d],
+                    -0.2,
+                    0.2,
+                    &mut rng,
+                );
             }
-            put(format!("{p}.mlp.gate_proj.weight"), &[ffn, d], -s(d), s(d), &mut rng);
-            put(format!("{p}.mlp.up_proj.weight"), &[ffn, d], -s(d), s(d), &mut rng);
-            put(format!("{p}.mlp.down_proj.weight"), &[d, ffn], -s(ffn), s(ffn), &mut rng);
+            put(
+                format!("{p}.mlp.gate_proj.weight"),
+                &[ffn, d],
+                -s(d),
+                s(d),
+                &mut rng,
+            );
+            put(
+                format!("{p}.mlp.up_proj.weight"),
+                &[ffn, d],
+                -s(d),
+                s(d),
+                &mut rng,
+            );
+            put(
+                format!("{p}.mlp.down_proj.weight"),
+                &[d, ffn],
+                -s(ffn),
+                s(ffn),
+                &mut rng,
+            );
         }
         put("model.norm.weight".into(), &[d], 0.5, 1.5, &mut rng);
         if !cfg.tie_word_embeddings {
@@ -832,7 +1095,13 @@ pub mod testing {
     }
 
     /// A small Llama config: `hidden`, `heads`, `kv_heads`, `layers`, `vocab`, ffn = 2*hidden.
-    pub fn tiny_config(hidden: usize, heads: usize, kv_heads: usize, layers: usize, vocab: usize) -> LlamaConfig {
+    pub fn tiny_config(
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        layers: usize,
+        vocab: usize,
+    ) -> LlamaConfig {
         let json = serde_json::json!({
             "model_type": "llama",
             "hidden_size": hidden,

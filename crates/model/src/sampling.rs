@@ -24,12 +24,22 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: None, top_p: None, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0,
+        }
     }
 
     /// Plain sampling at `temperature` with `seed`.
     pub fn with_temperature(temperature: f32, seed: u64) -> Self {
-        Self { temperature, top_k: None, top_p: None, seed }
+        Self {
+            temperature,
+            top_k: None,
+            top_p: None,
+            seed,
+        }
     }
 
     pub fn is_greedy(&self) -> bool {
@@ -44,11 +54,15 @@ impl SamplingParams {
             )));
         }
         if self.top_k == Some(0) {
-            return Err(ModelError::Input("top_k must be >= 1 (use None to disable)".into()));
+            return Err(ModelError::Input(
+                "top_k must be >= 1 (use None to disable)".into(),
+            ));
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(ModelError::Input(format!("top_p must be in (0, 1], got {p}")));
+                return Err(ModelError::Input(format!(
+                    "top_p must be in (0, 1], got {p}"
+                )));
             }
         }
         Ok(())
@@ -69,7 +83,11 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Ok(Self { params, rng, cand: Vec::new() })
+        Ok(Self {
+            params,
+            rng,
+            cand: Vec::new(),
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -89,7 +107,12 @@ impl Sampler {
         // Descending logit, ties to lower id.
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &x)| (i as u32, clean(x))));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &x)| (i as u32, clean(x))),
+        );
         if let Some(k) = self.params.top_k {
             if k < self.cand.len() {
                 self.cand.select_nth_unstable_by(k - 1, order);
@@ -100,7 +123,11 @@ impl Sampler {
         if need_sorted {
             self.cand.sort_unstable_by(order);
         }
-        let max = self.cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+        let max = self
+            .cand
+            .iter()
+            .map(|c| c.1)
+            .fold(f32::NEG_INFINITY, f32::max);
         if max == f32::NEG_INFINITY {
             // Nothing has positive probability; fall back to the lowest surviving id.
             return self.cand.iter().map(|c| c.0).min().unwrap_or(0);
@@ -135,7 +162,12 @@ impl Sampler {
             }
         }
         // Rounding left `u` at the top: the last candidate with non-zero weight.
-        self.cand.iter().rev().find(|c| c.1 > 0.0).map(|c| c.0).unwrap_or(self.cand[0].0)
+        self.cand
+            .iter()
+            .rev()
+            .find(|c| c.1 > 0.0)
+            .map(|c| c.0)
+            .unwrap_or(self.cand[0].0)
     }
 }
 

@@ -97,19 +97,26 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<Weights> {
 /// Loads one `.safetensors` file, converting every tensor to F32 on the CPU.
 pub fn load_safetensors_file(path: &Path) -> Result<Weights> {
     use std::io::{Read, Seek, SeekFrom};
-    let malformed = |msg: String| ModelError::Malformed { path: path.into(), msg };
+    let malformed = |msg: String| ModelError::Malformed {
+        path: path.into(),
+        msg,
+    };
     let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
     let file_len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
     let mut len8 = [0u8; 8];
-    f.read_exact(&mut len8).map_err(|_| malformed("safetensors: file is shorter than its header".into()))?;
+    f.read_exact(&mut len8)
+        .map_err(|_| malformed("safetensors: file is shorter than its header".into()))?;
     let header_len = u64::from_le_bytes(len8);
     if header_len > 100_000_000 || 8 + header_len > file_len {
-        return Err(malformed(format!("safetensors: header length {header_len} exceeds the file ({file_len} bytes)")));
+        return Err(malformed(format!(
+            "safetensors: header length {header_len} exceeds the file ({file_len} bytes)"
+        )));
     }
     let mut header = vec![0u8; header_len as usize];
-    f.read_exact(&mut header).map_err(|e| ModelError::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| malformed(format!("safetensors: invalid header JSON: {e}")))?;
+    f.read_exact(&mut header)
+        .map_err(|e| ModelError::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| malformed(format!("safetensors: invalid header JSON: {e}")))?;
     let data_start = 8 + header_len;
     // Read tensor by tensor (one transient buffer at a time) rather than the whole file, so that
     // peak memory stays near the size of the F32 weights.
@@ -123,7 +130,11 @@ pub fn load_safetensors_file(path: &Path) -> Result<Weights> {
             Some("F32") => DType::F32,
             Some("F16") => DType::F16,
             Some("BF16") => DType::BF16,
-            Some(other) => return Err(bad(&format!("unsupported dtype {other} (F32/F16/BF16 only)"))),
+            Some(other) => {
+                return Err(bad(&format!(
+                    "unsupported dtype {other} (F32/F16/BF16 only)"
+                )))
+            }
             None => return Err(bad("no dtype")),
         };
         let shape: Vec<usize> = info
@@ -131,7 +142,11 @@ pub fn load_safetensors_file(path: &Path) -> Result<Weights> {
             .and_then(|s| s.as_array())
             .ok_or_else(|| bad("no shape"))?
             .iter()
-            .map(|d| d.as_u64().map(|d| d as usize).ok_or_else(|| bad("bad shape")))
+            .map(|d| {
+                d.as_u64()
+                    .map(|d| d as usize)
+                    .ok_or_else(|| bad("bad shape"))
+            })
             .collect::<Result<_>>()?;
         let offs: Vec<u64> = info
             .get("data_offsets")
@@ -140,18 +155,30 @@ pub fn load_safetensors_file(path: &Path) -> Result<Weights> {
             .iter()
             .map(|d| d.as_u64().ok_or_else(|| bad("bad data_offsets")))
             .collect::<Result<_>>()?;
-        let [begin, end] = offs[..] else { return Err(bad("data_offsets must have two entries")) };
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad("shape overflows"))?;
+        let [begin, end] = offs[..] else {
+            return Err(bad("data_offsets must have two entries"));
+        };
+        let numel = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad("shape overflows"))?;
         let nbytes = numel as u64 * dtype.size_in_bytes() as u64;
         if end < begin || end - begin != nbytes {
-            return Err(bad(&format!("data_offsets {begin}..{end} do not match shape {shape:?}")));
+            return Err(bad(&format!(
+                "data_offsets {begin}..{end} do not match shape {shape:?}"
+            )));
         }
         if data_start + end > file_len {
-            return Err(bad(&format!("data ends at byte {} but the file has {file_len} (truncated?)", data_start + end)));
+            return Err(bad(&format!(
+                "data ends at byte {} but the file has {file_len} (truncated?)",
+                data_start + end
+            )));
         }
-        f.seek(SeekFrom::Start(data_start + begin)).map_err(|e| ModelError::io(path, e))?;
+        f.seek(SeekFrom::Start(data_start + begin))
+            .map_err(|e| ModelError::io(path, e))?;
         let mut buf = vec![0u8; nbytes as usize];
-        f.read_exact(&mut buf).map_err(|e| ModelError::io(path, e))?;
+        f.read_exact(&mut buf)
+            .map_err(|e| ModelError::io(path, e))?;
         let t = Tensor::from_raw_buffer(&buf, dtype, &shape, &Device::Cpu)
             .and_then(|t| t.to_dtype(DType::F32))
             .map_err(|e| bad(&e.to_string()))?;

@@ -1,5 +1,6 @@
 //! Throughput on a random model of SmolLM2-135M's shape (F32, CPU). Ignored by default:
-//! `cargo test --release -p umbra-model --test engine_bench -- --ignored --nocapture`
+//! `cargo test --release -p umbra-model --test engine_bench -- --ignored --nocapture --test-threads=1`
+//! (`BENCH_TOKENS=n` sets the decode length; `UMBRA_PAR_MIN_WORK` the multi-thread threshold.)
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 use umbra_model::generate::{generate, GenerateParams};
@@ -13,11 +14,21 @@ fn engine_bench_smollm2_shape_decode() {
     let w = testing::random_weights(&cfg, 7);
     let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
     let prompt: Vec<u32> = (0..32u32).map(|i| (i * 997) % 49152).collect();
-    let n: usize = std::env::var("BENCH_TOKENS").ok().and_then(|s| s.parse().ok()).unwrap_or(128);
+    let n: usize = std::env::var("BENCH_TOKENS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128);
     // Warm up.
-    let params = GenerateParams { max_tokens: 8, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let params = GenerateParams {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
     generate(&model, &prompt, &params, |_| true).unwrap();
-    let params = GenerateParams { max_tokens: n, ..params };
+    let params = GenerateParams {
+        max_tokens: n,
+        ..params
+    };
     let out = generate(&model, &prompt, &params, |_| true).unwrap();
     println!(
         "smollm2-shape F32: prefill {} tok in {:.3}s ({:.1} tok/s); decode {} tok in {:.3}s => {:.1} tok/s",
@@ -34,7 +45,12 @@ fn engine_bench_smollm2_shape_decode() {
 #[ignore]
 fn engine_bench_matvec_layouts() {
     let dev = Device::Cpu;
-    for (k, n) in [(576usize, 1536usize), (1536, 576), (576, 49152), (576, 3072)] {
+    for (k, n) in [
+        (576usize, 1536usize),
+        (1536, 576),
+        (576, 49152),
+        (576, 3072),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (1, k), &dev).unwrap();
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap(); // [out, in]
         let wt = w.t().unwrap().contiguous().unwrap(); // [in, out]
@@ -50,54 +66,13 @@ fn engine_bench_matvec_layouts() {
         }
         let b = t.elapsed().as_secs_f64() / reps as f64;
         let gb = (k * n * 4) as f64 / 1e9;
-        println!("k={k} n={n}: [in,out] {:.1}us ({:.1} GB/s), [out,in].t() {:.1}us ({:.1} GB/s)", a * 1e6, gb / a, b * 1e6, gb / b);
-    }
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ac, ar) = a.split_at(a.len() / 16 * 16);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(16).zip(bc.chunks_exact(16)) {
-        for i in 0..16 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in ar.iter().zip(br) {
-        s += x * y;
-    }
-    s
-}
-
-#[test]
-#[ignore]
-fn engine_bench_custom_matvec() {
-    for (k, n) in [(576usize, 49152usize), (576, 3072)] {
-        let w: Vec<f32> = (0..k * n).map(|i| (i % 97) as f32 * 0.01).collect();
-        let x: Vec<f32> = (0..k).map(|i| i as f32 * 0.001).collect();
-        let mut y = vec![0f32; n];
-        let reps = 50;
-        let t = Instant::now();
-        for _ in 0..reps {
-            let half = n / 2;
-            let (y0, y1) = y.split_at_mut(half);
-            std::thread::scope(|s| {
-                let w0 = &w[..half * k];
-                let w1 = &w[half * k..];
-                let x = &x;
-                s.spawn(move || {
-                    for (o, r) in y0.iter_mut().zip(w0.chunks_exact(k)) {
-                        *o = dot(r, x);
-                    }
-                });
-                for (o, r) in y1.iter_mut().zip(w1.chunks_exact(k)) {
-                    *o = dot(r, x);
-                }
-            });
-        }
-        let a = t.elapsed().as_secs_f64() / reps as f64;
-        println!("custom k={k} n={n}: {:.1}us ({:.1} GB/s) {}", a * 1e6, (k * n * 4) as f64 / 1e9 / a, y[7]);
+        println!(
+            "k={k} n={n}: [in,out] {:.1}us ({:.1} GB/s), [out,in].t() {:.1}us ({:.1} GB/s)",
+            a * 1e6,
+            gb / a,
+            b * 1e6,
+            gb / b
+        );
     }
 }
 
@@ -109,9 +84,16 @@ fn engine_bench_op_overhead() {
     cfg.max_position_embeddings = 4096;
     let w = testing::random_weights(&cfg, 7);
     let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
-    let params = GenerateParams { max_tokens: 200, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let params = GenerateParams {
+        max_tokens: 200,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
     let out = generate(&model, &[1, 2, 3], &params, |_| true).unwrap();
-    println!("30 tiny layers: {:.1} us/token", 1e6 / out.decode_tok_per_s());
+    println!(
+        "30 tiny layers: {:.1} us/token",
+        1e6 / out.decode_tok_per_s()
+    );
 }
 
 #[test]
@@ -162,10 +144,69 @@ fn engine_bench_op_costs() {
     });
     time("attn matmul q@kT", &|| {
         let kk = big.narrow(2, 0, 100).unwrap();
-        q.reshape((1, 2, 2, 16)).unwrap().matmul(&kk.t().unwrap()).unwrap();
+        q.reshape((1, 2, 2, 16))
+            .unwrap()
+            .matmul(&kk.t().unwrap())
+            .unwrap();
     });
     time("attn matmul att@v", &|| {
         let vv = big.narrow(2, 0, 100).unwrap();
         att.matmul(&vv).unwrap();
     });
+}
+
+/// Same-window baseline: candle-transformers' stock llama on the same random weights.
+#[test]
+#[ignore]
+fn engine_bench_candle_stock_baseline() {
+    use candle_transformers::models::llama as cl;
+    let cfg = testing::smollm2_135m_config();
+    let w = testing::random_weights(&cfg, 7);
+    let ccfg = cl::Config {
+        hidden_size: cfg.hidden_size,
+        intermediate_size: cfg.intermediate_size,
+        vocab_size: cfg.vocab_size,
+        num_hidden_layers: cfg.num_hidden_layers,
+        num_attention_heads: cfg.num_attention_heads,
+        num_key_value_heads: cfg.num_kv_heads(),
+        use_flash_attn: false,
+        rms_norm_eps: cfg.rms_norm_eps,
+        rope_theta: cfg.rope_theta as f32,
+        bos_token_id: None,
+        eos_token_id: None,
+        rope_scaling: None,
+        max_position_embeddings: cfg.max_position_embeddings,
+        tie_word_embeddings: true,
+    };
+    let dev = Device::Cpu;
+    let vb =
+        candle_nn::VarBuilder::from_tensors(w.into_iter().collect(), candle_core::DType::F32, &dev);
+    let m = cl::Llama::load(vb, &ccfg).unwrap();
+    let mut cache = cl::Cache::new(true, candle_core::DType::F32, &ccfg, &dev).unwrap();
+    let prompt: Vec<u32> = (0..32u32).map(|i| (i * 997) % 49152).collect();
+    let n: usize = std::env::var("BENCH_TOKENS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(128);
+    let l = m
+        .forward(
+            &Tensor::from_vec(prompt.clone(), (1, 32), &dev).unwrap(),
+            0,
+            &mut cache,
+        )
+        .unwrap();
+    let mut tok = l.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+    let t = Instant::now();
+    for i in 0..n - 1 {
+        let l = m
+            .forward(&Tensor::new(&[[tok]], &dev).unwrap(), 32 + i, &mut cache)
+            .unwrap();
+        tok = l.argmax(1).unwrap().to_vec1::<u32>().unwrap()[0];
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "candle stock llama, same shape: decode {} tok in {s:.3}s => {:.1} tok/s",
+        n - 1,
+        (n - 1) as f64 / s
+    );
 }

@@ -16,7 +16,9 @@ fn ids(v: &[u32]) -> Tensor {
 }
 
 fn seq(n: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 13 + salt * 7 + 1) % 64).collect()
+    (0..n as u32)
+        .map(|i| (i * 13 + salt * 7 + 1) % 64)
+        .collect()
 }
 
 fn rel(a: &[f32], b: &[f32]) -> f32 {
@@ -25,7 +27,12 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn full(m: &Llama, s: &[u32]) -> Vec<Vec<f32>> {
-    m.forward(&ids(s), &mut m.new_cache()).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    m.forward(&ids(s), &mut m.new_cache())
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 #[test]
@@ -37,7 +44,13 @@ fn engine_cache_incremental_matches_full_forward() {
     let mut cache = m.new_cache();
     let mut pos = 0;
     for chunk in [4usize, 1, 1, 3, 1, 1, 1] {
-        let got: Vec<Vec<f32>> = m.forward(&ids(&s[pos..pos + chunk]), &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let got: Vec<Vec<f32>> = m
+            .forward(&ids(&s[pos..pos + chunk]), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         for (i, g) in got.iter().enumerate() {
             let e = rel(g, &want[pos + i]);
             assert!(e < 1e-4, "position {}: {e:e}", pos + i);
@@ -54,7 +67,13 @@ fn engine_cache_growth_past_initial_capacity() {
     let want = full(&m, &s);
     let mut cache = KvCache::with_capacity(m.num_layers(), 2);
     for (p, &tok) in s.iter().enumerate() {
-        let got = m.forward_last(&ids(&[tok]), &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let got = m
+            .forward_last(&ids(&[tok]), &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(rel(&got, &want[p]) < 1e-4, "position {p}");
     }
 }
@@ -75,20 +94,45 @@ fn engine_cache_batched_prefill_and_decode_equal_single_runs() {
     let seqs: Vec<Vec<u32>> = (0..3).map(|i| seq(6, 10 + i)).collect();
     let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
     let mut bc = m.new_cache();
-    let batched = m.forward(&Tensor::from_vec(flat, (3, 6), &Device::Cpu).unwrap(), &mut bc).unwrap();
+    let batched = m
+        .forward(
+            &Tensor::from_vec(flat, (3, 6), &Device::Cpu).unwrap(),
+            &mut bc,
+        )
+        .unwrap();
     assert_eq!(batched.dims(), &[3, 6, 64]);
     assert_eq!(bc.batch_size(), 3);
     let next = [5u32, 17, 33];
-    let step = m.forward_last(&Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu).unwrap(), &mut bc).unwrap();
+    let step = m
+        .forward_last(
+            &Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu).unwrap(),
+            &mut bc,
+        )
+        .unwrap();
     for (i, s) in seqs.iter().enumerate() {
         let mut c = m.new_cache();
-        let single: Vec<Vec<f32>> = m.forward(&ids(s), &mut c).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let single: Vec<Vec<f32>> = m
+            .forward(&ids(s), &mut c)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         let b: Vec<Vec<f32>> = batched.get(i).unwrap().to_vec2().unwrap();
         for p in 0..6 {
             assert!(rel(&b[p], &single[p]) < 1e-5, "seq {i} position {p}");
         }
-        let one = m.forward_last(&ids(&[next[i]]), &mut c).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
-        assert!(rel(&step.get(i).unwrap().to_vec1::<f32>().unwrap(), &one) < 1e-5, "decode seq {i}");
+        let one = m
+            .forward_last(&ids(&[next[i]]), &mut c)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(
+            rel(&step.get(i).unwrap().to_vec1::<f32>().unwrap(), &one) < 1e-5,
+            "decode seq {i}"
+        );
     }
 }
 
@@ -101,15 +145,33 @@ fn engine_cache_reset_truncate_and_fork() {
     m.forward(&ids(&seq(5, 9)), &mut c).unwrap();
     c.reset();
     assert!(c.is_empty());
-    let got: Vec<Vec<f32>> = m.forward(&ids(&s[..6]), &mut c).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let got: Vec<Vec<f32>> = m
+        .forward(&ids(&s[..6]), &mut c)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     assert!(rel(&got[5], &want[5]) < 1e-5);
     // Fork at 6, then roll the original back to 4 and replay.
     let mut fork = c.try_clone().unwrap();
     c.truncate(4);
     assert_eq!(c.len(), 4);
-    let r = m.forward_last(&ids(&s[4..7]), &mut c).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    let r = m
+        .forward_last(&ids(&s[4..7]), &mut c)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(rel(&r, &want[6]) < 1e-4);
-    let f = m.forward_last(&ids(&s[6..7]), &mut fork).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    let f = m
+        .forward_last(&ids(&s[6..7]), &mut fork)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert!(rel(&f, &want[6]) < 1e-4);
 }
 
@@ -135,7 +197,9 @@ fn engine_taps_see_every_layer_and_match_outputs() {
     let s = seq(4, 5);
     let mut seen: Vec<(TapPoint, Tensor)> = vec![];
     let mut c = m.new_cache();
-    let logits = m.forward_with_taps(&ids(&s), &mut c, &mut |p, h| seen.push((p, h.clone()))).unwrap();
+    let logits = m
+        .forward_with_taps(&ids(&s), &mut c, &mut |p, h| seen.push((p, h.clone())))
+        .unwrap();
     let points: Vec<TapPoint> = seen.iter().map(|x| x.0).collect();
     let mut want = vec![TapPoint::Embeddings];
     want.extend((0..3).map(TapPoint::Layer));
@@ -149,9 +213,51 @@ fn engine_taps_see_every_layer_and_match_outputs() {
     let l1 = seen[2].1.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert!(rel(&l0, &l1) > 1e-3);
     let mut c2 = m.new_cache();
-    let h = m.forward_embeds(&m.embed(&ids(&s)).unwrap(), &mut c2).unwrap();
-    assert!(rel(&seen[3].1.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &h.flatten_all().unwrap().to_vec1::<f32>().unwrap()) < 1e-7);
+    let h = m
+        .forward_embeds(&m.embed(&ids(&s)).unwrap(), &mut c2)
+        .unwrap();
+    assert!(
+        rel(
+            &seen[3].1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &h.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        ) < 1e-7
+    );
     let want_logits = full(&m, &s);
     let got: Vec<Vec<f32>> = logits.squeeze(0).unwrap().to_vec2().unwrap();
     assert!(rel(&got[3], &want_logits[3]) < 1e-6);
+}
+
+#[test]
+fn engine_cache_retain_drops_batch_rows() {
+    let m = model(&gqa(), 8);
+    let seqs: Vec<Vec<u32>> = (0..3).map(|i| seq(5, 20 + i)).collect();
+    let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
+    let mut bc = m.new_cache();
+    m.forward(
+        &Tensor::from_vec(flat, (3, 5), &Device::Cpu).unwrap(),
+        &mut bc,
+    )
+    .unwrap();
+    assert!(bc.retain(&[true, false]).is_err());
+    bc.retain(&[true, false, true]).unwrap();
+    assert_eq!(bc.batch_size(), 2);
+    let step = m
+        .forward_last(&Tensor::new(&[[7u32], [9]], &Device::Cpu).unwrap(), &mut bc)
+        .unwrap();
+    for (row, (i, tok)) in [(0usize, 7u32), (2, 9)].into_iter().enumerate() {
+        let mut c = m.new_cache();
+        m.forward(&ids(&seqs[i]), &mut c).unwrap();
+        let one = m
+            .forward_last(&ids(&[tok]), &mut c)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let got = step.get(row).unwrap().to_vec1::<f32>().unwrap();
+        assert!(
+            rel(&got, &one.to_vec1::<f32>().unwrap()) < 1e-5,
+            "row {row}"
+        );
+    }
+    bc.retain(&[false, false]).unwrap();
+    assert!(bc.is_empty());
 }

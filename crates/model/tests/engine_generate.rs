@@ -14,7 +14,13 @@ fn slow_greedy(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut s = prompt.to_vec();
     for _ in 0..n {
         let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
-        let l: Vec<Vec<f32>> = m.forward(&ids, &mut m.new_cache()).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let l: Vec<Vec<f32>> = m
+            .forward(&ids, &mut m.new_cache())
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
         s.push(argmax(l.last().unwrap()));
     }
     s[prompt.len()..].to_vec()
@@ -25,7 +31,11 @@ fn engine_gen_greedy_matches_uncached_loop() {
     let m = model();
     let prompt = [5u32, 9, 2, 33];
     let want = slow_greedy(&m, &prompt, 12);
-    let p = GenerateParams { max_tokens: 12, sampling: SamplingParams::greedy(), stop_ids: vec![] };
+    let p = GenerateParams {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![],
+    };
     let mut streamed = vec![];
     let out = generate(&m, &prompt, &p, |t| {
         streamed.push(t);
@@ -45,11 +55,18 @@ fn engine_gen_stop_id_and_callback_stop() {
     let free = slow_greedy(&m, &prompt, 8);
     let stop = free[3];
     let first = free.iter().position(|&t| t == stop).unwrap();
-    let p = GenerateParams { max_tokens: 8, sampling: SamplingParams::greedy(), stop_ids: vec![stop] };
+    let p = GenerateParams {
+        max_tokens: 8,
+        sampling: SamplingParams::greedy(),
+        stop_ids: vec![stop],
+    };
     let out = generate(&m, &prompt, &p, |_| true).unwrap();
     assert_eq!(out.finish_reason, FinishReason::Stop);
     assert_eq!(out.ids, free[..first].to_vec(), "stop id is excluded");
-    let p = GenerateParams { stop_ids: vec![], ..p };
+    let p = GenerateParams {
+        stop_ids: vec![],
+        ..p
+    };
     let mut n = 0;
     let out = generate(&m, &prompt, &p, |_| {
         n += 1;
@@ -67,7 +84,12 @@ fn engine_gen_sampled_is_reproducible() {
     let m = model();
     let p = GenerateParams {
         max_tokens: 10,
-        sampling: SamplingParams { temperature: 1.0, top_k: Some(20), top_p: Some(0.9), seed: 5 },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: Some(20),
+            top_p: Some(0.9),
+            seed: 5,
+        },
         stop_ids: vec![],
     };
     let a = generate(&m, &[4, 4, 4], &p, |_| true).unwrap().ids;
@@ -80,9 +102,26 @@ fn engine_gen_batch_equals_individual_runs() {
     let m = model();
     let prompts: [&[u32]; 3] = [&[1, 2, 3, 4], &[9, 8, 7, 6], &[1, 2, 3, 5]];
     let params = [
-        GenerateParams { max_tokens: 6, sampling: SamplingParams::greedy(), stop_ids: vec![] },
-        GenerateParams { max_tokens: 9, sampling: SamplingParams::with_temperature(0.8, 77), stop_ids: vec![] },
-        GenerateParams { max_tokens: 7, sampling: SamplingParams { temperature: 1.2, top_k: Some(5), top_p: None, seed: 3 }, stop_ids: vec![] },
+        GenerateParams {
+            max_tokens: 6,
+            sampling: SamplingParams::greedy(),
+            stop_ids: vec![],
+        },
+        GenerateParams {
+            max_tokens: 9,
+            sampling: SamplingParams::with_temperature(0.8, 77),
+            stop_ids: vec![],
+        },
+        GenerateParams {
+            max_tokens: 7,
+            sampling: SamplingParams {
+                temperature: 1.2,
+                top_k: Some(5),
+                top_p: None,
+                seed: 3,
+            },
+            stop_ids: vec![],
+        },
     ];
     let mut seen = vec![vec![]; 3];
     let outs = generate_batch(&m, &prompts, &params, |i, t| {

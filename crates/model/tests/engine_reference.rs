@@ -8,34 +8,60 @@ use umbra_model::llama::{testing, Llama};
 use umbra_model::{LlamaConfig, Weights};
 
 fn ids_of(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
-    (0..n as u32).map(|i| (i * 7919 + salt * 31 + 3) % vocab as u32).collect()
+    (0..n as u32)
+        .map(|i| (i * 7919 + salt * 31 + 3) % vocab as u32)
+        .collect()
 }
 
 /// max |a - b| / max |b|.
 fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-12);
-    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs())) / scale
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - y).abs()))
+        / scale
 }
 
 fn ours_full(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f32>> {
     let m = Llama::new(cfg, w, &Device::Cpu).unwrap();
     let mut cache = m.new_cache();
     let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
-    m.forward(&t, &mut cache).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+    m.forward(&t, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
 }
 
 // ---------- naive reference (f64, plain loops) ----------
 
 fn vec_of(w: &Weights, name: &str) -> Vec<f64> {
-    w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(|x| x as f64).collect()
+    w[name]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as f64)
+        .collect()
 }
 
 /// `w` is `[out, in]` row-major.
 fn linear(w: &[f64], b: Option<&[f64]>, x: &[f64]) -> Vec<f64> {
     let k = x.len();
     let n = w.len() / k;
-    (0..n).map(|o| w[o * k..(o + 1) * k].iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + b.map_or(0.0, |b| b[o])).collect()
+    (0..n)
+        .map(|o| {
+            w[o * k..(o + 1) * k]
+                .iter()
+                .zip(x)
+                .map(|(a, b)| a * b)
+                .sum::<f64>()
+                + b.map_or(0.0, |b| b[o])
+        })
+        .collect()
 }
 
 fn rms(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
@@ -46,7 +72,9 @@ fn rms(x: &[f64], g: &[f64], eps: f64) -> Vec<f64> {
 
 fn naive_inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
     let hd = cfg.head_dim();
-    let mut f: Vec<f64> = (0..hd / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+    let mut f: Vec<f64> = (0..hd / 2)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / hd as f64))
+        .collect();
     if let Some(s) = &cfg.rope_scaling {
         assert_eq!(s["rope_type"], "llama3");
         let factor = s["factor"].as_f64().unwrap();
@@ -79,18 +107,36 @@ fn rope(x: &mut [f64], pos: usize, inv: &[f64]) {
 
 /// Logits `[t][V]` for one sequence, straight from the HF modeling code's math.
 fn naive_logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
-    let (d, nh, nkv, hd) = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+    let (d, nh, nkv, hd) = (
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.head_dim(),
+    );
     let eps = cfg.rms_norm_eps;
     let inv = naive_inv_freq(cfg);
     let emb = vec_of(w, "model.embed_tokens.weight");
-    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&i| emb[i as usize * d..(i as usize + 1) * d].to_vec()).collect();
+    let mut xs: Vec<Vec<f64>> = ids
+        .iter()
+        .map(|&i| emb[i as usize * d..(i as usize + 1) * d].to_vec())
+        .collect();
     let t = ids.len();
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let g = |n: &str| vec_of(w, &format!("{p}.{n}"));
         let gb = |n: &str| w.contains_key(&format!("{p}.{n}")).then(|| g(n));
-        let (wq, wk, wv, wo) = (g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"), g("self_attn.v_proj.weight"), g("self_attn.o_proj.weight"));
-        let (bq, bk, bv, bo) = (gb("self_attn.q_proj.bias"), gb("self_attn.k_proj.bias"), gb("self_attn.v_proj.bias"), gb("self_attn.o_proj.bias"));
+        let (wq, wk, wv, wo) = (
+            g("self_attn.q_proj.weight"),
+            g("self_attn.k_proj.weight"),
+            g("self_attn.v_proj.weight"),
+            g("self_attn.o_proj.weight"),
+        );
+        let (bq, bk, bv, bo) = (
+            gb("self_attn.q_proj.bias"),
+            gb("self_attn.k_proj.bias"),
+            gb("self_attn.v_proj.bias"),
+            gb("self_attn.o_proj.bias"),
+        );
         let mut qs = vec![];
         let mut ks = vec![];
         let mut vs = vec![];
@@ -114,7 +160,13 @@ fn naive_logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
                 let kvh = hh / (nh / nkv);
                 let q = &qs[i][hh * hd..(hh + 1) * hd];
                 let sc: Vec<f64> = (0..=i)
-                    .map(|j| q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        q.iter()
+                            .zip(&ks[j][kvh * hd..(kvh + 1) * hd])
+                            .map(|(a, b)| a * b)
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = sc.iter().map(|s| (s - m).exp()).collect();
@@ -132,16 +184,26 @@ fn naive_logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
             let h = rms(&xs[i], &g("post_attention_layernorm.weight"), eps);
             let gt = linear(&g("mlp.gate_proj.weight"), None, &h);
             let up = linear(&g("mlp.up_proj.weight"), None, &h);
-            let a: Vec<f64> = gt.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let a: Vec<f64> = gt
+                .iter()
+                .zip(&up)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
             let dn = linear(&g("mlp.down_proj.weight"), None, &a);
             for c in 0..d {
                 xs[i][c] += dn[c];
             }
         }
     }
-    let head = if cfg.tie_word_embeddings { emb.clone() } else { vec_of(w, "lm_head.weight") };
+    let head = if cfg.tie_word_embeddings {
+        emb.clone()
+    } else {
+        vec_of(w, "lm_head.weight")
+    };
     let norm = vec_of(w, "model.norm.weight");
-    xs.iter().map(|x| linear(&head, None, &rms(x, &norm, eps))).collect()
+    xs.iter()
+        .map(|x| linear(&head, None, &rms(x, &norm, eps)))
+        .collect()
 }
 
 fn check_naive(cfg: &LlamaConfig, seed: u64, t: usize) {
@@ -151,7 +213,10 @@ fn check_naive(cfg: &LlamaConfig, seed: u64, t: usize) {
     let refl = naive_logits(cfg, &w, &ids);
     for (p, (a, b)) in ours.iter().zip(&refl).enumerate() {
         let e = rel_err(a, b);
-        assert!(e < 1e-4, "position {p}: relative error {e:e} vs naive reference");
+        assert!(
+            e < 1e-4,
+            "position {p}: relative error {e:e} vs naive reference"
+        );
     }
 }
 
@@ -162,7 +227,8 @@ fn candle_config(cfg: &LlamaConfig) -> cl::Config {
         factor: s["factor"].as_f64().unwrap() as f32,
         low_freq_factor: s["low_freq_factor"].as_f64().unwrap() as f32,
         high_freq_factor: s["high_freq_factor"].as_f64().unwrap() as f32,
-        original_max_position_embeddings: s["original_max_position_embeddings"].as_u64().unwrap() as usize,
+        original_max_position_embeddings: s["original_max_position_embeddings"].as_u64().unwrap()
+            as usize,
         rope_type: cl::Llama3RopeType::Llama3,
     });
     cl::Config {
@@ -194,15 +260,30 @@ fn candle_logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f64>> {
     let mut out: Vec<Vec<f64>> = vec![];
     for (pos, &id) in ids.iter().enumerate() {
         let x = Tensor::new(&[[id]], &dev).unwrap();
-        let l = m.forward(&x, pos, &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+        let l = m
+            .forward(&x, pos, &mut cache)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         out.push(l.into_iter().map(|v| v as f64).collect());
     }
     // Also its full-prefill path (causal mask) for the last position.
     let mut cache = cl::Cache::new(true, DType::F32, &ccfg, &dev).unwrap();
     let x = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &dev).unwrap();
-    let last = m.forward(&x, 0, &mut cache).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap();
+    let last = m
+        .forward(&x, 0, &mut cache)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let e = rel_err(&last, out.last().unwrap());
-    assert!(e < 1e-4, "candle prefill vs its own incremental path: {e:e}");
+    assert!(
+        e < 1e-4,
+        "candle prefill vs its own incremental path: {e:e}"
+    );
     out
 }
 
@@ -213,11 +294,21 @@ fn check_candle(cfg: &LlamaConfig, seed: u64, t: usize) {
     let refl = candle_logits(cfg, &w, &ids);
     for (p, (a, b)) in ours.iter().zip(&refl).enumerate() {
         let e = rel_err(a, b);
-        assert!(e < 1e-4, "position {p}: relative error {e:e} vs candle-transformers llama");
+        assert!(
+            e < 1e-4,
+            "position {p}: relative error {e:e} vs candle-transformers llama"
+        );
     }
 }
 
-fn cfg_with(hidden: usize, heads: usize, kv: usize, layers: usize, vocab: usize, f: impl FnOnce(&mut LlamaConfig)) -> LlamaConfig {
+fn cfg_with(
+    hidden: usize,
+    heads: usize,
+    kv: usize,
+    layers: usize,
+    vocab: usize,
+    f: impl FnOnce(&mut LlamaConfig),
+) -> LlamaConfig {
     let mut c = testing::tiny_config(hidden, heads, kv, layers, vocab);
     f(&mut c);
     c.validate().unwrap();
@@ -237,7 +328,11 @@ fn engine_ref_candle_mha_untied() {
 
 #[test]
 fn engine_ref_candle_gqa_tied() {
-    check_candle(&cfg_with(48, 6, 2, 3, 64, |c| c.tie_word_embeddings = true), 2, 11);
+    check_candle(
+        &cfg_with(48, 6, 2, 3, 64, |c| c.tie_word_embeddings = true),
+        2,
+        11,
+    );
 }
 
 #[test]
@@ -247,14 +342,26 @@ fn engine_ref_candle_mqa() {
 
 #[test]
 fn engine_ref_candle_llama3_rope_scaling() {
-    check_candle(&cfg_with(32, 4, 2, 2, 40, |c| c.rope_scaling = Some(llama3_scaling())), 4, 10);
+    check_candle(
+        &cfg_with(32, 4, 2, 2, 40, |c| c.rope_scaling = Some(llama3_scaling())),
+        4,
+        10,
+    );
 }
 
 #[test]
 fn engine_ref_naive_matches_candle_cases() {
     // The naive reference agrees with ours where candle also does (cross-checks the reference).
-    check_naive(&cfg_with(48, 6, 2, 2, 64, |c| c.tie_word_embeddings = true), 5, 7);
-    check_naive(&cfg_with(32, 4, 2, 2, 40, |c| c.rope_scaling = Some(llama3_scaling())), 6, 9);
+    check_naive(
+        &cfg_with(48, 6, 2, 2, 64, |c| c.tie_word_embeddings = true),
+        5,
+        7,
+    );
+    check_naive(
+        &cfg_with(32, 4, 2, 2, 40, |c| c.rope_scaling = Some(llama3_scaling())),
+        6,
+        9,
+    );
 }
 
 #[test]
@@ -271,12 +378,20 @@ fn engine_ref_naive_widened_hidden_explicit_head_dim() {
 
 #[test]
 fn engine_ref_naive_qwen2_qkv_bias() {
-    check_naive(&cfg_with(32, 4, 2, 2, 40, |c| c.model_type = "qwen2".into()), 9, 8);
+    check_naive(
+        &cfg_with(32, 4, 2, 2, 40, |c| c.model_type = "qwen2".into()),
+        9,
+        8,
+    );
 }
 
 #[test]
 fn engine_ref_naive_llama_attention_bias() {
-    check_naive(&cfg_with(32, 4, 4, 2, 40, |c| c.attention_bias = Some(true)), 10, 7);
+    check_naive(
+        &cfg_with(32, 4, 4, 2, 40, |c| c.attention_bias = Some(true)),
+        10,
+        7,
+    );
 }
 
 #[test]
@@ -285,7 +400,11 @@ fn engine_ref_random_weights_are_seeded() {
     let a = testing::random_weights(&cfg, 11);
     let b = testing::random_weights(&cfg, 11);
     let c = testing::random_weights(&cfg, 12);
-    let v = |w: &Weights| w["model.layers.0.self_attn.q_proj.bias"].to_vec1::<f32>().unwrap();
+    let v = |w: &Weights| {
+        w["model.layers.0.self_attn.q_proj.bias"]
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(v(&a), v(&b));
     assert_ne!(v(&a), v(&c));
     assert!(a.contains_key("lm_head.weight"));

@@ -3,7 +3,9 @@ use umbra_model::sampling::{argmax, Sampler, SamplingParams};
 use umbra_model::ModelError;
 
 fn logits(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32).map(|i| (((i * 2654435761u32) ^ seed) % 1000) as f32 / 100.0 - 5.0).collect()
+    (0..n as u32)
+        .map(|i| (((i * 2654435761u32) ^ seed) % 1000) as f32 / 100.0 - 5.0)
+        .collect()
 }
 
 #[test]
@@ -16,22 +18,47 @@ fn engine_sampling_greedy_is_argmax_ties_lowest() {
 
 #[test]
 fn engine_sampling_same_seed_same_sequence() {
-    let p = SamplingParams { temperature: 0.9, top_k: Some(50), top_p: Some(0.95), seed: 42 };
+    let p = SamplingParams {
+        temperature: 0.9,
+        top_k: Some(50),
+        top_p: Some(0.95),
+        seed: 42,
+    };
     let run = |p: &SamplingParams| {
         let mut s = Sampler::new(p.clone()).unwrap();
-        (0..200).map(|i| s.sample(&logits(500, i))).collect::<Vec<u32>>()
+        (0..200)
+            .map(|i| s.sample(&logits(500, i)))
+            .collect::<Vec<u32>>()
     };
     let a = run(&p);
     assert_eq!(a, run(&p));
-    let b = run(&SamplingParams { seed: 43, ..p.clone() });
+    let b = run(&SamplingParams {
+        seed: 43,
+        ..p.clone()
+    });
     assert_ne!(a, b, "a different seed should change the sequence");
-    assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "should not be constant");
+    assert!(
+        a.iter().collect::<std::collections::HashSet<_>>().len() > 1,
+        "should not be constant"
+    );
 }
 
 #[test]
 fn engine_sampling_top_k1_and_tiny_top_p_are_greedy() {
-    let mut k1 = Sampler::new(SamplingParams { temperature: 1.5, top_k: Some(1), top_p: None, seed: 1 }).unwrap();
-    let mut p0 = Sampler::new(SamplingParams { temperature: 1.5, top_k: None, top_p: Some(1e-6), seed: 2 }).unwrap();
+    let mut k1 = Sampler::new(SamplingParams {
+        temperature: 1.5,
+        top_k: Some(1),
+        top_p: None,
+        seed: 1,
+    })
+    .unwrap();
+    let mut p0 = Sampler::new(SamplingParams {
+        temperature: 1.5,
+        top_k: None,
+        top_p: Some(1e-6),
+        seed: 2,
+    })
+    .unwrap();
     for i in 0..100 {
         let l = logits(300, i);
         let g = argmax(&l);
@@ -77,16 +104,46 @@ fn engine_sampling_frequencies_match_softmax() {
 fn engine_sampling_top_k_and_top_p_truncate_and_renormalize() {
     let l = [1.0f32, 0.0, -1.0, 2.0]; // probs ~ .237 .087 .032 .644
     let n = 20_000;
-    let f = freqs(SamplingParams { temperature: 1.0, top_k: Some(2), top_p: None, seed: 9 }, &l, n);
+    let f = freqs(
+        SamplingParams {
+            temperature: 1.0,
+            top_k: Some(2),
+            top_p: None,
+            seed: 9,
+        },
+        &l,
+        n,
+    );
     assert_eq!(f[1] + f[2], 0.0);
     let w = softmax(&[2.0, 1.0], 1.0); // renormalized over {3, 0}
-    assert!((f[3] - w[0]).abs() < 0.02 && (f[0] - w[1]).abs() < 0.02, "{f:?}");
+    assert!(
+        (f[3] - w[0]).abs() < 0.02 && (f[0] - w[1]).abs() < 0.02,
+        "{f:?}"
+    );
     // top_p 0.85: .644 < .85 <= .644 + .237, so {3, 0} survive.
-    let f = freqs(SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.85), seed: 10 }, &l, n);
+    let f = freqs(
+        SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.85),
+            seed: 10,
+        },
+        &l,
+        n,
+    );
     assert_eq!(f[1] + f[2], 0.0, "{f:?}");
     assert!((f[3] - w[0]).abs() < 0.02);
     // top_p 0.9 keeps three.
-    let f = freqs(SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.9), seed: 11 }, &l, n);
+    let f = freqs(
+        SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.9),
+            seed: 11,
+        },
+        &l,
+        n,
+    );
     assert_eq!(f[2], 0.0);
     assert!(f[1] > 0.05);
 }
@@ -94,14 +151,44 @@ fn engine_sampling_top_k_and_top_p_truncate_and_renormalize() {
 #[test]
 fn engine_sampling_rejects_bad_params() {
     let bad = [
-        SamplingParams { temperature: -0.1, ..SamplingParams::greedy() },
-        SamplingParams { temperature: f32::NAN, ..SamplingParams::greedy() },
-        SamplingParams { temperature: 1.0, top_k: Some(0), top_p: None, seed: 0 },
-        SamplingParams { temperature: 1.0, top_k: None, top_p: Some(0.0), seed: 0 },
-        SamplingParams { temperature: 1.0, top_k: None, top_p: Some(1.5), seed: 0 },
+        SamplingParams {
+            temperature: -0.1,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: f32::NAN,
+            ..SamplingParams::greedy()
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: Some(0),
+            top_p: None,
+            seed: 0,
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.0),
+            seed: 0,
+        },
+        SamplingParams {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(1.5),
+            seed: 0,
+        },
     ];
     for p in bad {
-        assert!(matches!(Sampler::new(p.clone()), Err(ModelError::Input(_))), "{p:?} accepted");
+        assert!(
+            matches!(Sampler::new(p.clone()), Err(ModelError::Input(_))),
+            "{p:?} accepted"
+        );
     }
-    Sampler::new(SamplingParams { temperature: 1.0, top_k: Some(1), top_p: Some(1.0), seed: 0 }).unwrap();
+    Sampler::new(SamplingParams {
+        temperature: 1.0,
+        top_k: Some(1),
+        top_p: Some(1.0),
+        seed: 0,
+    })
+    .unwrap();
 }

@@ -15,13 +15,23 @@ struct Mat {
 impl Mat {
     fn from(t: &Tensor) -> Mat {
         let (rows, cols) = t.dims2().unwrap();
-        Mat { rows, cols, data: t.flatten_all().unwrap().to_vec1().unwrap() }
+        Mat {
+            rows,
+            cols,
+            data: t.flatten_all().unwrap().to_vec1().unwrap(),
+        }
     }
     /// `W x` for HF `[out, in]` weights.
     fn apply(&self, x: &[f32]) -> Vec<f32> {
         assert_eq!(x.len(), self.cols);
         (0..self.rows)
-            .map(|r| self.data[r * self.cols..(r + 1) * self.cols].iter().zip(x).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() as f32)
+            .map(|r| {
+                self.data[r * self.cols..(r + 1) * self.cols]
+                    .iter()
+                    .zip(x)
+                    .map(|(a, b)| (*a as f64) * (*b as f64))
+                    .sum::<f64>() as f32
+            })
             .collect()
     }
 }
@@ -33,7 +43,10 @@ fn vec1(w: &BTreeMap<String, Tensor>, n: &str) -> Vec<f32> {
 fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
     let ms = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / x.len() as f64;
     let inv = 1.0 / (ms + eps).sqrt();
-    x.iter().zip(w).map(|(v, g)| ((*v as f64) * inv) as f32 * g).collect()
+    x.iter()
+        .zip(w)
+        .map(|(v, g)| ((*v as f64) * inv) as f32 * g)
+        .collect()
 }
 
 fn rope(x: &mut [f32], pos: usize, theta: f64) {
@@ -52,14 +65,24 @@ fn rope(x: &mut [f32], pos: usize, theta: f64) {
 pub fn forward(cfg: &LlamaConfig, w: &BTreeMap<String, Tensor>, ids: &[u32]) -> Vec<Vec<f32>> {
     let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
     let emb = Mat::from(&w["model.embed_tokens.weight"]);
-    let mut xs: Vec<Vec<f32>> =
-        ids.iter().map(|&i| emb.data[i as usize * emb.cols..(i as usize + 1) * emb.cols].to_vec()).collect();
+    let mut xs: Vec<Vec<f32>> = ids
+        .iter()
+        .map(|&i| emb.data[i as usize * emb.cols..(i as usize + 1) * emb.cols].to_vec())
+        .collect();
     let t = ids.len();
     for l in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{l}");
         let get = |n: &str| Mat::from(&w[&format!("{p}.{n}.weight")]);
-        let bias = |n: &str| w.get(&format!("{p}.{n}.bias")).map(|b| b.to_vec1::<f32>().unwrap());
-        let (wq, wk, wv, wo) = (get("self_attn.q_proj"), get("self_attn.k_proj"), get("self_attn.v_proj"), get("self_attn.o_proj"));
+        let bias = |n: &str| {
+            w.get(&format!("{p}.{n}.bias"))
+                .map(|b| b.to_vec1::<f32>().unwrap())
+        };
+        let (wq, wk, wv, wo) = (
+            get("self_attn.q_proj"),
+            get("self_attn.k_proj"),
+            get("self_attn.v_proj"),
+            get("self_attn.o_proj"),
+        );
         let in_norm = vec1(w, &format!("{p}.input_layernorm.weight"));
         let mut qs = vec![];
         let mut ks = vec![];
@@ -94,7 +117,11 @@ pub fn forward(cfg: &LlamaConfig, w: &BTreeMap<String, Tensor>, ids: &[u32]) -> 
                 let scores: Vec<f64> = (0..=i)
                     .map(|j| {
                         let k = &ks[j][g * hd..(g + 1) * hd];
-                        q.iter().zip(k).map(|(a, b)| (*a as f64) * (*b as f64)).sum::<f64>() / (hd as f64).sqrt()
+                        q.iter()
+                            .zip(k)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            / (hd as f64).sqrt()
                     })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -113,17 +140,31 @@ pub fn forward(cfg: &LlamaConfig, w: &BTreeMap<String, Tensor>, ids: &[u32]) -> 
             xs[i].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         let post = vec1(w, &format!("{p}.post_attention_layernorm.weight"));
-        let (wg, wu, wd) = (get("mlp.gate_proj"), get("mlp.up_proj"), get("mlp.down_proj"));
+        let (wg, wu, wd) = (
+            get("mlp.gate_proj"),
+            get("mlp.up_proj"),
+            get("mlp.down_proj"),
+        );
         for x in xs.iter_mut() {
             let h = rms_norm(x, &post, cfg.rms_norm_eps);
             let g = wg.apply(&h);
             let u = wu.apply(&h);
-            let act: Vec<f32> = g.iter().zip(&u).map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp())) as f32 * u).collect();
+            let act: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| (*g as f64 / (1.0 + (-*g as f64).exp())) as f32 * u)
+                .collect();
             let y = wd.apply(&act);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
         }
     }
     let norm = vec1(w, "model.norm.weight");
-    let head = if cfg.tie_word_embeddings { emb } else { Mat::from(&w["lm_head.weight"]) };
-    xs.iter().map(|x| head.apply(&rms_norm(x, &norm, cfg.rms_norm_eps))).collect()
+    let head = if cfg.tie_word_embeddings {
+        emb
+    } else {
+        Mat::from(&w["lm_head.weight"])
+    };
+    xs.iter()
+        .map(|x| head.apply(&rms_norm(x, &norm, cfg.rms_norm_eps)))
+        .collect()
 }
