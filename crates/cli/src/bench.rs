@@ -4,7 +4,8 @@
 //!    folder), each in a child process so the peaks are separate.
 //! 2. Generation tokens/s of our engine on the plaintext model and on exact-mode obfuscated models
 //!    at h in {0, 32, 64, 128}, same prompt, greedy.
-//! 3. llama.cpp (llama-cpp-python, when importable) on the same GGUF, as the reference.
+//! 3. llama.cpp (llama-cpp-python, when importable) on the same GGUF as shipped (Q4_1) and on an
+//!    F32 copy of it (the precision our engine runs at), as the reference a user would pick.
 use crate::model_cmds::{encode_prompt, smollm2_dir, Session};
 use crate::util::write_json;
 use anyhow::{bail, Context, Result};
@@ -174,8 +175,11 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
         rows.push(json!({"h": h, "tok_s": tps, "ratio_to_plain": tps / plain_tps}));
     }
 
-    eprintln!("[3/3] llama.cpp reference ...");
-    let lcpp = llama_cpp_tok_s(&gguf, a.tokens);
+    eprintln!("[3/3] llama.cpp reference (Q4_1 as shipped, and an F32 copy: our precision) ...");
+    let lcpp_q4 = llama_cpp_tok_s(&gguf, a.tokens);
+    let f32_gguf = w.join("smollm2-f32.gguf");
+    umbra_model::gguf::GgufFile::open(&gguf)?.write_f32_copy(&f32_gguf)?;
+    let lcpp = llama_cpp_tok_s(&f32_gguf, a.tokens);
 
     println!("| step | seconds | peak RSS MiB |\n|---|---|---|");
     println!(
@@ -186,7 +190,7 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
         "| obfuscate (paper params, h 128) | {obf_s:.1} | {:.0} |",
         obf["peak_rss_mib"].as_f64().unwrap_or(0.0)
     );
-    println!("\n| model | decode tok/s | vs plaintext | vs llama.cpp Q4_1 |\n|---|---|---|---|");
+    println!("\n| model | decode tok/s | vs plaintext | vs llama.cpp F32 |\n|---|---|---|---|");
     let vs = |t: f64| {
         lcpp.map(|l| format!("{:.2}", t / l))
             .unwrap_or_else(|| "n/a".into())
@@ -217,7 +221,8 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
         "resave_s": conv_s, "resave_peak_rss_mib": conv["peak_rss_mib"],
         "obfuscate_s": obf_s, "obfuscate_peak_rss_mib": obf["peak_rss_mib"],
         "model_f32_mib": std::fs::metadata(plain.join("model.safetensors")).map(|m| m.len() as f64 / 1048576.0).ok(),
-        "plain_tok_s": plain_tps, "obfuscated": rows, "llama_cpp_tok_s": lcpp,
+        "plain_tok_s": plain_tps, "obfuscated": rows, "llama_cpp_f32_tok_s": lcpp, "llama_cpp_q4_1_tok_s": lcpp_q4,
+        "plain_over_llama_cpp_f32": lcpp.map(|l| plain_tps / l),
         "tokens": a.tokens,
     });
     write_json(&a.json, &report)?;

@@ -296,6 +296,43 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    /// Writes a copy of this GGUF with every tensor dequantized to F32 (same names, layout and
+    /// metadata), atomically. Lets llama.cpp run at the precision of our F32 engine.
+    pub fn write_f32_copy(&self, out: &Path) -> Result<()> {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let mut f = std::fs::File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
+        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
+        names.sort();
+        let mut tensors = Vec::with_capacity(names.len());
+        for name in names {
+            let q = self.content.tensor(&mut f, name, &Device::Cpu).map_err(|e| ModelError::Malformed {
+                path: self.path.clone(),
+                msg: format!("tensor `{name}`: {e}"),
+            })?;
+            let t = q.dequantize(&Device::Cpu)?;
+            tensors.push((name.as_str(), QTensor::quantize(&t, GgmlDType::F32)?));
+        }
+        let mut metadata: Vec<(&str, &Value)> =
+            self.content.metadata.iter().filter(|(k, _)| k.as_str() != "general.file_type").map(|(k, v)| (k.as_str(), v)).collect();
+        let file_type = Value::U32(0); // ALL_F32
+        metadata.push(("general.file_type", &file_type));
+        let tmp = out.with_extension("gguf.tmp");
+        let res = (|| -> Result<()> {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?);
+            let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+            candle_core::quantized::gguf_file::write(&mut w, &metadata, &refs)
+                .map_err(|e| ModelError::Gguf(format!("writing {}: {e}", out.display())))?;
+            std::io::Write::flush(&mut w).map_err(|e| ModelError::io(&tmp, e))?;
+            std::fs::rename(&tmp, out).map_err(|e| ModelError::io(out, e))
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        res
+    }
+}
+
 fn value_to_u64(v: &Value, key: &str) -> Result<u64> {
     let x = value_to_i64(v, key)?;
     u64::try_from(x).map_err(|_| ModelError::Gguf(format!("metadata `{key}` is negative")))
