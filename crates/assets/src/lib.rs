@@ -267,7 +267,7 @@ impl Cache {
                 "-q",
             ]);
             if sdist {
-                cmd.args(["--no-binary", ":all:", "--no-build-isolation"]);
+                cmd.args(["--no-binary", ":all:"]);
             } else {
                 cmd.args(["--only-binary", ":all:"]);
             }

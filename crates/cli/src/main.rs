@@ -34,9 +34,22 @@ enum Command {
     /// Measure things: fidelity of an obfuscated checkpoint.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Two-party split learning on vertically split data (PubSub-VFL).
+    #[command(subcommand)]
+    Vfl(VflCommand),
     /// Benchmarks that print a table and write JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum VflCommand {
+    /// Train in one process: vfl, vfl-ps, avfl, avfl-ps or pubsub mode.
+    Train(umbra_vfl::cli::VflTrainArgs),
+    /// Profile both parties and propose worker counts and batch size.
+    Plan(umbra_vfl::cli::VflPlanArgs),
+    /// Run one party in its own process, talking to the other through NATS.
+    Party(umbra_vfl::cli::VflPartyArgs),
 }
 
 #[derive(Subcommand)]
@@ -49,6 +62,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Obfuscation time and memory, and generation speed plain vs obfuscated (and llama.cpp).
     Obfuscation(bench::BenchObfuscationArgs),
+    /// The five split-learning modes on one dataset, one table.
+    Vfl(umbra_vfl::cli::BenchVflArgs),
 }
 
 fn main() {
@@ -75,5 +90,9 @@ fn run(cmd: Command) -> Result<()> {
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
+        Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a).map(|_| ()).map_err(Into::into),
+        Command::Vfl(VflCommand::Train(a)) => umbra_vfl::cli::run_train(&a).map(|_| ()).map_err(Into::into),
+        Command::Vfl(VflCommand::Plan(a)) => umbra_vfl::cli::run_plan(&a).map(|_| ()).map_err(Into::into),
+        Command::Vfl(VflCommand::Party(a)) => umbra_vfl::cli::run_party(&a).map(|_| ()).map_err(Into::into),
     }
 }

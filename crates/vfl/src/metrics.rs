@@ -1,0 +1,200 @@
+//! Metrics and reports: AUC, accuracy, RMSE, CPU utilisation measured from the process.
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// Area under the ROC curve (ties get half credit). `None` when one class is absent.
+pub fn auc(scores: &[f32], labels: &[f32]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let n_pos = labels.iter().filter(|&&y| y > 0.5).count() as f64;
+    let n_neg = labels.len() as f64 - n_pos;
+    if n_pos == 0.0 || n_neg == 0.0 {
+        return None;
+    }
+    // rank-sum with average ranks for ties
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            if labels[k] > 0.5 {
+                rank_sum += avg;
+            }
+        }
+        i = j + 1;
+    }
+    Some((rank_sum - n_pos * (n_pos + 1.0) / 2.0) / (n_pos * n_neg))
+}
+
+/// Accuracy of logits thresholded at 0.
+pub fn accuracy(logits: &[f32], labels: &[f32]) -> f64 {
+    let ok = logits
+        .iter()
+        .zip(labels)
+        .filter(|(&s, &y)| (s > 0.0) == (y > 0.5))
+        .count();
+    ok as f64 / labels.len().max(1) as f64
+}
+
+pub fn rmse(pred: &[f32], y: &[f32]) -> f64 {
+    let s: f64 = pred
+        .iter()
+        .zip(y)
+        .map(|(&p, &t)| ((p - t) as f64).powi(2))
+        .sum();
+    (s / y.len().max(1) as f64).sqrt()
+}
+
+/// Process CPU time (user + system) in seconds from `/proc/self/stat` (fields 14 and 15, in
+/// USER_HZ = 100 ticks per second on Linux). `None` where unavailable.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // the command name may contain spaces: fields start after the last ')'
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest[0] is field 3 (state); utime is field 14 -> rest[11], stime field 15 -> rest[12]
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / 100.0)
+}
+
+/// Measures wall time and process CPU time between `start` and `stop`.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMeter {
+    t0: Instant,
+    cpu0: f64,
+    cores: usize,
+}
+
+impl CpuMeter {
+    pub fn start(cores: usize) -> Self {
+        CpuMeter {
+            t0: Instant::now(),
+            cpu0: process_cpu_seconds().unwrap_or(0.0),
+            cores: cores.max(1),
+        }
+    }
+    /// (wall seconds, cpu seconds, utilisation = cpu / (wall x cores)).
+    pub fn read(&self) -> (f64, f64, f64) {
+        let wall = self.t0.elapsed().as_secs_f64();
+        let cpu = process_cpu_seconds().unwrap_or(0.0) - self.cpu0;
+        let util = if wall > 0.0 {
+            cpu / (wall * self.cores as f64)
+        } else {
+            0.0
+        };
+        (wall, cpu, util)
+    }
+}
+
+/// Cores available to this process.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// One epoch's numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EpochReport {
+    pub epoch: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmse: Option<f64>,
+    pub train_loss: f64,
+    pub wall_s: f64,
+    pub cpu_util: f64,
+    pub wait_s: f64,
+    pub bytes_to_active: u64,
+    pub bytes_to_passive: u64,
+    pub batches: u64,
+    pub dropped: u64,
+    pub reassigned: u64,
+}
+
+/// The report of one training run (`--json`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub mode: String,
+    pub data: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmse: Option<f64>,
+    pub wall_s: f64,
+    /// Process CPU seconds / (wall seconds x cores given).
+    pub cpu_util: f64,
+    pub cores: usize,
+    /// Seconds workers spent blocked on the peer, summed over workers.
+    pub wait_s: f64,
+    /// Bytes sent, both directions together.
+    pub bytes: u64,
+    pub bytes_to_active: u64,
+    pub bytes_to_passive: u64,
+    pub workers_active: usize,
+    pub workers_passive: usize,
+    pub batch: usize,
+    pub epochs: usize,
+    pub rejected_messages: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_mu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dp_sigma: Option<f64>,
+    /// Benchmarks: seconds of training until the epoch AUC first reached the target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_to_target_s: Option<f64>,
+    pub per_epoch: Vec<EpochReport>,
+}
+
+impl TrainReport {
+    /// Cumulative epoch wall time until an epoch's AUC reached `target` (None if never).
+    pub fn time_to_auc(&self, target: f64) -> Option<f64> {
+        let mut t = 0.0;
+        for e in &self.per_epoch {
+            t += e.wall_s;
+            if e.auc.is_some_and(|a| a >= target) {
+                return Some(t);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_known_values() {
+        assert_eq!(auc(&[0.1, 0.2, 0.8, 0.9], &[0., 0., 1., 1.]), Some(1.0));
+        assert_eq!(auc(&[0.9, 0.8, 0.2, 0.1], &[0., 0., 1., 1.]), Some(0.0));
+        assert_eq!(auc(&[0.5, 0.5, 0.5, 0.5], &[0., 1., 0., 1.]), Some(0.5));
+        let a = auc(&[0.1, 0.4, 0.35, 0.8], &[0., 0., 1., 1.]).unwrap();
+        assert!((a - 0.75).abs() < 1e-12);
+        assert_eq!(auc(&[0.1], &[1.0]), None);
+    }
+
+    #[test]
+    fn cpu_meter_sees_busy_loop() {
+        let m = CpuMeter::start(1);
+        let mut x = 0u64;
+        let t = Instant::now();
+        while t.elapsed().as_millis() < 300 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let (wall, cpu, util) = m.read();
+        assert!(wall >= 0.3);
+        assert!(cpu > 0.15, "cpu {cpu}");
+        assert!(util > 0.5 && util < 1.5, "util {util}");
+    }
+}
