@@ -34,6 +34,10 @@ enum Command {
     /// Measure things: fidelity of an obfuscated checkpoint.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Serve any checkpoint (plain or obfuscated) over the OpenAI HTTP API; knows nothing of keys.
+    Serve(umbra_serve::cli::ServeArgs),
+    /// Client-side privacy proxy: OpenAI API for local apps, tau-mapped token ids upstream.
+    Proxy(umbra_serve::cli::ProxyArgs),
     /// Two-party split learning on vertically split data (PubSub-VFL).
     #[command(subcommand)]
     Vfl(VflCommand),
@@ -62,6 +66,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Obfuscation time and memory, and generation speed plain vs obfuscated (and llama.cpp).
     Obfuscation(bench::BenchObfuscationArgs),
+    /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients.
+    Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
     Vfl(umbra_vfl::cli::BenchVflArgs),
 }
@@ -90,9 +96,22 @@ fn run(cmd: Command) -> Result<()> {
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
-        Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a).map(|_| ()).map_err(Into::into),
-        Command::Vfl(VflCommand::Train(a)) => umbra_vfl::cli::run_train(&a).map(|_| ()).map_err(Into::into),
-        Command::Vfl(VflCommand::Plan(a)) => umbra_vfl::cli::run_plan(&a).map(|_| ()).map_err(Into::into),
-        Command::Vfl(VflCommand::Party(a)) => umbra_vfl::cli::run_party(&a).map(|_| ()).map_err(Into::into),
+        Command::Serve(a) => umbra_serve::cli::run_serve(&a).map_err(Into::into),
+        Command::Proxy(a) => umbra_serve::cli::run_proxy(&a).map_err(Into::into),
+        Command::Bench(BenchCommand::Serve(a)) => {
+            umbra_serve::cli::run_bench_serve(&a).map_err(Into::into)
+        }
+        Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Vfl(VflCommand::Train(a)) => umbra_vfl::cli::run_train(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Vfl(VflCommand::Plan(a)) => {
+            umbra_vfl::cli::run_plan(&a).map(|_| ()).map_err(Into::into)
+        }
+        Command::Vfl(VflCommand::Party(a)) => umbra_vfl::cli::run_party(&a)
+            .map(|_| ())
+            .map_err(Into::into),
     }
 }

@@ -306,21 +306,32 @@ impl GgufFile {
         names.sort();
         let mut tensors = Vec::with_capacity(names.len());
         for name in names {
-            let q = self.content.tensor(&mut f, name, &Device::Cpu).map_err(|e| ModelError::Malformed {
-                path: self.path.clone(),
-                msg: format!("tensor `{name}`: {e}"),
-            })?;
+            let q = self
+                .content
+                .tensor(&mut f, name, &Device::Cpu)
+                .map_err(|e| ModelError::Malformed {
+                    path: self.path.clone(),
+                    msg: format!("tensor `{name}`: {e}"),
+                })?;
             let t = q.dequantize(&Device::Cpu)?;
             tensors.push((name.as_str(), QTensor::quantize(&t, GgmlDType::F32)?));
         }
-        let mut metadata: Vec<(&str, &Value)> =
-            self.content.metadata.iter().filter(|(k, _)| k.as_str() != "general.file_type").map(|(k, v)| (k.as_str(), v)).collect();
+        let mut metadata: Vec<(&str, &Value)> = self
+            .content
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.as_str() != "general.file_type")
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
         let file_type = Value::U32(0); // ALL_F32
         metadata.push(("general.file_type", &file_type));
         let tmp = out.with_extension("gguf.tmp");
         let res = (|| -> Result<()> {
-            let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?);
-            let refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(n, t)| (*n, t)).collect();
+            let mut w = std::io::BufWriter::new(
+                std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?,
+            );
+            let refs: Vec<(&str, &candle_core::quantized::QTensor)> =
+                tensors.iter().map(|(n, t)| (*n, t)).collect();
             candle_core::quantized::gguf_file::write(&mut w, &metadata, &refs)
                 .map_err(|e| ModelError::Gguf(format!("writing {}: {e}", out.display())))?;
             std::io::Write::flush(&mut w).map_err(|e| ModelError::io(&tmp, e))?;

@@ -1,0 +1,336 @@
+//! `umbra bench serve`: plain vs obfuscated serving at several client counts.
+//!
+//! For each client count `c`, `c` closed-loop clients each send `requests_per_client` streamed
+//! greedy completions of the same prompt:
+//! * plain: to `umbra serve` on the plaintext model (text prompt);
+//! * obf: to `umbra proxy` in front of `umbra serve` on the exact-mode obfuscated model;
+//! * direct: to the obfuscated server with pre-mapped ids (no proxy), to isolate the proxy.
+//!
+//! `tok_s_*` = generated tokens / wall time of the wave, `ttft_ms_*` = mean time to the first
+//! token, `tpot_ms_*` = mean time per output token after the first, `proxy_overhead_ms` = the
+//! proxy's own mean processing time per request (its `/metrics`: parsing, tau mapping both
+//! ways, upstream request and chunk handling; tokenization and waiting excluded).
+//! `mean_decode_batch_plain` = sequences per batched decode forward during the plain wave.
+use crate::cli::BenchServeArgs;
+use crate::error::ServeError;
+use crate::proxy::{start_proxy, ProxyConfig};
+use crate::server::{start, ModelSource, ServeConfig};
+use futures::StreamExt;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Instant;
+
+const PROMPT: &str =
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who";
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Wave {
+    tok_s: f64,
+    ttft_ms: f64,
+    tpot_ms: f64,
+    latency_ms: f64,
+}
+
+struct Sample {
+    tokens: usize,
+    ttft: f64,
+    tpot: Option<f64>,
+    latency: f64,
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: &Value) -> Result<Sample, ServeError> {
+    let t0 = Instant::now();
+    let r = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+    if !r.status().is_success() {
+        let st = r.status();
+        let t = r.text().await.unwrap_or_default();
+        return Err(ServeError::Other(format!("{url}: {st}: {t}")));
+    }
+    let mut s = r.bytes_stream();
+    let (mut buf, mut tokens, mut first, mut last) = (String::new(), 0usize, None, t0);
+    while let Some(c) = s.next().await {
+        let c = c.map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+        buf.push_str(&String::from_utf8_lossy(&c));
+        while let Some(p) = buf.find("\n\n") {
+            let ev: String = buf.drain(..p + 2).collect();
+            for line in ev.lines() {
+                let Some(d) = line.strip_prefix("data:") else {
+                    continue;
+                };
+                let d = d.trim();
+                if d == "[DONE]" {
+                    continue;
+                }
+                let v: Value = serde_json::from_str(d)
+                    .map_err(|e| ServeError::Other(format!("{url}: bad chunk {e}")))?;
+                let n = v["choices"][0]["token_ids"]
+                    .as_array()
+                    .map_or(0, |a| a.len());
+                if n > 0 {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = now;
+                    tokens += n;
+                }
+            }
+        }
+    }
+    let first = first.unwrap_or(last);
+    Ok(Sample {
+        tokens,
+        ttft: first.duration_since(t0).as_secs_f64(),
+        tpot: (tokens > 1).then(|| last.duration_since(first).as_secs_f64() / (tokens - 1) as f64),
+        latency: t0.elapsed().as_secs_f64(),
+    })
+}
+
+async fn wave(url: &str, body: &Value, clients: usize, reqs: usize) -> Result<Wave, ServeError> {
+    let client = reqwest::Client::new();
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+            tokio::spawn(async move {
+                let mut out = vec![];
+                for _ in 0..reqs {
+                    out.push(one(&client, &url, &body).await?);
+                }
+                Ok::<_, ServeError>(out)
+            })
+        })
+        .collect();
+    let mut all = vec![];
+    for t in tasks {
+        all.extend(t.await.map_err(|e| ServeError::Other(e.to_string()))??);
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let n = all.len() as f64;
+    let tpots: Vec<f64> = all.iter().filter_map(|s| s.tpot).collect();
+    Ok(Wave {
+        tok_s: all.iter().map(|s| s.tokens).sum::<usize>() as f64 / wall,
+        ttft_ms: all.iter().map(|s| s.ttft).sum::<f64>() / n * 1e3,
+        tpot_ms: tpots.iter().sum::<f64>() / tpots.len().max(1) as f64 * 1e3,
+        latency_ms: all.iter().map(|s| s.latency).sum::<f64>() / n * 1e3,
+    })
+}
+
+/// `(sum seconds, count)` of the proxy's `umbra_proxy_overhead_seconds`.
+async fn proxy_overhead(base: &str) -> Result<(f64, f64), ServeError> {
+    metric_pair(
+        base,
+        "umbra_proxy_overhead_seconds_sum ",
+        "umbra_proxy_overhead_seconds_count ",
+    )
+    .await
+}
+
+/// `(decode rows, decode steps)` of a server.
+async fn decode_counts(base: &str) -> Result<(f64, f64), ServeError> {
+    metric_pair(
+        base,
+        "umbra_decode_rows_total ",
+        "umbra_decode_steps_total ",
+    )
+    .await
+}
+
+async fn metric_pair(base: &str, a: &str, b: &str) -> Result<(f64, f64), ServeError> {
+    let text = reqwest::get(format!("{base}/metrics"))
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| ServeError::Other(format!("proxy metrics: {e}")))?
+        .text()
+        .await
+        .map_err(|e| ServeError::Other(format!("proxy metrics: {e}")))?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Ok((get(a), get(b)))
+}
+
+fn loopback() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// Runs the benchmark on `model` (plaintext HF folder) and returns the JSON report.
+pub async fn bench(
+    model: &Path,
+    clients: &[usize],
+    max_tokens: usize,
+    reqs: usize,
+    h: usize,
+) -> Result<Value, ServeError> {
+    let tmp = tempfile_dir()?;
+    let (obf_dir, key) = (tmp.join("obf"), tmp.join("client.key"));
+    let (m, o, k) = (model.to_path_buf(), obf_dir.clone(), key.clone());
+    eprintln!("bench serve: compiling the exact-mode obfuscated checkpoint");
+    tokio::task::spawn_blocking(move || {
+        umbra_aloepri::compiler::compile_checkpoint(
+            &m,
+            &o,
+            &k,
+            &umbra_aloepri::ObfuscationParams::exact(h),
+            1,
+            &mut |_, _, _| {},
+        )
+    })
+    .await
+    .map_err(|e| ServeError::Other(e.to_string()))??;
+    let max_batch = clients.iter().copied().max().unwrap_or(1).max(1);
+    let mk = |dir: &Path| {
+        let mut c = ServeConfig::new(ModelSource::Path(dir.into()), loopback());
+        c.model_name = Some("bench".into());
+        c.max_batch = max_batch;
+        c
+    };
+    let plain = start(mk(model)).await?;
+    let obf = start(mk(&obf_dir)).await?;
+    let proxy = start_proxy(ProxyConfig::new(
+        key.clone(),
+        model.into(),
+        obf.url(),
+        loopback(),
+    ))
+    .await?;
+    let (_, tok) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model)?;
+    let tok = tok.ok_or_else(|| ServeError::Config("the model has no tokenizer".into()))?;
+    let tau = umbra_aloepri::ClientKey::load(&key)?.permutation()?;
+    let t = Instant::now();
+    let n_tok = 20;
+    for _ in 0..n_tok {
+        std::hint::black_box(
+            crate::text::text_prompt_ids(&tok, PROMPT).map_err(|e| ServeError::Other(e.message))?,
+        );
+    }
+    let tokenize_ms = t.elapsed().as_secs_f64() * 1e3 / n_tok as f64;
+    let ids =
+        crate::text::text_prompt_ids(&tok, PROMPT).map_err(|e| ServeError::Other(e.message))?;
+    let text_body = json!({"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": true});
+    let direct_body = json!({"model": "bench", "prompt": tau.apply(&ids)?, "max_tokens": max_tokens, "temperature": 0,
+                             "stream": true, "return_text": false});
+    // Warm-up.
+    wave(&format!("{}/v1/completions", plain.url()), &text_body, 1, 1).await?;
+    wave(&format!("{}/v1/completions", proxy.url()), &text_body, 1, 1).await?;
+    let mut rows = vec![];
+    for &c in clients {
+        eprintln!("bench serve: {c} client(s)");
+        let pb = decode_counts(&plain.url()).await?;
+        let p = wave(
+            &format!("{}/v1/completions", plain.url()),
+            &text_body,
+            c,
+            reqs,
+        )
+        .await?;
+        let pa = decode_counts(&plain.url()).await?;
+        let mean_batch = (pa.0 - pb.0) / (pa.1 - pb.1).max(1.0);
+        let before = proxy_overhead(&proxy.url()).await?;
+        let o = wave(
+            &format!("{}/v1/completions", proxy.url()),
+            &text_body,
+            c,
+            reqs,
+        )
+        .await?;
+        let after = proxy_overhead(&proxy.url()).await?;
+        let overhead_ms = (after.0 - before.0) / (after.1 - before.1).max(1.0) * 1e3;
+        let d = wave(
+            &format!("{}/v1/completions", obf.url()),
+            &direct_body,
+            c,
+            reqs,
+        )
+        .await?;
+        rows.push(json!({
+            "clients": c,
+            "mean_decode_batch_plain": mean_batch,
+            "tok_s_plain": p.tok_s, "tok_s_obf": o.tok_s, "tok_s_obf_direct": d.tok_s,
+            "ttft_ms_plain": p.ttft_ms, "ttft_ms_obf": o.ttft_ms,
+            "tpot_ms_plain": p.tpot_ms, "tpot_ms_obf": o.tpot_ms,
+            "latency_ms_obf": o.latency_ms, "latency_ms_obf_direct": d.latency_ms,
+            "proxy_overhead_ms": overhead_ms,
+            "latency_diff_ms_obf_proxy_vs_direct": o.latency_ms - d.latency_ms,
+            "obf_over_plain": o.tok_s / p.tok_s,
+        }));
+    }
+    proxy.stop().await;
+    obf.stop().await;
+    plain.stop().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let tok_s = |c: usize, k: &str| {
+        rows.iter()
+            .find(|r| r["clients"] == c)
+            .and_then(|r| r[k].as_f64())
+    };
+    let speedup = match (tok_s(max_batch, "tok_s_plain"), tok_s(1, "tok_s_plain")) {
+        (Some(a), Some(b)) if b > 0.0 => json!(a / b),
+        _ => Value::Null,
+    };
+    Ok(json!({
+        "model": model.display().to_string(),
+        "prompt_tokens": ids.len(),
+        "max_tokens": max_tokens,
+        "requests_per_client": reqs,
+        "obfuscation": format!("exact(h={h})"),
+        "tokenize_ms": tokenize_ms,
+        "batch_speedup_plain": speedup,
+        "results": rows,
+    }))
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf, ServeError> {
+    let d = std::env::temp_dir().join(format!("umbra-bench-serve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// `umbra bench serve`.
+pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => {
+            let dir = umbra_assets::Cache::from_env()
+                .map_err(|e| ServeError::Other(e.to_string()))?
+                .root()
+                .join("models/SmolLM2-135M-Instruct");
+            if !dir.join("model.safetensors").is_file() {
+                return Err(ServeError::Config(format!(
+                    "SmolLM2 is not in the cache ({}): run `umbra fetch smollm2` or pass --model",
+                    dir.display()
+                )));
+            }
+            dir
+        }
+    };
+    if args.clients.is_empty()
+        || args.clients.contains(&0)
+        || args.max_tokens == 0
+        || args.requests_per_client == 0
+    {
+        return Err(ServeError::Config(
+            "--clients, --max-tokens and --requests-per-client must be >= 1".into(),
+        ));
+    }
+    let report = bench(
+        &model,
+        &args.clients,
+        args.max_tokens,
+        args.requests_per_client,
+        128,
+    )
+    .await?;
+    let text = serde_json::to_string_pretty(&report).expect("json");
+    std::fs::write(&args.json, &text)
+        .map_err(|e| ServeError::Other(format!("{}: {e}", args.json.display())))?;
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! The engine thread: one `Llama` (candle is synchronous) fed through a bounded queue, with a
+//! scheduler that admits queued requests between decode steps (continuous batching).
+//!
+//! Batching: `KvCache` holds a batch of sequences that advance together (same length), so
+//! requests admitted in the same scheduler iteration with equal prompt lengths form a *cohort*
+//! that shares one cache and is prefilled and decoded as one `[b, t]` forward. Cohorts of
+//! different lengths are stepped one after the other in every iteration, so a new request never
+//! waits for running ones to finish (it joins at the next iteration). A finished or cancelled
+//! member of a cohort stops producing output and frees its admission slot at once; its row keeps
+//! riding in the shared cache until the cohort ends (the cache cannot drop rows).
+use crate::api::ApiError;
+use crate::metrics::Metrics;
+use candle_core::{Device, Tensor};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+use umbra_model::llama::Llama;
+use umbra_model::sampling::{Sampler, SamplingParams};
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop id was produced.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+}
+
+impl Finish {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+        }
+    }
+}
+
+/// Log-probabilities of one generated token (natural log, of the unmodified distribution).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    /// The most likely ids with their logprobs, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the engine sends back for a job.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token {
+        id: u32,
+        logprob: Option<TokenLogprob>,
+    },
+    Done(Finish),
+    Error(String),
+}
+
+/// One generation request.
+#[derive(Debug)]
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop_ids: Vec<u32>,
+    pub logprobs: Option<usize>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the server needs to know about the loaded model.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub vocab_size: usize,
+    pub max_positions: usize,
+    pub eos_ids: Vec<u32>,
+}
+
+/// A cheap handle to submit jobs.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<(Job, Instant)>,
+    pub info: ModelInfo,
+    pub metrics: Arc<Metrics>,
+}
+
+impl EngineHandle {
+    /// Queues a job; 429 when the queue is full, 503 when the engine is gone.
+    pub fn submit(&self, job: Job) -> Result<(), ApiError> {
+        use axum::http::StatusCode;
+        self.metrics.queue_depth.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send((job, Instant::now())) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        "the server's request queue is full; retry later",
+                    )
+                    .with_code("queue_full"),
+                    mpsc::error::TrySendError::Closed(_) => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "the engine has stopped",
+                    ),
+                })
+            }
+        }
+    }
+}
+
+/// Starts the engine thread. It runs until every [`EngineHandle`] is dropped and the work is done.
+pub fn spawn(
+    model: Llama,
+    info: ModelInfo,
+    max_batch: usize,
+    max_queue: usize,
+    metrics: Arc<Metrics>,
+    step_delay: std::time::Duration,
+    batch_window: std::time::Duration,
+) -> (EngineHandle, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(max_queue.max(1));
+    let m = metrics.clone();
+    let join = std::thread::Builder::new()
+        .name("umbra-engine".into())
+        .spawn(move || {
+            Scheduler {
+                model,
+                rx,
+                max_batch: max_batch.max(1),
+                metrics: m,
+                cohorts: vec![],
+                step_delay,
+                batch_window,
+            }
+            .run()
+        })
+        .expect("spawn engine thread");
+    (EngineHandle { tx, info, metrics }, join)
+}
+
+struct Member {
+    job: Job,
+    sampler: Sampler,
+    generated: usize,
+    last: u32,
+    done: bool,
+    submitted: Instant,
+    first_at: Option<Instant>,
+}
+
+struct Cohort {
+    members: Vec<Member>,
+    cache: umbra_model::llama::KvCache,
+}
+
+struct Scheduler {
+    model: Llama,
+    rx: mpsc::Receiver<(Job, Instant)>,
+    max_batch: usize,
+    metrics: Arc<Metrics>,
+    cohorts: Vec<Cohort>,
+    step_delay: std::time::Duration,
+    batch_window: std::time::Duration,
+}
+
+fn log_softmax_top(row: &[f32], chosen: u32, k: usize) -> TokenLogprob {
+    let max = row
+        .iter()
+        .copied()
+        .filter(|x| !x.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    let lse = max
+        + row
+            .iter()
+            .map(|&x| ((x - max) as f64).exp())
+            .sum::<f64>()
+            .ln() as f32;
+    let lp = |i: u32| row[i as usize] - lse;
+    let mut top = vec![];
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..row.len() as u32).collect();
+        let order = |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
+        if k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, order);
+            idx.truncate(k);
+        }
+        idx.sort_by(order);
+        top = idx.into_iter().map(|i| (i, lp(i))).collect();
+    }
+    TokenLogprob {
+        logprob: lp(chosen),
+        top,
+    }
+}
+
+impl Scheduler {
+    fn live(&self) -> usize {
+        self.cohorts
+            .iter()
+            .flat_map(|c| &c.members)
+            .filter(|m| !m.done)
+            .count()
+    }
+
+    fn run(mut self) {
+        loop {
+            let mut new = vec![];
+            if self.cohorts.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(j) => new.push(j),
+                    None => break,
+                }
+            }
+            let live = self.live();
+            // Once something arrives, wait up to `batch_window` for its peers so that requests
+            // sent together share one cohort (one batched forward) instead of fragmenting.
+            let mut deadline = None;
+            while live + new.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(j) => new.push(j),
+                    Err(mpsc::error::TryRecvError::Empty)
+                        if !new.is_empty() && !self.batch_window.is_zero() =>
+                    {
+                        let d = *deadline.get_or_insert_with(|| Instant::now() + self.batch_window);
+                        if Instant::now() >= d {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_micros(200));
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.metrics
+                .queue_depth
+                .fetch_sub(new.len() as i64, Ordering::Relaxed);
+            // Requests whose client left while queued are dropped here.
+            new.retain(|(j, _)| !j.events.is_closed());
+            // Cohorts: equal prompt lengths, in arrival order.
+            while !new.is_empty() {
+                let len = new[0].0.prompt.len();
+                let (group, rest): (Vec<_>, Vec<_>) =
+                    new.into_iter().partition(|(j, _)| j.prompt.len() == len);
+                new = rest;
+                self.prefill(group);
+            }
+            for i in 0..self.cohorts.len() {
+                self.step(i);
+            }
+            if !self.step_delay.is_zero() {
+                std::thread::sleep(self.step_delay);
+            }
+            self.cohorts.retain(|c| c.members.iter().any(|m| !m.done));
+            self.metrics
+                .active_sequences
+                .store(self.live() as i64, Ordering::Relaxed);
+        }
+    }
+
+    fn prefill(&mut self, group: Vec<(Job, Instant)>) {
+        let mut members = vec![];
+        for (job, submitted) in group {
+            match Sampler::new(job.sampling.clone()) {
+                Ok(sampler) => members.push(Member {
+                    job,
+                    sampler,
+                    generated: 0,
+                    last: 0,
+                    done: false,
+                    submitted,
+                    first_at: None,
+                }),
+                Err(e) => {
+                    let _ = job.events.send(Event::Error(e.to_string()));
+                }
+            }
+        }
+        if members.is_empty() {
+            return;
+        }
+        let b = members.len();
+        let plen = members[0].job.prompt.len();
+        // Reserve for a typical answer only; the cache grows by doubling if one runs longer
+        // (a large default max_tokens would otherwise pin hundreds of MB per sequence).
+        let most = members.iter().map(|m| m.job.max_tokens).max().unwrap_or(0);
+        let cap = plen + most.min(256);
+        let mut cache = self.model.new_cache_with_capacity(cap);
+        let flat: Vec<u32> = members
+            .iter()
+            .flat_map(|m| m.job.prompt.iter().copied())
+            .collect();
+        self.metrics
+            .prompt_tokens
+            .fetch_add(flat.len() as u64, Ordering::Relaxed);
+        let logits = Tensor::from_vec(flat, (b, plen), &Device::Cpu)
+            .map_err(umbra_model::error::ModelError::from)
+            .and_then(|ids| self.model.forward_last(&ids, &mut cache))
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let mut cohort = Cohort { members, cache };
+        match logits {
+            Ok(rows) => {
+                self.consume(&mut cohort, &rows);
+                self.cohorts.push(cohort);
+            }
+            Err(e) => {
+                for m in &cohort.members {
+                    let _ = m
+                        .job
+                        .events
+                        .send(Event::Error(format!("prefill failed: {e}")));
+                }
+            }
+        }
+    }
+
+    fn step(&mut self, i: usize) {
+        let c = &mut self.cohorts[i];
+        for m in c.members.iter_mut().filter(|m| !m.done) {
+            if m.job.events.is_closed() {
+                m.done = true;
+                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if c.members.iter().all(|m| m.done) {
+            return;
+        }
+        let ids: Vec<u32> = c.members.iter().map(|m| m.last).collect();
+        let b = ids.len();
+        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .decode_rows
+            .fetch_add(b as u64, Ordering::Relaxed);
+        let logits = Tensor::from_vec(ids, (b, 1), &Device::Cpu)
+            .map_err(umbra_model::error::ModelError::from)
+            .and_then(|ids| self.model.forward_last(&ids, &mut c.cache))
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let mut cohort = std::mem::replace(
+            &mut self.cohorts[i],
+            Cohort {
+                members: vec![],
+                cache: umbra_model::llama::KvCache::new(0),
+            },
+        );
+        match logits {
+            Ok(rows) => self.consume(&mut cohort, &rows),
+            Err(e) => {
+                for m in cohort.members.iter_mut().filter(|m| !m.done) {
+                    m.done = true;
+                    let _ = m
+                        .job
+                        .events
+                        .send(Event::Error(format!("decode failed: {e}")));
+                }
+            }
+        }
+        self.cohorts[i] = cohort;
+    }
+
+    /// Samples one token per live member from its logits row and reports it.
+    fn consume(&self, c: &mut Cohort, rows: &[Vec<f32>]) {
+        let mut produced = 0u64;
+        for (m, row) in c.members.iter_mut().zip(rows) {
+            if m.done {
+                continue;
+            }
+            let tok = m.sampler.sample(row);
+            m.last = tok;
+            let now = Instant::now();
+            if m.first_at.is_none() {
+                m.first_at = Some(now);
+                self.metrics
+                    .record_ttft(now.duration_since(m.submitted).as_secs_f64());
+            }
+            let finish = if m.job.stop_ids.contains(&tok) {
+                Some(Finish::Stop)
+            } else {
+                let logprob = m.job.logprobs.map(|k| log_softmax_top(row, tok, k));
+                m.generated += 1;
+                produced += 1;
+                if m.job
+                    .events
+                    .send(Event::Token { id: tok, logprob })
+                    .is_err()
+                {
+                    m.done = true;
+                    self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                (m.generated >= m.job.max_tokens).then_some(Finish::Length)
+            };
+            if let Some(f) = finish {
+                m.done = true;
+                if m.generated > 1 {
+                    let first = m.first_at.unwrap_or(now);
+                    self.metrics.record_tpot(
+                        now.duration_since(first).as_secs_f64() / (m.generated - 1) as f64,
+                    );
+                }
+                let _ = m.job.events.send(Event::Done(f));
+            }
+        }
+        if produced > 0 {
+            self.metrics.record_tokens(produced);
+        }
+    }
+}

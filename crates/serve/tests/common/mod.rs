@@ -1,0 +1,153 @@
+//! Shared test helpers: a tiny random model with a byte-level tokenizer and a chat template,
+//! SSE parsing, and SmolLM2 lookup.
+#![allow(dead_code)]
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use umbra_model::checkpoint::Checkpoint;
+use umbra_model::llama::testing::{random_weights, tiny_config};
+use umbra_model::tokenizer::TextTokenizer;
+use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
+
+pub const TINY_VOCAB: usize = 260;
+pub const CHAT_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+fn bytes_to_unicode() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut out = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        out[*b as usize] = char::from_u32(c).unwrap();
+    }
+    out
+}
+
+/// A byte-level tokenizer (ids 0..256 = bytes) with `<|endoftext|>`, `<|im_start|>`,
+/// `<|im_end|>` at 256..259 and a chat template.
+pub fn write_tokenizer(dir: &Path) {
+    let map = bytes_to_unicode();
+    let vocab: serde_json::Map<String, Value> =
+        (0..256).map(|b| (map[b].to_string(), json!(b))).collect();
+    let added: Vec<Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}))
+        .collect();
+    let tj = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    let tc =
+        json!({"chat_template": CHAT_TEMPLATE, "add_bos_token": false, "add_eos_token": false});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string()).unwrap();
+}
+
+/// Writes a tiny random HF checkpoint (no EOS, so generations run to `max_tokens`).
+pub fn tiny_model_dir(root: &Path) -> PathBuf {
+    let tokdir = root.join("tok");
+    write_tokenizer(&tokdir);
+    let tokenizer = TextTokenizer::from_hf_dir(&tokdir).unwrap();
+    let config = tiny_config(32, 4, 2, 2, TINY_VOCAB);
+    let weights = random_weights(&config, 7);
+    let dir = root.join("tiny");
+    let ck = Checkpoint {
+        config,
+        weights,
+        tokenizer: Some(tokenizer),
+        source: dir.clone(),
+    };
+    ck.save_hf(&dir, true).unwrap();
+    dir
+}
+
+pub fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+pub async fn start_tiny(root: &Path, tweak: impl FnOnce(&mut ServeConfig)) -> ServerHandle {
+    let dir = tiny_model_dir(root);
+    let mut cfg = ServeConfig::new(ModelSource::Path(dir), loopback());
+    cfg.model_name = Some("tiny".into());
+    tweak(&mut cfg);
+    start(cfg).await.unwrap()
+}
+
+/// `data:` payloads of an SSE body (including `[DONE]`).
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+/// Concatenated text and token ids of a streamed completion or chat, plus the finish reason.
+pub fn join_stream(body: &str) -> (String, Vec<u32>, Option<String>) {
+    let data = sse_data(body);
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "stream must end with [DONE]: {body}"
+    );
+    let (mut text, mut ids, mut finish) = (String::new(), vec![], None);
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(v.get("error").is_none(), "error chunk: {d}");
+        let Some(c) = v["choices"].get(0) else {
+            continue;
+        };
+        if let Some(t) = c["text"].as_str() {
+            text.push_str(t);
+        }
+        if let Some(t) = c["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+        for id in c["token_ids"].as_array().unwrap() {
+            ids.push(id.as_u64().unwrap() as u32);
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            finish = Some(f.to_string());
+        }
+    }
+    (text, ids, finish)
+}
+
+pub fn ids_of(v: &Value) -> Vec<u32> {
+    v["choices"][0]["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The cached SmolLM2-135M-Instruct folder; panics with the fetch command when absent.
+pub fn smollm2() -> PathBuf {
+    let dir = umbra_assets::Cache::from_env()
+        .unwrap()
+        .root()
+        .join("models/SmolLM2-135M-Instruct");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
+        dir.display()
+    );
+    dir
+}
