@@ -208,12 +208,19 @@ pub fn obfuscation(a: &BenchObfuscationArgs) -> Result<()> {
             vs(t)
         );
     }
-    match lcpp {
-        Some(l) => println!(
-            "| llama.cpp Q4_1, 2 threads | {l:.1} | {:.2} | 1.00 |",
-            l / plain_tps
-        ),
-        None => println!(
+    match (lcpp, lcpp_q4) {
+        (Some(l), Some(q)) => {
+            println!(
+                "| llama.cpp F32, 2 threads | {l:.1} | {:.2} | 1.00 |",
+                l / plain_tps
+            );
+            println!(
+                "| llama.cpp Q4_1, 2 threads | {q:.1} | {:.2} | {:.2} |",
+                q / plain_tps,
+                q / l
+            );
+        }
+        _ => println!(
             "| llama.cpp | not measured: `pip install llama-cpp-python` to include it | | |"
         ),
     }
