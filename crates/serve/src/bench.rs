@@ -293,6 +293,31 @@ fn tempfile_dir() -> Result<std::path::PathBuf, ServeError> {
     Ok(d)
 }
 
+/// Prints the report as a Markdown table (one row per client count).
+fn print_table(report: &serde_json::Value) {
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+    println!("| clients | tok/s plain | tok/s obf | obf/plain | TTFT ms plain / obf | TPOT ms plain / obf | proxy overhead ms |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in report["results"].as_array().into_iter().flatten() {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.2} | {:.0} / {:.0} | {:.1} / {:.1} | {:.2} |",
+            r["clients"],
+            f(r, "tok_s_plain"),
+            f(r, "tok_s_obf"),
+            f(r, "obf_over_plain"),
+            f(r, "ttft_ms_plain"),
+            f(r, "ttft_ms_obf"),
+            f(r, "tpot_ms_plain"),
+            f(r, "tpot_ms_obf"),
+            f(r, "proxy_overhead_ms"),
+        );
+    }
+    println!(
+        "batched throughput, most clients vs one (plaintext): {:.2}x",
+        f(report, "batch_speedup_plain")
+    );
+}
+
 /// `umbra bench serve`.
 pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
     let model = match &args.model {
@@ -331,6 +356,7 @@ pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
     let text = serde_json::to_string_pretty(&report).expect("json");
     std::fs::write(&args.json, &text)
         .map_err(|e| ServeError::Other(format!("{}: {e}", args.json.display())))?;
-    println!("{text}");
+    print_table(&report);
+    eprintln!("wrote {}", args.json.display());
     Ok(())
 }
