@@ -44,6 +44,12 @@ fn assert_fails(args: &[&str], needle: &str) {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// `umbra generate` on an obfuscated model with a key file.
+fn generate_with_key<'a>(model: &'a Path, key: &'a Path) -> [&'a str; 7] {
+    let (m, k) = (model.to_str().unwrap(), key.to_str().unwrap());
+    ["generate", "--model", m, "--key", k, "--prompt", "x"]
+}
+
 fn obfuscate(model: &Path, out: &Path, key: &Path, seed: &str) -> (bool, String, String) {
     umbra(&[
         "obfuscate",
@@ -149,18 +155,7 @@ fn wrong_and_tampered_keys_are_refused() {
     // Existing outputs are never overwritten.
     let (ok, _, err) = obfuscate(&m, &a, &dir.path().join("c.key"), "3");
     assert!(!ok && err.contains("already exists"), "{err}");
-    assert_fails(
-        &[
-            "generate",
-            "--model",
-            a.to_str().unwrap(),
-            "--key",
-            kb.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
-        "does not match",
-    );
+    assert_fails(&generate_with_key(&a, &kb), "does not match");
     // An obfuscated model without its key.
     assert_fails(
         &["generate", "--model", a.to_str().unwrap(), "--prompt", "x"],
@@ -172,31 +167,9 @@ fn wrong_and_tampered_keys_are_refused() {
     let tau = v["tau"].as_array_mut().unwrap();
     tau.swap(5, 6);
     std::fs::write(&ka, serde_json::to_string(&v).unwrap()).unwrap();
-    assert_fails(
-        &[
-            "generate",
-            "--model",
-            a.to_str().unwrap(),
-            "--key",
-            ka.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
-        "modified",
-    );
+    assert_fails(&generate_with_key(&a, &ka), "modified");
     std::fs::write(&ka, b"garbage").unwrap();
-    assert_fails(
-        &[
-            "generate",
-            "--model",
-            a.to_str().unwrap(),
-            "--key",
-            ka.to_str().unwrap(),
-            "--prompt",
-            "x",
-        ],
-        "key file",
-    );
+    assert_fails(&generate_with_key(&a, &ka), "key file");
 }
 
 #[test]

@@ -369,61 +369,68 @@ fn value_to_i64(v: &Value, key: &str) -> Result<i64> {
     })
 }
 
-/// Maps a llama.cpp tensor name to its HF name (`None` for names we do not know).
-pub fn hf_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+/// llama.cpp <-> HF names of the whole-model tensors.
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// llama.cpp <-> HF names of the per-layer tensors (`blk.N.{gguf}` <-> `model.layers.N.{hf}`).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Renames `name` from one naming to the other: `to_hf` picks the direction.
+fn rename(name: &str, to_hf: bool) -> Option<String> {
+    let pick = |pair: &(&'static str, &'static str)| {
+        if to_hf {
+            (pair.0, pair.1)
+        } else {
+            (pair.1, pair.0)
+        }
+    };
+    if let Some((_, to)) = GLOBAL_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == name)
+    {
+        return Some(to.to_string());
     }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (prefix_in, prefix_out) = if to_hf {
+        ("blk.", "model.layers.")
+    } else {
+        ("model.layers.", "blk.")
+    };
+    let (layer, rest) = name.strip_prefix(prefix_in)?.split_once('.')?;
     let layer: usize = layer.parse().ok()?;
     let (part, kind) = rest.rsplit_once('.')?;
     if kind != "weight" && kind != "bias" {
         return None;
     }
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+    let (_, to) = LAYER_NAMES
+        .iter()
+        .map(pick)
+        .find(|(from, _)| *from == part)?;
+    Some(format!("{prefix_out}{layer}.{to}.{kind}"))
+}
+
+/// Maps a llama.cpp tensor name to its HF name (`None` for names we do not know).
+pub fn hf_name(gguf: &str) -> Option<String> {
+    rename(gguf, true)
 }
 
 /// Maps an HF tensor name to its llama.cpp name (inverse of [`hf_name`]).
 pub fn gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    let g = match part {
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
+    rename(hf, false)
 }
 
 /// llama.cpp's q/k row permutation (`convert_hf_to_gguf.py` `permute`): for `w` of shape

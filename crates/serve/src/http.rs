@@ -8,6 +8,49 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// The shutdown signal handed to a server started with [`spawn`].
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A server or proxy running on a spawned task.
+pub struct Handle {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Handle {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, closes connections and waits for the accept loop to end.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// Starts `start(shutdown)` — a bind returning the bound address and the serving future — on a
+/// spawned task, stopped by [`Handle::stop`].
+pub async fn spawn<Fut, S, E>(start: impl FnOnce(Shutdown) -> Fut) -> Result<Handle, E>
+where
+    Fut: Future<Output = Result<(SocketAddr, S), E>>,
+    S: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (addr, fut) = start(Box::pin(async move {
+        let _ = rx.await;
+    }))
+    .await?;
+    Ok(Handle {
+        addr,
+        stop: Some(tx),
+        task: tokio::spawn(fut),
+    })
+}
+
 /// Binds `addr` (port 0 picks one) and returns the bound address and the serving future.
 pub async fn bind(
     addr: SocketAddr,

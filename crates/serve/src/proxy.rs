@@ -146,37 +146,11 @@ pub async fn run_proxy(
 }
 
 /// A running proxy.
-pub struct ProxyHandle {
-    pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ProxyHandle {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = (&mut self.task).await;
-    }
-}
+pub type ProxyHandle = crate::http::Handle;
 
 /// [`run_proxy`] on a spawned task.
 pub async fn start_proxy(cfg: ProxyConfig) -> Result<ProxyHandle, ServeError> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, fut) = run_proxy(cfg, async move {
-        let _ = rx.await;
-    })
-    .await?;
-    Ok(ProxyHandle {
-        addr,
-        stop: Some(tx),
-        task: tokio::spawn(fut),
-    })
+    crate::http::spawn(|shutdown| run_proxy(cfg, shutdown)).await
 }
 
 fn upstream_error(s: &ProxyState, e: reqwest::Error) -> ApiError {

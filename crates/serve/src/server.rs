@@ -99,25 +99,7 @@ struct AppState {
 }
 
 /// A running server.
-pub struct ServerHandle {
-    pub addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl ServerHandle {
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// Stops accepting, closes connections and waits for the accept loop to end.
-    pub async fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        let _ = (&mut self.task).await;
-    }
-}
+pub type ServerHandle = crate::http::Handle;
 
 /// Loads the model, starts the engine and binds; returns the bound address and the future that
 /// serves until `shutdown` resolves.
@@ -203,16 +185,7 @@ pub async fn serve(
 
 /// [`serve`] on a spawned task; stop it with [`ServerHandle::stop`].
 pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (addr, fut) = serve(config, async move {
-        let _ = rx.await;
-    })
-    .await?;
-    Ok(ServerHandle {
-        addr,
-        stop: Some(tx),
-        task: tokio::spawn(fut),
-    })
+    crate::http::spawn(|shutdown| serve(config, shutdown)).await
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
