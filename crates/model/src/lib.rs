@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf;
 pub mod llama;
+mod matvec;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;

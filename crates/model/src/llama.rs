@@ -15,10 +15,12 @@
 //! `1/sqrt(hd)` attention scale is folded into the q rows, and the RoPE cos/sin tables are
 //! precomputed. The KV cache is written in place into buffers that grow by doubling.
 //!
-//! Decode steps (at most 8 rows) avoid candle's per-op rayon dispatch,
-//! which on a small CPU costs more than the work: projections call gemm directly, single-threaded
-//! unless the product has at least `UMBRA_PAR_MIN_WORK` (default 2^22 ≈ the LM head)
-//! multiply-adds, and one-position attention reads the cache buffers directly.
+//! Decode steps (at most 32 rows) avoid candle's per-op rayon dispatch and gemm's per-call
+//! packing, which on a small CPU cost more than the work: projections use the few-row kernel in
+//! `matvec` (each weight row read once for all rows), single-threaded unless the product has at
+//! least `UMBRA_PAR_MIN_WORK` (default 2^22 ≈ the LM head) multiply-adds, and one-position
+//! attention reads the cache buffers directly. [`Llama::forward_decode_groups`] batches the
+//! decode step of sequences of different lengths (each group with its own cache).
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
@@ -201,6 +203,10 @@ pub enum TapPoint {
     Layer(usize),
     /// Only emitted by [`Llama::forward_with_taps`] (which applies the head).
     FinalNorm,
+    /// Attention probabilities of block `i`, `[b, nh, t, L]` (rows sum to 1, causal), seen
+    /// before that block's `Layer(i)`. Opt-in: only emitted by
+    /// [`Llama::forward_embeds_with_attention_taps`]; the other entry points never compute it.
+    Attention(usize),
 }
 
 /// A read-only hook on hidden states `[b,t,d]`; the tensor is the live activation (cheap clone).
@@ -559,14 +565,14 @@ impl Llama {
     /// ids `[b,t]` -> logits `[b,t,V]`; appends `t` positions to `cache` (causal within the call).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, None)?;
+        let h = self.run_blocks(&x, cache, None, false)?;
         self.head(&h)
     }
 
     /// ids `[b,t]` -> logits of the last position `[b,V]`; the LM head runs on that position only.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, None)?;
+        let h = self.run_blocks(&x, cache, None, false)?;
         let t = h.dim(1)?;
         let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
         self.head(&last)
@@ -574,7 +580,7 @@ impl Llama {
 
     /// Blocks only (no final norm): embeddings `[b,t,d]` -> residual stream `[b,t,d]`.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run_blocks(embeds, cache, None)
+        self.run_blocks(embeds, cache, None, false)
     }
 
     /// [`Llama::forward_embeds`] calling `tap` at [`TapPoint::Embeddings`] and each `Layer(i)`.
@@ -584,7 +590,19 @@ impl Llama {
         cache: &mut KvCache,
         tap: Tap<'_>,
     ) -> Result<Tensor> {
-        self.run_blocks(embeds, cache, Some(tap))
+        self.run_blocks(embeds, cache, Some(tap), false)
+    }
+
+    /// [`Llama::forward_embeds_with_taps`] that also emits [`TapPoint::Attention`] per block
+    /// (for attention-based probes such as lookback ratios). Attention runs with candle ops for
+    /// every `t` (no one-position fast path) so the probabilities exist; results are identical.
+    pub fn forward_embeds_with_attention_taps(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
+        self.run_blocks(embeds, cache, Some(tap), true)
     }
 
     /// [`Llama::forward`] with taps, including [`TapPoint::FinalNorm`]; returns logits `[b,t,V]`.
@@ -595,7 +613,7 @@ impl Llama {
         tap: Tap<'_>,
     ) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, Some(&mut *tap))?;
+        let h = self.run_blocks(&x, cache, Some(&mut *tap), false)?;
         let normed = candle_nn::ops::rms_norm(&h, &self.norm, self.eps)?;
         tap(TapPoint::FinalNorm, &normed);
         self.lm_head(&normed)
@@ -606,6 +624,7 @@ impl Llama {
         embeds: &Tensor,
         cache: &mut KvCache,
         mut tap: Option<Tap<'_>>,
+        attn: bool,
     ) -> Result<Tensor> {
         let (b, t, d) = embeds.dims3().map_err(|_| {
             ModelError::Input(format!(
@@ -652,7 +671,23 @@ impl Llama {
             tap(TapPoint::Embeddings, &x);
         }
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = self.block_forward(blk, i, &x, start, &cos, &sin, mask.as_ref(), cache)?;
+            x = match tap.as_mut() {
+                Some(tap) if attn => {
+                    let (y, probs) = self.block_forward_probs(
+                        blk,
+                        i,
+                        &x,
+                        start,
+                        &cos,
+                        &sin,
+                        mask.as_ref(),
+                        cache,
+                    )?;
+                    tap(TapPoint::Attention(i), &probs);
+                    y
+                }
+                _ => self.block_forward(blk, i, &x, start, &cos, &sin, mask.as_ref(), cache)?,
+            };
             if let Some(tap) = tap.as_mut() {
                 tap(TapPoint::Layer(i), &x);
             }
@@ -674,6 +709,14 @@ impl Llama {
         mask: Option<&Tensor>,
         cache: &mut KvCache,
     ) -> Result<Tensor> {
+        let (q, k, v) = self.qkv(blk, x)?;
+        let y = self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?;
+        self.block_out(blk, x, &y)
+    }
+
+    /// Pre-norm and fused QKV projection: `x` `[b,t,d]` -> q `[b,nh,t,hd]` (scale folded in),
+    /// k, v `[b,nkv,t,hd]` (before RoPE).
+    fn qkv(&self, blk: &Block, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _d) = x.dims3()?;
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let h = candle_nn::ops::rms_norm(x, &blk.ln1, self.eps)?;
@@ -682,23 +725,88 @@ impl Llama {
             .reshape((b, t, nh + 2 * nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?; // [b,H,t,hd]
-        let q = qkv.narrow(1, 0, nh)?.contiguous()?;
-        let k = qkv.narrow(1, nh, nkv)?.contiguous()?;
-        let v = qkv.narrow(1, nh + nkv, nkv)?.contiguous()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k_all, v_all) = cache.append(layer, start, &k, &v)?; // [b,nkv,L,hd] views
+        Ok((
+            qkv.narrow(1, 0, nh)?.contiguous()?,
+            qkv.narrow(1, nh, nkv)?.contiguous()?,
+            qkv.narrow(1, nh + nkv, nkv)?.contiguous()?,
+        ))
+    }
+
+    /// RoPE at `start`, cache append and attention for one batch that shares `cache`:
+    /// q `[b,nh,t,hd]`, k/v `[b,nkv,t,hd]` -> `[b,t,nh*hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        start: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let q = candle_nn::rotary_emb::rope(q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(k, cos, sin)?;
+        self.attend_roped(&q, &k, v, layer, start, mask, cache)
+    }
+
+    /// [`Llama::attend`] after RoPE: cache append and attention.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_roped(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        start: usize,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (k_all, v_all) = cache.append(layer, start, k, v)?; // [b,nkv,L,hd] views
         let l = start + t;
         let fast = if t == 1 {
-            self.decode_attention(&q, cache, layer, b, l)?
+            self.decode_attention(q, cache, layer, b, l)?
         } else {
             None
         };
-        let y = match fast {
-            Some(y) => y,
-            None => self.attention(&q, &k_all, &v_all, mask, b, t, l)?,
-        };
-        let x = (x + blk.o.forward(&y)?)?;
+        match fast {
+            Some(y) => Ok(y),
+            None => Ok(self.attention(q, &k_all, &v_all, mask, b, t, l)?.0),
+        }
+    }
+
+    /// [`Llama::block_forward`] that also returns the attention probabilities `[b,nh,t,L]`
+    /// (always through [`Llama::attention`], never the one-position fast path).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward_probs(
+        &self,
+        blk: &Block,
+        layer: usize,
+        x: &Tensor,
+        start: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = self.qkv(blk, x)?;
+        let (b, _, t, _) = q.dims4()?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k_all, v_all) = cache.append(layer, start, &k, &v)?;
+        let l = start + t;
+        let (y, att) = self.attention(&q, &k_all, &v_all, mask, b, t, l)?;
+        // [b,nkv,rep*t,L] -> [b,nh,t,L]: head h = g*rep + r, as in `attention`'s grouping.
+        let probs = att.reshape((b, self.nh, t, l))?;
+        Ok((self.block_out(blk, x, &y)?, probs))
+    }
+
+    /// Output projection, residual, and the SwiGLU FFN with its residual.
+    fn block_out(&self, blk: &Block, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        let x = (x + blk.o.forward(y)?)?;
         let h = candle_nn::ops::rms_norm(&x, &blk.ln2, self.eps)?;
         let gu = blk.gate_up.forward(&h)?;
         let ffn = gu.dim(2)? / 2;
@@ -706,7 +814,112 @@ impl Llama {
         Ok((x + blk.down.forward(&act)?)?)
     }
 
-    /// Attention with candle ops: q `[b,nh,t,hd]` (scaled), k/v `[b,nkv,L,hd]` -> `[b,t,nh*hd]`.
+    /// One decode position for several independent batches at once (continuous batching across
+    /// sequences of different lengths).
+    ///
+    /// `groups[g]` is `(ids, cache)`: the next token of each of the `b_g` rows that share `cache`
+    /// (all at position `cache.len()`). Every projection and the FFN run once over all
+    /// `B = sum b_g` rows (one GEMM per weight); RoPE, the cache append and attention run per
+    /// group against its own cache. Returns last-position logits `[b_g, V]` per group, equal to
+    /// what [`Llama::forward_last`] gives each group alone.
+    pub fn forward_decode_groups(
+        &self,
+        groups: &mut [(&[u32], &mut KvCache)],
+    ) -> Result<Vec<Tensor>> {
+        if groups.is_empty() {
+            return Ok(vec![]);
+        }
+        let max_pos = self.cfg.max_position_embeddings;
+        let mut flat = vec![];
+        let mut spans = Vec::with_capacity(groups.len());
+        for (ids, cache) in groups.iter() {
+            if ids.is_empty() {
+                return Err(ModelError::Input("decode group with no rows".into()));
+            }
+            if cache.num_layers() != self.blocks.len() {
+                return Err(ModelError::Input(format!(
+                    "KV cache has {} layers, model has {}",
+                    cache.num_layers(),
+                    self.blocks.len()
+                )));
+            }
+            if cache.is_empty() || cache.batch != ids.len() {
+                return Err(ModelError::Input(format!(
+                    "decode group of {} rows needs a prefilled cache of that batch (cache: batch {}, {} positions)",
+                    ids.len(),
+                    cache.batch_size(),
+                    cache.len()
+                )));
+            }
+            if cache.len() + 1 > max_pos {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} positions exceeds max_position_embeddings {max_pos}",
+                    cache.len() + 1
+                )));
+            }
+            spans.push((flat.len(), ids.len(), cache.len()));
+            flat.extend_from_slice(ids);
+        }
+        let total = flat.len();
+        let ids = Tensor::from_vec(flat, (total, 1), &self.device)?;
+        let mut x = self.embed(&ids)?;
+        // Per-row RoPE tables `[B, 1, hd/2]`, so q and k are rotated once per layer for all rows.
+        let (cos, sin) = {
+            let per_group = spans
+                .iter()
+                .map(|&(_, n, start)| {
+                    let (c, s) = self.rope.cos_sin(start, 1, &self.device)?;
+                    Ok((c.repeat((n, 1))?, s.repeat((n, 1))?))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (cs, ss): (Vec<_>, Vec<_>) = per_group.into_iter().unzip();
+            let half = self.hd / 2;
+            (
+                Tensor::cat(&cs, 0)?
+                    .reshape((total, 1, half))?
+                    .contiguous()?,
+                Tensor::cat(&ss, 0)?
+                    .reshape((total, 1, half))?
+                    .contiguous()?,
+            )
+        };
+        for (layer, blk) in self.blocks.iter().enumerate() {
+            let (q, k, v) = self.qkv(blk, &x)?;
+            let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
+            let mut ys = Vec::with_capacity(groups.len());
+            for (g, (_, cache)) in groups.iter_mut().enumerate() {
+                let (r0, n, start) = spans[g];
+                // Row ranges of contiguous `[B, H, 1, hd]` tensors are contiguous views.
+                ys.push(self.attend_roped(
+                    &q.narrow(0, r0, n)?,
+                    &k.narrow(0, r0, n)?,
+                    &v.narrow(0, r0, n)?,
+                    layer,
+                    start,
+                    None,
+                    cache,
+                )?);
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().expect("one group")
+            } else {
+                Tensor::cat(&ys, 0)?
+            };
+            x = self.block_out(blk, &x, &y)?;
+        }
+        for (g, (_, cache)) in groups.iter_mut().enumerate() {
+            cache.len = spans[g].2 + 1;
+        }
+        let logits = self.head(&x.squeeze(1)?)?; // [B,V]
+        spans
+            .iter()
+            .map(|&(r0, n, _)| Ok(logits.narrow(0, r0, n)?))
+            .collect()
+    }
+
+    /// Attention with candle ops: q `[b,nh,t,hd]` (scaled), k/v `[b,nkv,L,hd]` -> `[b,t,nh*hd]`,
+    /// plus the probabilities `[b,nkv,rep*t,L]` it used (a handle to an existing tensor, no copy).
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -717,7 +930,7 @@ impl Llama {
         b: usize,
         t: usize,
         l: usize,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor)> {
         let (nh, nkv, hd) = (self.nh, self.nkv, self.hd);
         let rep = nh / nkv;
         // GQA without copying K/V: group the `rep` query heads that share a KV head.
@@ -736,7 +949,7 @@ impl Llama {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok(y)
+        Ok((y, att))
     }
 
     /// One-position attention read straight from the cache buffers (CPU); `None` elsewhere.
@@ -788,13 +1001,13 @@ fn causal_mask(t: usize, start: usize, device: &Device) -> Result<Tensor> {
 
 /// Hand-written CPU paths for decode steps, where candle's per-op dispatch (rayon wake-ups
 /// for tiny matmuls and softmax) costs more than the work itself.
-mod kernels {
+pub(crate) mod kernels {
     use crate::error::Result;
     use candle_core::{Storage, Tensor};
     use std::sync::OnceLock;
 
     /// Rows up to which [`linear_small`] replaces candle's matmul.
-    pub const SMALL_ROWS: usize = 8;
+    pub const SMALL_ROWS: usize = 32;
 
     /// Multiply-adds from which a small-row matmul is split across threads
     /// (`UMBRA_PAR_MIN_WORK`; a thread wake-up costs more than smaller products).
@@ -823,49 +1036,17 @@ mod kernels {
         })
     }
 
-    /// `x` `[.., k]` (few rows) times `w^T` (`w`: `[n, k]`) plus `bias` -> `[rows, n]` with gemm,
-    /// single-threaded unless the product is large. `None` when not contiguous f32 on the CPU.
+    /// `x` `[.., k]` (few rows) times `w^T` (`w`: `[n, k]`) plus `bias` -> `[rows, n]` with the
+    /// few-row kernel of [`crate::matvec`], multi-threaded only when the product is large.
+    /// `None` when not contiguous f32 on the CPU.
     pub fn linear_small(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
         let (n, k) = w.dims2()?;
         let rows = x.elem_count() / k.max(1);
-        let work = rows * n * k;
-        let par = if work >= par_min_work() && threads() > 1 {
-            gemm::Parallelism::Rayon(threads())
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallel = rows * n * k >= par_min_work() && threads() > 1;
         let y = with_f32(x, |xs| {
             with_f32(w, |ws| {
                 let mut y = vec![0f32; rows * n];
-                if xs.len() != rows * k || ws.len() != n * k {
-                    return None;
-                }
-                // SAFETY: dst is rows x n (row-major), lhs rows x k (row-major), rhs = w^T is
-                // k x n read from w [n, k] (column stride k, row stride 1); all in bounds.
-                unsafe {
-                    gemm::gemm(
-                        rows,
-                        n,
-                        k,
-                        y.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        false,
-                        xs.as_ptr(),
-                        1,
-                        k as isize,
-                        ws.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0f32,
-                        1.0f32,
-                        false,
-                        false,
-                        false,
-                        par,
-                    )
-                };
-                Some(y)
+                crate::matvec::matmul_rows(xs, rows, ws, n, k, &mut y, parallel).then_some(y)
             })
         })
         .flatten()

@@ -210,3 +210,51 @@ fn engine_bench_candle_stock_baseline() {
         (n - 1) as f64 / s
     );
 }
+
+/// Decode-step cost with B rows spread over groups of different lengths
+/// ([`Llama::forward_decode_groups`]), vs B = 1: the speed-up continuous batching can give.
+#[test]
+#[ignore]
+fn engine_bench_decode_groups() {
+    let cfg = testing::smollm2_135m_config();
+    let w = testing::random_weights(&cfg, 7);
+    let model = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+    let mut base = 0.0;
+    for b in [1usize, 2, 4, 8, 16, 32] {
+        // One group per row, prompt lengths 20..20+b (the serving worst case).
+        let mut caches: Vec<_> = (0..b)
+            .map(|i| {
+                let mut c = model.new_cache_with_capacity(128);
+                let p: Vec<u32> = (0..(20 + i) as u32)
+                    .map(|j| (j * 991 + 7) % 49152)
+                    .collect();
+                model
+                    .forward_last(
+                        &Tensor::from_vec(p.clone(), (1, p.len()), &Device::Cpu).unwrap(),
+                        &mut c,
+                    )
+                    .unwrap();
+                c
+            })
+            .collect();
+        let ids: Vec<[u32; 1]> = (0..b as u32).map(|i| [i * 17 + 3]).collect();
+        let steps = 16;
+        let t = Instant::now();
+        for _ in 0..steps {
+            let mut groups: Vec<(&[u32], &mut umbra_model::llama::KvCache)> =
+                ids.iter().map(|v| &v[..]).zip(caches.iter_mut()).collect();
+            model.forward_decode_groups(&mut groups).unwrap();
+        }
+        let per_step = t.elapsed().as_secs_f64() / steps as f64;
+        let tok_s = b as f64 / per_step;
+        if b == 1 {
+            base = tok_s;
+        }
+        println!(
+            "B={b:>2}: {:.1} ms/step, {:.1} tok/s, {:.2}x of B=1",
+            per_step * 1e3,
+            tok_s,
+            tok_s / base
+        );
+    }
+}

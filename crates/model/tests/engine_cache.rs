@@ -261,3 +261,63 @@ fn engine_cache_retain_drops_batch_rows() {
     bc.retain(&[false, false]).unwrap();
     assert!(bc.is_empty());
 }
+
+#[test]
+fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
+    let m = model(&gqa(), 9);
+    // Groups at positions 3, 7 and 11 (one with 2 rows, 12 rows in all: past the small-row path),
+    // decoded for 3 steps together; each must equal its own forward_last steps.
+    let shapes: [(usize, usize); 4] = [(1, 3), (2, 7), (1, 11), (8, 5)];
+    let mut prompts = vec![];
+    let mut caches = vec![];
+    let mut refs = vec![];
+    for (g, &(b, len)) in shapes.iter().enumerate() {
+        let rows: Vec<Vec<u32>> = (0..b).map(|r| seq(len, (g * 10 + r) as u32)).collect();
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        let t = Tensor::from_vec(flat, (b, len), &Device::Cpu).unwrap();
+        let mut c = m.new_cache();
+        m.forward_last(&t, &mut c).unwrap();
+        let mut r = m.new_cache();
+        m.forward_last(&t, &mut r).unwrap();
+        prompts.push(rows);
+        caches.push(c);
+        refs.push(r);
+    }
+    for step in 0..3u32 {
+        let next: Vec<Vec<u32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(g, &(b, _))| {
+                (0..b as u32)
+                    .map(|r| (g as u32 * 5 + r * 3 + step * 11) % 64)
+                    .collect()
+            })
+            .collect();
+        let mut groups: Vec<(&[u32], &mut KvCache)> = next
+            .iter()
+            .map(|v| v.as_slice())
+            .zip(caches.iter_mut())
+            .collect();
+        let out = m.forward_decode_groups(&mut groups).unwrap();
+        assert_eq!(out.len(), shapes.len());
+        for (g, &(b, len)) in shapes.iter().enumerate() {
+            let t = Tensor::from_vec(next[g].clone(), (b, 1), &Device::Cpu).unwrap();
+            let want: Vec<Vec<f32>> = m.forward_last(&t, &mut refs[g]).unwrap().to_vec2().unwrap();
+            let got: Vec<Vec<f32>> = out[g].to_vec2().unwrap();
+            assert_eq!(got.len(), b);
+            for r in 0..b {
+                assert!(
+                    rel(&got[r], &want[r]) < 1e-5,
+                    "group {g} row {r} step {step}"
+                );
+            }
+            assert_eq!(caches[g].len(), len + 1 + step as usize);
+        }
+    }
+    // A group whose cache was never prefilled is an error, not a panic.
+    let mut empty = m.new_cache();
+    let one = [1u32];
+    assert!(m
+        .forward_decode_groups(&mut [(&one[..], &mut empty)])
+        .is_err());
+}

@@ -350,7 +350,7 @@ pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
         &args.clients,
         args.max_tokens,
         args.requests_per_client,
-        128,
+        args.h,
     )
     .await?;
     let text = serde_json::to_string_pretty(&report).expect("json");

@@ -82,6 +82,10 @@ pub struct BenchServeArgs {
     /// Requests each client sends per measurement.
     #[arg(long, default_value_t = 2)]
     pub requests_per_client: usize,
+    /// Residual expansion h of the obfuscated checkpoint (width d + 2h; `umbra obfuscate`'s
+    /// default is 128). The exact mode is used so both sides generate the same tokens.
+    #[arg(long, default_value_t = 128)]
+    pub h: usize,
 }
 
 fn addr(host: &str, port: u16) -> Result<SocketAddr, ServeError> {

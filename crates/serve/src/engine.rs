@@ -1,13 +1,14 @@
 //! The engine thread: one `Llama` (candle is synchronous) fed through a bounded queue, with a
 //! scheduler that admits queued requests between decode steps (continuous batching).
 //!
-//! Batching: `KvCache` holds a batch of sequences that advance together (same length), so
-//! requests admitted in the same scheduler iteration with equal prompt lengths form a *cohort*
-//! that shares one cache and is prefilled and decoded as one `[b, t]` forward. Cohorts of
-//! different lengths are stepped one after the other in every iteration, so a new request never
-//! waits for running ones to finish (it joins at the next iteration). A finished or cancelled
-//! member of a cohort stops producing output and frees its admission slot at once; its row keeps
-//! riding in the shared cache until the cohort ends (the cache cannot drop rows).
+//! Batching: requests admitted in the same scheduler iteration with equal prompt lengths form a
+//! *cohort* that shares one `KvCache` and is prefilled as one `[b, t]` forward. Every decode
+//! step then advances *all* cohorts in one [`Llama::forward_decode_groups`] call: the
+//! projections and FFN run as one GEMM over every live row, attention reads each cohort's own
+//! cache, so sequences of different lengths share the weight reads. A new request never waits
+//! for running ones to finish (it is prefilled and joins at the next iteration). A finished or
+//! cancelled member frees its admission slot at once and its cache row is dropped before the
+//! next step.
 use crate::api::ApiError;
 use crate::metrics::Metrics;
 use candle_core::{Device, Tensor};
@@ -244,13 +245,11 @@ impl Scheduler {
                 new = rest;
                 self.prefill(group);
             }
-            for i in 0..self.cohorts.len() {
-                self.step(i);
-            }
+            self.step_all();
             if !self.step_delay.is_zero() {
                 std::thread::sleep(self.step_delay);
             }
-            self.cohorts.retain(|c| c.members.iter().any(|m| !m.done));
+            self.compact();
             self.metrics
                 .active_sequences
                 .store(self.live() as i64, Ordering::Relaxed);
@@ -313,47 +312,94 @@ impl Scheduler {
         }
     }
 
-    fn step(&mut self, i: usize) {
-        let c = &mut self.cohorts[i];
-        for m in c.members.iter_mut().filter(|m| !m.done) {
-            if m.job.events.is_closed() {
-                m.done = true;
-                self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        if c.members.iter().all(|m| m.done) {
-            return;
-        }
-        let ids: Vec<u32> = c.members.iter().map(|m| m.last).collect();
-        let b = ids.len();
-        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .decode_rows
-            .fetch_add(b as u64, Ordering::Relaxed);
-        let logits = Tensor::from_vec(ids, (b, 1), &Device::Cpu)
-            .map_err(umbra_model::error::ModelError::from)
-            .and_then(|ids| self.model.forward_last(&ids, &mut c.cache))
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
-        let mut cohort = std::mem::replace(
-            &mut self.cohorts[i],
-            Cohort {
-                members: vec![],
-                cache: umbra_model::llama::KvCache::new(0),
-            },
-        );
-        match logits {
-            Ok(rows) => self.consume(&mut cohort, &rows),
-            Err(e) => {
-                for m in cohort.members.iter_mut().filter(|m| !m.done) {
+    /// One decode step for every live sequence: all cohorts go through one batched forward
+    /// (projections and FFN as one GEMM over every row, attention per cohort cache).
+    fn step_all(&mut self) {
+        for c in &mut self.cohorts {
+            for m in c.members.iter_mut().filter(|m| !m.done) {
+                if m.job.events.is_closed() {
                     m.done = true;
-                    let _ = m
-                        .job
-                        .events
-                        .send(Event::Error(format!("decode failed: {e}")));
+                    self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
-        self.cohorts[i] = cohort;
+        self.compact();
+        if self.cohorts.is_empty() {
+            return;
+        }
+        let ids: Vec<Vec<u32>> = self
+            .cohorts
+            .iter()
+            .map(|c| c.members.iter().map(|m| m.last).collect())
+            .collect();
+        let rows: usize = ids.iter().map(Vec::len).sum();
+        self.metrics.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .decode_rows
+            .fetch_add(rows as u64, Ordering::Relaxed);
+        let mut groups: Vec<(&[u32], &mut umbra_model::llama::KvCache)> = ids
+            .iter()
+            .map(Vec::as_slice)
+            .zip(self.cohorts.iter_mut().map(|c| &mut c.cache))
+            .collect();
+        let logits = self
+            .model
+            .forward_decode_groups(&mut groups)
+            .and_then(|ls| {
+                ls.iter()
+                    .map(|l| Ok(l.to_vec2::<f32>()?))
+                    .collect::<umbra_model::error::Result<Vec<_>>>()
+            });
+        let mut cohorts = std::mem::take(&mut self.cohorts);
+        match logits {
+            Ok(per_cohort) => {
+                for (c, rows) in cohorts.iter_mut().zip(&per_cohort) {
+                    self.consume(c, rows);
+                }
+            }
+            Err(e) => {
+                for m in cohorts.iter_mut().flat_map(|c| c.members.iter_mut()) {
+                    if !m.done {
+                        m.done = true;
+                        let _ = m
+                            .job
+                            .events
+                            .send(Event::Error(format!("decode failed: {e}")));
+                    }
+                }
+            }
+        }
+        self.cohorts = cohorts;
+    }
+
+    /// Drops finished members (and their cache rows) and empty cohorts, so a finished or
+    /// cancelled sequence costs nothing in later steps.
+    fn compact(&mut self) {
+        self.cohorts.retain_mut(|c| {
+            let keep: Vec<bool> = c.members.iter().map(|m| !m.done).collect();
+            if keep.iter().all(|&k| k) {
+                return true;
+            }
+            if !keep.iter().any(|&k| k) {
+                return false;
+            }
+            match c.cache.retain(&keep) {
+                Ok(()) => {
+                    c.members.retain(|m| !m.done);
+                    true
+                }
+                Err(e) => {
+                    for m in c.members.iter_mut().filter(|m| !m.done) {
+                        m.done = true;
+                        let _ = m
+                            .job
+                            .events
+                            .send(Event::Error(format!("cache compaction failed: {e}")));
+                    }
+                    false
+                }
+            }
+        });
     }
 
     /// Samples one token per live member from its logits row and reports it.

@@ -205,6 +205,21 @@ async fn concurrent_requests_match_sequential_generation() {
             "prompt {p:?}"
         );
     }
+    // Prompts of three lengths ran together: decode steps must have carried several sequences
+    // (cohorts of different lengths share one forward), not one row at a time.
+    let m = reqwest::get(format!("{}/metrics", srv.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing:\n{m}"))
+    };
+    let rows_per_step = metric("umbra_decode_rows_total") / metric("umbra_decode_steps_total");
+    assert!(rows_per_step > 2.0, "only {rows_per_step:.2} rows per decode step");
     srv.stop().await;
 }
 

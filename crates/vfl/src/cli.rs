@@ -1,4 +1,5 @@
 //! Arguments and entry points for `umbra vfl train|plan|party` and `umbra bench vfl`.
+use crate::budget::PartyMachine;
 use crate::config::{DpConfig, JobConfig, Mode};
 use crate::engine::{self, Role};
 use crate::error::{Result, VflError};
@@ -267,13 +268,44 @@ pub struct VflPlanArgs {
     /// Rows used for the measured epoch (seeded subset).
     #[arg(long, default_value_t = 20000)]
     pub max_rows: usize,
+    /// Simulate the active party on a machine of its own: `CORES` or `CORES:SLOWDOWN`
+    /// (e.g. `1` or `1:3` = one core, three times slower). Default: both share the host.
+    #[arg(long, value_parser = parse_machine)]
+    pub active_machine: Option<PartyMachine>,
+    /// Simulate the passive party on a machine of its own (as `--active-machine`).
+    #[arg(long, value_parser = parse_machine)]
+    pub passive_machine: Option<PartyMachine>,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
+fn parse_machine(s: &str) -> std::result::Result<PartyMachine, String> {
+    let (c, sl) = s.split_once(':').unwrap_or((s, "1"));
+    let cores: usize = c
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: expected CORES or CORES:SLOWDOWN, e.g. 1:3"))?;
+    let slowdown: f64 = sl
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}`: slowdown must be a number >= 1"))?;
+    if cores == 0 || !(1.0..=1000.0).contains(&slowdown) {
+        return Err(format!(
+            "`{s}`: cores must be >= 1 and slowdown in [1, 1000]"
+        ));
+    }
+    Ok(PartyMachine { cores, slowdown })
+}
+
 /// `umbra vfl plan`: profile, fit the power-law time model, search (w_a, w_p, B), measure.
 pub fn run_plan(args: &VflPlanArgs) -> Result<PlanReport> {
-    let r = plan::plan(&args.data, args.cores, args.max_batch, args.max_rows)?;
+    let r = plan::plan_on(
+        &args.data,
+        args.cores,
+        args.max_batch,
+        args.max_rows,
+        (args.active_machine, args.passive_machine),
+    )?;
     println!("{}", r.human());
     if let Some(p) = &args.json {
         write_json(p, &r)?;

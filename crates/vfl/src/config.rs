@@ -1,4 +1,5 @@
 //! The job: what both parties agree on before training (the `job.toml` file).
+use crate::budget::PartyMachine;
 use crate::data::{DataSpec, SplitSpec};
 use crate::error::{Result, VflError};
 use crate::model::ModelConfig;
@@ -123,6 +124,12 @@ pub struct JobConfig {
     pub dp: Option<DpConfig>,
     #[serde(default)]
     pub faults: Faults,
+    /// Simulated machine of the active party (cores, slowdown); default: the whole host.
+    #[serde(default)]
+    pub machine_active: Option<PartyMachine>,
+    /// Simulated machine of the passive party; see [`crate::budget`].
+    #[serde(default)]
+    pub machine_passive: Option<PartyMachine>,
     /// Show a progress bar.
     #[serde(default)]
     pub progress: bool,
@@ -177,6 +184,8 @@ impl JobConfig {
             split: SplitSpec::default(),
             dp: None,
             faults: Faults::default(),
+            machine_active: None,
+            machine_passive: None,
             progress: false,
         }
     }
@@ -214,6 +223,14 @@ impl JobConfig {
         }
         if self.job.is_empty() || self.job.len() > 200 {
             return bad("job id must be 1..=200 bytes");
+        }
+        for m in [self.machine_active, self.machine_passive]
+            .into_iter()
+            .flatten()
+        {
+            if m.cores == 0 || !(1.0..=1000.0).contains(&m.slowdown) {
+                return bad("a party machine needs cores >= 1 and slowdown in [1, 1000]");
+            }
         }
         if let Some(dp) = &self.dp {
             if dp.mu.is_nan() || dp.mu <= 0.0 || dp.clip <= 0.0 {

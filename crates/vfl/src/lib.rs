@@ -12,6 +12,7 @@
 //!   roles; [`engine`]: in-process runs, centralised baseline, reports;
 //! - [`plan`]: the profile-based choice of workers and batch size; [`cli`]: clap arguments and
 //!   entry points for `umbra vfl ...` and `umbra bench vfl`.
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod cut;

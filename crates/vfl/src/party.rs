@@ -12,6 +12,7 @@
 //!
 //! Active party: its workers take embeddings from their topic, validate them, compute
 //! `y^ = g(f_a(x_a), z_p)`, the loss, publish `dL/dz_p` on `grad.<b>` and push their update.
+use crate::budget::ComputeBudget;
 use crate::config::JobConfig;
 use crate::cut::CutLayer;
 use crate::data::{PartyData, Task};
@@ -190,6 +191,9 @@ impl Counters {
         self.wait_ns
             .fetch_add(since.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
+    fn add_wait(&self, s: f64) {
+        self.wait_ns.fetch_add((s * 1e9) as u64, Ordering::Relaxed);
+    }
     fn wait_s(&self) -> f64 {
         self.wait_ns.load(Ordering::Relaxed) as f64 * 1e-9
     }
@@ -267,6 +271,7 @@ pub fn run_active(
     let stop = AtomicBool::new(false);
     let losses: Mutex<HashMap<usize, (f64, usize)>> = Mutex::new(HashMap::new());
     let last_activity = Mutex::new(Instant::now());
+    let budget = ComputeBudget::new(cfg.machine_active);
     let mut ctrl = t.subscribe(TOPIC_CTRL_ACTIVE)?;
     let mut subs: Vec<Box<dyn Subscription>> = Vec::new();
     for i in 0..wa {
@@ -283,7 +288,7 @@ pub fn run_active(
         let mut handles = Vec::new();
         for (i, sub) in subs.into_iter().enumerate() {
             let replica = ActiveModel::new(data.d, &cfg.model, cfg.seed)?;
-            let (ps, batches, counters, stop, losses, t, job, la) = (
+            let (ps, batches, counters, stop, losses, t, job, la, budget) = (
                 &ps,
                 &batches,
                 &counters,
@@ -292,11 +297,12 @@ pub fn run_active(
                 t.clone(),
                 &job,
                 &last_activity,
+                &budget,
             );
             handles.push(s.spawn(move || {
                 active_worker(
                     cfg, data, i, sub, &replica, ps, batches, counters, stop, losses, &*t, job,
-                    emb, la,
+                    emb, la, budget,
                 )
             }));
         }
@@ -460,6 +466,7 @@ fn active_worker(
     job: &str,
     emb: usize,
     last_activity: &Mutex<Instant>,
+    budget: &ComputeBudget,
 ) -> Result<()> {
     let vars = model.vars();
     let mut sync = ps.worker(cfg.model.lr);
@@ -499,10 +506,13 @@ fn active_worker(
         let xa = model::tensor2(data.rows(&rows), n, data.d)?;
         let y = model::tensor1(data.labels(&rows))?;
         let zpv = Var::from_tensor(&model::tensor2(zp, n, emb)?)?;
-        let out = model.forward(&xa, zpv.as_tensor())?;
-        let l = model::loss(&out, &y, data.task)?;
-        let lv = l.to_scalar::<f32>()? as f64;
-        let store = l.backward()?;
+        let (computed, waited) = budget.run(|| -> Result<_> {
+            let out = model.forward(&xa, zpv.as_tensor())?;
+            let l = model::loss(&out, &y, data.task)?;
+            Ok((l.to_scalar::<f32>()? as f64, l.backward()?))
+        });
+        c.add_wait(waited);
+        let (lv, store) = computed?;
         let dz: Vec<f32> = match store.get(zpv.as_tensor()) {
             Some(g) => g.flatten_all()?.to_vec1()?,
             None => vec![0.0; n * emb],
@@ -575,6 +585,8 @@ struct PassiveShared<'a> {
     c: &'a Counters,
     seq: AtomicU64,
     progress: &'a indicatif::ProgressBar,
+    /// This party's simulated machine.
+    budget: ComputeBudget,
 }
 
 /// Run the passive party: waits for the active party, trains `cfg.epochs` epochs, evaluates,
@@ -633,6 +645,7 @@ pub fn run_passive(
         c: &counters,
         seq: AtomicU64::new(seq0),
         progress: &progress,
+        budget: ComputeBudget::new(cfg.machine_passive),
     };
     let replicas: Vec<Mlp> = (0..wp)
         .map(|_| {
@@ -884,10 +897,14 @@ fn passive_worker(
         let Some(mut p) = pending.pop_front() else {
             continue;
         };
-        let gt = sh
-            .cut
-            .backward(&model::tensor2(g, p.rows, emb)?, &mut p.rng)?;
-        let store = (&p.out * gt)?.sum_all()?.backward()?;
+        let (store, waited) = sh.budget.run(|| -> Result<_> {
+            let gt = sh
+                .cut
+                .backward(&model::tensor2(g, p.rows, emb)?, &mut p.rng)?;
+            Ok((&p.out * gt)?.sum_all()?.backward()?)
+        });
+        sh.c.add_wait(waited);
+        let store = store?;
         let grads = model::grads_of(&store, &vars)?;
         sh.ps
             .step(sync, &vars, grads, sh.batches.round_size(p.b, wp), epoch)?;
@@ -923,7 +940,11 @@ fn start_batch(
     let x = model::tensor2(sh.data.rows(&rows), n, sh.data.d)?;
     let seq = sh.seq.fetch_add(1, Ordering::Relaxed);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ seq.rotate_left(17) ^ b);
-    let out = sh.cut.forward(&replica.forward(&x)?, &mut rng)?;
+    let (out, waited) = sh
+        .budget
+        .run(|| sh.cut.forward(&replica.forward(&x)?, &mut rng));
+    sh.c.add_wait(waited);
+    let out = out?;
     let z: Vec<f32> = out.flatten_all()?.to_vec1()?;
     // subscribe before publishing so the answer cannot be missed
     let sub = sh.t.subscribe(&format!("grad.{b}"))?;

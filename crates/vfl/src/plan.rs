@@ -8,7 +8,13 @@
 //! bandwidth of the transport measured too. The epoch time
 //! `ceil(n/B) * (max(T_active, T_passive) + T_comm)` is minimised by exhaustive search over
 //! `w_a, w_p in 1..=2C` and the profiled `B <= B_max`. The chosen setting is then run for one
-//! epoch and the measured time printed next to the prediction.
+//! epoch and the measured time printed next to the prediction, together with the default
+//! setting (`w_a = w_p = 2`, `B = 256`) measured the same way.
+//!
+//! Heterogeneous parties (simulated with [`crate::budget`]): a party with its own machine of
+//! `c_x` cores that is `s_x` times slower has per-batch time `s_x T_x(B) max(1, w_x/c_x) / w_x`
+//! instead of a proportional share of the common cores.
+use crate::budget::PartyMachine;
 use crate::config::{JobConfig, Mode};
 use crate::engine;
 use crate::error::Result;
@@ -67,6 +73,13 @@ pub struct PlanReport {
     pub measured_epoch_s: f64,
     /// Predicted epoch time of synchronous vfl (one worker each, no overlap) at the same B.
     pub predicted_vfl_epoch_s: f64,
+    /// The default setting (w_a = w_p = 2, B = 256), predicted and measured in the same run.
+    pub default_predicted_epoch_s: f64,
+    pub default_measured_epoch_s: f64,
+    /// Plan's measured speed-up over the default (default / plan epoch time).
+    pub speedup_over_default: f64,
+    pub machine_active: Option<PartyMachine>,
+    pub machine_passive: Option<PartyMachine>,
 }
 
 impl PlanReport {
@@ -74,7 +87,8 @@ impl PlanReport {
         format!(
             "profile on {} cores: active T(B) = {:.3e} * B^{:.3}, passive T(B) = {:.3e} * B^{:.3}, PS step {:.2}/{:.2} ms, transport {:.0} MB/s\n\
              plan: w_a = {}, w_p = {}, B = {}\n\
-             epoch time on {} training rows: predicted {:.2} s, measured {:.2} s (vfl at this B: predicted {:.2} s)",
+             epoch time on {} training rows: predicted {:.2} s, measured {:.2} s (vfl at this B: predicted {:.2} s)\n\
+             default (w_a = 2, w_p = 2, B = 256): predicted {:.2} s, measured {:.2} s; plan is {:.2}x faster{}",
             self.cores,
             self.active.lambda,
             self.active.gamma,
@@ -89,7 +103,27 @@ impl PlanReport {
             self.n_train,
             self.predicted_epoch_s,
             self.measured_epoch_s,
-            self.predicted_vfl_epoch_s
+            self.predicted_vfl_epoch_s,
+            self.default_predicted_epoch_s,
+            self.default_measured_epoch_s,
+            self.speedup_over_default,
+            machines_note(self.machine_active, self.machine_passive),
+        )
+    }
+}
+
+fn machines_note(a: Option<PartyMachine>, p: Option<PartyMachine>) -> String {
+    let one = |m: Option<PartyMachine>| match m {
+        Some(m) => format!("{} core(s) x{:.1} slower", m.cores, m.slowdown),
+        None => "shared host".into(),
+    };
+    if a.is_none() && p.is_none() {
+        String::new()
+    } else {
+        format!(
+            "\nsimulated machines: active {}, passive {}",
+            one(a),
+            one(p)
         )
     }
 }
@@ -108,13 +142,37 @@ pub fn epoch_time(
     wp: usize,
     b: usize,
 ) -> f64 {
+    epoch_time_on(a, p, ps, bw, emb, n, cores, (None, None), wa, wp, b)
+}
+
+/// [`epoch_time`] with optional per-party machines (cores, slowdown) instead of shared cores.
+#[allow(clippy::too_many_arguments)]
+pub fn epoch_time_on(
+    a: &PowerLaw,
+    p: &PowerLaw,
+    ps: (f64, f64),
+    bw: f64,
+    emb: usize,
+    n: usize,
+    cores: usize,
+    machines: (Option<PartyMachine>, Option<PartyMachine>),
+    wa: usize,
+    wp: usize,
+    b: usize,
+) -> f64 {
     let c = cores as f64;
     let (wa_f, wp_f) = (wa as f64, wp as f64);
-    let ca = c * wa_f / (wa_f + wp_f);
-    let cp = c * wp_f / (wa_f + wp_f);
+    let (ca, sa) = match machines.0 {
+        Some(m) => (m.cores as f64, m.slowdown),
+        None => (c * wa_f / (wa_f + wp_f), 1.0),
+    };
+    let (cp, sp) = match machines.1 {
+        Some(m) => (m.cores as f64, m.slowdown),
+        None => (c * wp_f / (wa_f + wp_f), 1.0),
+    };
     // compute spreads over the workers; the parameter-server step is serialised per party
-    let ta = a.eval(b as f64) * (wa_f / ca).max(1.0) / wa_f + ps.0;
-    let tp = p.eval(b as f64) * (wp_f / cp).max(1.0) / wp_f + ps.1;
+    let ta = sa * a.eval(b as f64) * (wa_f / ca).max(1.0) / wa_f + ps.0;
+    let tp = sp * p.eval(b as f64) * (wp_f / cp).max(1.0) / wp_f + ps.1;
     let comm = (2 * b * emb * 4) as f64 / bw;
     (n.div_ceil(b)) as f64 * (ta.max(tp) + comm)
 }
@@ -135,10 +193,24 @@ pub fn plan(
     max_batch: usize,
     max_rows: usize,
 ) -> Result<PlanReport> {
+    plan_on(data, cores, max_batch, max_rows, (None, None))
+}
+
+/// [`plan`] for parties on (simulated) machines of their own.
+pub fn plan_on(
+    data: &str,
+    cores: Option<usize>,
+    max_batch: usize,
+    max_rows: usize,
+    machines: (Option<PartyMachine>, Option<PartyMachine>),
+) -> Result<PlanReport> {
     let mut cfg = JobConfig::new(data, Mode::PubSub);
     cfg.max_rows = Some(max_rows);
     cfg.epochs = 1;
     cfg.cores = cores;
+    cfg.machine_active = machines.0;
+    cfg.machine_passive = machines.1;
+    cfg.validate()?;
     let cores = cfg.cores();
     let (da, dp) = engine::prepare(&cfg)?;
     let m = &cfg.model;
@@ -196,7 +268,19 @@ pub fn plan(
     for wa in 1..=2 * cores {
         for wp in 1..=2 * cores {
             for &b in &sizes {
-                let t = epoch_time(&a, &p, (ps_a, ps_p), bw, m.emb, n, cores, wa, wp, b);
+                let t = epoch_time_on(
+                    &a,
+                    &p,
+                    (ps_a, ps_p),
+                    bw,
+                    m.emb,
+                    n,
+                    cores,
+                    machines,
+                    wa,
+                    wp,
+                    b,
+                );
                 if t < best.0 {
                     best = (t, wa, wp, b);
                 }
@@ -204,14 +288,41 @@ pub fn plan(
         }
     }
     let (pred, wa, wp, b) = best;
+    let slow = |m: Option<PartyMachine>| m.map_or(1.0, |m| m.slowdown);
     let vfl = n.div_ceil(b) as f64
-        * (a.eval(b as f64) + p.eval(b as f64) + (2 * b * m.emb * 4) as f64 / bw);
-    // measure one epoch with the plan
-    cfg.workers_active = wa;
-    cfg.workers_passive = wp;
-    cfg.batch = b;
-    let r = engine::train_inproc(&cfg)?;
-    let measured = r.per_epoch.first().map(|e| e.wall_s).unwrap_or(r.wall_s);
+        * (slow(machines.0) * a.eval(b as f64)
+            + slow(machines.1) * p.eval(b as f64)
+            + (2 * b * m.emb * 4) as f64 / bw);
+    // measure one epoch with the plan, and one with the default setting
+    let default = JobConfig::new(data, Mode::PubSub);
+    let (dwa, dwp, db) = (
+        default.workers_active,
+        default.workers_passive,
+        default.batch.min(n),
+    );
+    let default_pred = epoch_time_on(
+        &a,
+        &p,
+        (ps_a, ps_p),
+        bw,
+        m.emb,
+        n,
+        cores,
+        machines,
+        dwa,
+        dwp,
+        db,
+    );
+    let epoch_of = |wa: usize, wp: usize, b: usize| -> Result<f64> {
+        let mut c = cfg.clone();
+        c.workers_active = wa;
+        c.workers_passive = wp;
+        c.batch = b;
+        let r = engine::train_inproc(&c)?;
+        Ok(r.per_epoch.first().map(|e| e.wall_s).unwrap_or(r.wall_s))
+    };
+    let measured = epoch_of(wa, wp, b)?;
+    let default_measured = epoch_of(dwa, dwp, db)?;
     Ok(PlanReport {
         data: data.to_string(),
         ps_active_s: ps_a,
@@ -227,6 +338,11 @@ pub fn plan(
         predicted_epoch_s: pred,
         measured_epoch_s: measured,
         predicted_vfl_epoch_s: vfl,
+        default_predicted_epoch_s: default_pred,
+        default_measured_epoch_s: default_measured,
+        speedup_over_default: default_measured / measured.max(1e-9),
+        machine_active: machines.0,
+        machine_passive: machines.1,
     })
 }
 

@@ -43,6 +43,76 @@ fn plan_fits_and_measures() {
 }
 
 #[test]
+fn plan_on_unequal_machines_models_the_slow_party_and_measures_the_default() {
+    use umbra_vfl::budget::PartyMachine;
+    let slow = PartyMachine {
+        cores: 1,
+        slowdown: 4.0,
+    };
+    let fast = PartyMachine {
+        cores: 1,
+        slowdown: 1.0,
+    };
+    let r = umbra_vfl::plan::plan_on(
+        "synthetic:6000x16",
+        Some(2),
+        512,
+        6000,
+        (Some(fast), Some(slow)),
+    )
+    .unwrap();
+    assert_eq!(r.machine_passive, Some(slow));
+    assert!(r.default_measured_epoch_s > 0.0 && r.default_predicted_epoch_s > 0.0);
+    // The search covers the default setting, so its prediction can only be as good or better.
+    assert!(r.predicted_epoch_s <= r.default_predicted_epoch_s + 1e-12);
+    // A 4x slower passive party makes its side the bottleneck of the model.
+    let shared = umbra_vfl::plan::epoch_time(
+        &r.active,
+        &r.passive,
+        (r.ps_active_s, r.ps_passive_s),
+        r.bandwidth_bytes_per_s,
+        16,
+        4200,
+        2,
+        r.workers_active,
+        r.workers_passive,
+        r.batch,
+    );
+    assert!(
+        r.predicted_epoch_s >= shared - 1e-12,
+        "{} vs {shared}",
+        r.predicted_epoch_s
+    );
+    let crawling = PartyMachine {
+        cores: 1,
+        slowdown: 1000.0,
+    };
+    let slowest = umbra_vfl::plan::epoch_time_on(
+        &r.active,
+        &r.passive,
+        (r.ps_active_s, r.ps_passive_s),
+        r.bandwidth_bytes_per_s,
+        16,
+        4200,
+        2,
+        (Some(fast), Some(crawling)),
+        r.workers_active,
+        r.workers_passive,
+        r.batch,
+    );
+    assert!(slowest > 10.0 * shared, "{slowest} vs {shared}");
+    assert!(r.human().contains("simulated machines"));
+    // Bad machines are refused up front.
+    let bad = PartyMachine {
+        cores: 0,
+        slowdown: 1.0,
+    };
+    assert!(
+        umbra_vfl::plan::plan_on("synthetic:600x8", Some(2), 64, 600, (Some(bad), None)).is_err()
+    );
+}
+
+#[test]
 fn train_args_build_the_job_and_write_json() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("out.json");
