@@ -44,6 +44,28 @@ enum Command {
     /// Benchmarks that print a table and write JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Private SplitNN with R3eLU (guest features, host labels) and the attacks it stops.
+    #[command(subcommand)]
+    Split(SplitCommand),
+    /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA), scored against the key; sweeps.
+    #[command(subcommand)]
+    Attack(umbra_attacks::cli::AttackCommand),
+    /// Hallucination detection from internal states (HaluProbe): extract, train, report, score.
+    #[command(subcommand)]
+    Halluc(umbra_haluprobe::cli::HallucCommand),
+    /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
+    #[command(subcommand)]
+    Sap(SapCommand),
+}
+
+#[derive(Subcommand)]
+enum SapCommand {
+    /// Fine-tune through the split in one process (customer + vendor threads); --json report.
+    Finetune(umbra_sap::cli::FinetuneArgs),
+    /// Replay the vendor's attacks (inversion, attribute) on a run folder from finetune --run.
+    Attack(umbra_sap::cli::AttackArgs),
+    /// Run one party (customer or vendor) in its own process, talking through NATS.
+    Party(umbra_sap::cli::PartyArgs),
 }
 
 #[derive(Subcommand)]
@@ -54,6 +76,16 @@ enum VflCommand {
     Plan(umbra_vfl::cli::VflPlanArgs),
     /// Run one party in its own process, talking to the other through NATS.
     Party(umbra_vfl::cli::VflPartyArgs),
+}
+
+#[derive(Subcommand)]
+enum SplitCommand {
+    /// Train guest and host in one process with a cut-layer defense; --json for the report.
+    Train(umbra_r3elu::cli::SplitTrainArgs),
+    /// Train, then attack the traffic as the host: reconstruction, property inference, FSHA.
+    Attack(umbra_r3elu::cli::SplitAttackArgs),
+    /// Run one party (guest or host) in its own process, talking through NATS.
+    Party(umbra_r3elu::cli::SplitPartyArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +102,10 @@ enum BenchCommand {
     Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
     Vfl(umbra_vfl::cli::BenchVflArgs),
+    /// Accuracy vs attack success for none / R3eLU / Gaussian DP over an epsilon grid.
+    Split(umbra_r3elu::cli::BenchSplitArgs),
+    /// SAP accuracy vs empirical privacy: none / d_chi / d_chi+CTI / Gaussian / centralized.
+    Sap(umbra_sap::cli::BenchArgs),
 }
 
 fn main() {
@@ -90,6 +126,7 @@ fn main() {
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Demo(a) => obfuscation_cmds::demo(&a),
+        Command::Attack(c) => umbra_attacks::cli::run(&c).map_err(Into::into),
         Command::Fetch(a) => model_cmds::fetch(&a),
         Command::Convert(a) => model_cmds::convert(&a),
         Command::Generate(a) => model_cmds::generate(&a),
@@ -102,6 +139,31 @@ fn run(cmd: Command) -> Result<()> {
             umbra_serve::cli::run_bench_serve(&a).map_err(Into::into)
         }
         Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Bench(BenchCommand::Split(a)) => umbra_r3elu::cli::run_bench(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Split(SplitCommand::Train(a)) => umbra_r3elu::cli::run_train(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Split(SplitCommand::Attack(a)) => umbra_r3elu::cli::run_attack(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Split(SplitCommand::Party(a)) => umbra_r3elu::cli::run_party(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Halluc(c) => umbra_haluprobe::cli::run(&c).map_err(Into::into),
+        Command::Sap(SapCommand::Finetune(a)) => umbra_sap::cli::run_finetune(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Sap(SapCommand::Attack(a)) => umbra_sap::cli::run_attack(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Sap(SapCommand::Party(a)) => umbra_sap::cli::run_party(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Bench(BenchCommand::Sap(a)) => umbra_sap::cli::run_bench(&a)
             .map(|_| ())
             .map_err(Into::into),
         Command::Vfl(VflCommand::Train(a)) => umbra_vfl::cli::run_train(&a)

@@ -219,7 +219,10 @@ async fn concurrent_requests_match_sequential_generation() {
             .unwrap_or_else(|| panic!("metric {name} missing:\n{m}"))
     };
     let rows_per_step = metric("umbra_decode_rows_total") / metric("umbra_decode_steps_total");
-    assert!(rows_per_step > 2.0, "only {rows_per_step:.2} rows per decode step");
+    assert!(
+        rows_per_step > 2.0,
+        "only {rows_per_step:.2} rows per decode step"
+    );
     srv.stop().await;
 }
 

@@ -1,0 +1,322 @@
+//! `umbra attack ...`: clap arguments and the functions `crates/cli` delegates to.
+use crate::error::{AttackError, Result};
+use crate::hat::HatConfig;
+use crate::ia::IaConfig;
+use crate::suite::{load_texts, run_one, AttackKind, AttackResult, Streams, SuiteConfig};
+use crate::sweep::{parse_grid, write_atomic, SweepSetup};
+use crate::target::Target;
+use crate::vma::VmaConfig;
+use clap::{Args, Subcommand};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use umbra_model::checkpoint::Checkpoint;
+use umbra_model::tokenizer::TextTokenizer;
+
+#[derive(Subcommand)]
+pub enum AttackCommand {
+    /// Vocabulary matching: sorted rows of key-free weight products, voting across layers.
+    Vma(AttackArgs),
+    /// Invariant attack: gate mean/std and attention self-scores per layer.
+    Ia(AttackArgs),
+    /// Nearest neighbour between embedding rows (beaten by any key).
+    Nn(AttackArgs),
+    /// Column space of the LM head (key-free hat matrix), bootstrap + Procrustes + ridge.
+    Hat(AttackArgs),
+    /// Token-frequency matching on the obfuscated id stream (needs a corpus).
+    Tfma(AttackArgs),
+    /// Every attack above, one after the other, printing each one's time.
+    All(AttackArgs),
+    /// Obfuscate over a parameter grid, attack and measure fidelity; Markdown report + figure.
+    Sweep(SweepArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct KnobArgs {
+    /// Texts for TFMA (one per line); HaluEval QA passages when omitted. The first half is the
+    /// client's traffic, the second half the attacker's public text.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Passages read for TFMA.
+    #[arg(long, default_value_t = 4000)]
+    pub texts: usize,
+    /// Layers whose gate products vote in VMA (comma-separated; `none` for the head only).
+    #[arg(long, default_value = "0")]
+    pub vma_layers: String,
+    /// Layers IA uses (comma-separated); every 4th layer when omitted.
+    #[arg(long)]
+    pub ia_layers: Option<String>,
+    /// Hat attack: bootstrap anchors kept.
+    #[arg(long, default_value_t = 2000)]
+    pub anchors: usize,
+    /// Hat attack: obfuscated rows whose hat signatures are computed.
+    #[arg(long, default_value_t = 8192)]
+    pub pool: usize,
+    /// Hat attack: head noise simulated on the plaintext head; the paper's 0.2 unless the
+    /// obfuscated config declares exact mode (then 0).
+    #[arg(long)]
+    pub assume_alpha_h: Option<f64>,
+    /// Hat attack: ridge refinement rounds.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Candidates kept per id (top-k recovery is reported for k = 10).
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Seed of the attacker's own random draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Args, Clone)]
+pub struct AttackArgs {
+    /// Public plaintext model folder (or `smollm2`).
+    #[arg(long)]
+    pub plain: String,
+    /// Obfuscated model folder.
+    #[arg(long)]
+    pub obfuscated: PathBuf,
+    /// Client key: used only to score the attack, never by it.
+    #[arg(long)]
+    pub key: PathBuf,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
+    /// Write `{attack: {ttrsr, top10, coverage, seconds, ...}}` as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Clone)]
+pub struct SweepArgs {
+    #[arg(long)]
+    pub plain: String,
+    /// `key=v1,v2;key=...` over the paper's defaults (alpha_e, alpha_h, h, lambda, beta, junk).
+    #[arg(long)]
+    pub grid: String,
+    /// Report folder: sweep.json, report.md, frontier.svg (checkpoints under points/, deleted
+    /// after each point unless --keep).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Attacks to run (comma-separated).
+    #[arg(long, default_value = "nn,tfma,ia,vma,hat")]
+    pub attacks: String,
+    /// Fidelity passages (HaluEval QA) per point, 128 tokens each.
+    #[arg(long, default_value_t = 20)]
+    pub fidelity_texts: usize,
+    #[arg(long)]
+    pub keep: bool,
+    #[command(flatten)]
+    pub knobs: KnobArgs,
+}
+
+fn parse_layers(s: &str, n: usize) -> Result<Vec<usize>> {
+    if s.trim() == "none" || s.trim().is_empty() {
+        return Ok(vec![]);
+    }
+    s.split(',')
+        .map(|x| {
+            let l: usize = x
+                .trim()
+                .parse()
+                .map_err(|_| AttackError::Input(format!("`{x}` is not a layer index")))?;
+            if l >= n {
+                return Err(AttackError::Input(format!("layer {l} >= {n} layers")));
+            }
+            Ok(l)
+        })
+        .collect()
+}
+
+impl KnobArgs {
+    /// The attack configuration for a model with `layers` layers.
+    pub fn suite(&self, layers: usize, exact_declared: bool) -> Result<SuiteConfig> {
+        let ia_layers = match &self.ia_layers {
+            Some(s) => parse_layers(s, layers)?,
+            None => (0..layers).step_by(4).collect(),
+        };
+        Ok(SuiteConfig {
+            vma: VmaConfig {
+                gate_layers: parse_layers(&self.vma_layers, layers)?,
+                k: self.k,
+                ..VmaConfig::default()
+            },
+            hat: HatConfig {
+                anchors: self.anchors,
+                pool: self.pool,
+                assume_alpha_h: self.assume_alpha_h.unwrap_or(if exact_declared {
+                    0.0
+                } else {
+                    0.2
+                }),
+                rounds: self.rounds,
+                k: self.k,
+                seed: self.seed,
+                ..HatConfig::default()
+            },
+            ia: IaConfig {
+                layers: ia_layers,
+                k: self.k,
+            },
+            k: self.k,
+        })
+    }
+}
+
+/// `smollm2` -> the cached HF folder; anything else must exist.
+pub fn resolve_model(spec: &str) -> Result<PathBuf> {
+    if spec == "smollm2" {
+        let cache = umbra_assets::Cache::from_env()?;
+        let dir = cache.root().join("models/SmolLM2-135M-Instruct");
+        if dir.join("model.safetensors").is_file() {
+            return Ok(dir);
+        }
+        return Err(AttackError::Input(
+            "SmolLM2 is not in the cache; run `umbra fetch smollm2` first".into(),
+        ));
+    }
+    let p = PathBuf::from(spec);
+    if !p.exists() {
+        return Err(AttackError::Input(format!("{spec}: no such model folder")));
+    }
+    Ok(p)
+}
+
+fn tokenizer(plain: &Path) -> Result<TextTokenizer> {
+    Checkpoint::open_config_and_tokenizer(plain)?
+        .1
+        .ok_or_else(|| AttackError::Input(format!("{}: no tokenizer", plain.display())))
+}
+
+/// Tokenised passages (plaintext ids).
+type IdTexts = Vec<Vec<u32>>;
+
+/// Client and attacker halves of the corpus as plaintext ids.
+fn corpus_halves(
+    tok: &TextTokenizer,
+    corpus: Option<&Path>,
+    n: usize,
+) -> Result<(IdTexts, IdTexts)> {
+    let texts = load_texts(corpus, n)?;
+    let ids = texts
+        .iter()
+        .map(|t| tok.encode(t, false).map_err(AttackError::from))
+        .collect::<Result<Vec<_>>>()?;
+    let half = ids.len() / 2;
+    let public = ids[half..].to_vec();
+    let mut client = ids;
+    client.truncate(half);
+    Ok((client, public))
+}
+
+fn print_table(results: &[(String, AttackResult)]) {
+    println!("| attack | TTRSR | top-10 | coverage | seconds | extra |");
+    println!("|---|---|---|---|---|---|");
+    for (n, r) in results {
+        let extra: Vec<String> = r.extra.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+        println!(
+            "| {n} | {:.4} | {:.4} | {:.4} | {:.1} | {} |",
+            r.score.ttrsr,
+            r.score.top10,
+            r.score.coverage,
+            r.seconds,
+            extra.join(", ")
+        );
+    }
+}
+
+/// Runs `kinds` against one obfuscated checkpoint, prints a table and writes the JSON.
+pub fn run_attacks(kinds: &[AttackKind], a: &AttackArgs) -> Result<Vec<(String, AttackResult)>> {
+    let plain = resolve_model(&a.plain)?;
+    let key = umbra_aloepri::ClientKey::load(&a.key)?;
+    umbra_aloepri::compiler::check_key_for(&a.obfuscated, &key)?;
+    let tau = key.permutation()?;
+    let t0 = std::time::Instant::now();
+    let target = Target::open(&plain, &a.obfuscated)?;
+    eprintln!(
+        "loaded both checkpoints in {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+    let suite = a.knobs.suite(target.layers(), target.declared_exact())?;
+    let streams = if kinds.contains(&AttackKind::Tfma) {
+        let tok = tokenizer(&plain)?;
+        let (client, public) = corpus_halves(&tok, a.knobs.corpus.as_deref(), a.knobs.texts)?;
+        Some(Streams::simulate(&client, &public, &tau)?)
+    } else {
+        None
+    };
+    let mut results = vec![];
+    for &k in kinds {
+        let r = run_one(k, &target, streams.as_ref(), &tau, &suite)?;
+        eprintln!(
+            "{:5} TTRSR {:.4}  top-10 {:.4}  {:.1}s",
+            k.name(),
+            r.score.ttrsr,
+            r.score.top10,
+            r.seconds
+        );
+        results.push((k.name().to_string(), r));
+    }
+    print_table(&results);
+    if let Some(j) = &a.json {
+        let map: BTreeMap<&str, &AttackResult> =
+            results.iter().map(|(n, r)| (n.as_str(), r)).collect();
+        let json =
+            serde_json::to_vec_pretty(&map).map_err(|e| AttackError::Input(e.to_string()))?;
+        write_atomic(j, &json)?;
+    }
+    Ok(results)
+}
+
+/// Runs the sweep subcommand.
+pub fn run_sweep(a: &SweepArgs) -> Result<()> {
+    let plain = resolve_model(&a.plain)?;
+    let grid = parse_grid(&a.grid)?;
+    let attacks = a
+        .attacks
+        .split(',')
+        .map(AttackKind::parse)
+        .collect::<Result<Vec<_>>>()?;
+    let (cfg, _) = Checkpoint::open_config_and_tokenizer(&plain)?;
+    let suite = a.knobs.suite(cfg.num_hidden_layers, false)?;
+    let tok = tokenizer(&plain)?;
+    let (client, public) = corpus_halves(&tok, a.knobs.corpus.as_deref(), a.knobs.texts)?;
+    let fid_texts = load_texts(None, a.fidelity_texts)?;
+    let fidelity_seqs = fid_texts
+        .iter()
+        .map(|t| {
+            let mut ids = tok.encode(t, false)?;
+            ids.truncate(128);
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let setup = SweepSetup {
+        plain: &plain,
+        out: &a.out,
+        attacks,
+        suite,
+        fidelity_seqs,
+        client,
+        public,
+        seed: a.knobs.seed,
+        keep: a.keep,
+    };
+    let points = crate::sweep::run(&grid, &setup)?;
+    println!("{}", crate::sweep::markdown(&points, &setup.attacks));
+    println!(
+        "wrote {}/sweep.json, report.md, frontier.svg",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Entry point for `umbra attack ...`.
+pub fn run(cmd: &AttackCommand) -> Result<()> {
+    let one = |k: AttackKind, a: &AttackArgs| run_attacks(&[k], a).map(|_| ());
+    match cmd {
+        AttackCommand::Vma(a) => one(AttackKind::Vma, a),
+        AttackCommand::Ia(a) => one(AttackKind::Ia, a),
+        AttackCommand::Nn(a) => one(AttackKind::Nn, a),
+        AttackCommand::Hat(a) => one(AttackKind::Hat, a),
+        AttackCommand::Tfma(a) => one(AttackKind::Tfma, a),
+        AttackCommand::All(a) => run_attacks(&AttackKind::ALL, a).map(|_| ()),
+        AttackCommand::Sweep(a) => run_sweep(a),
+    }
+}

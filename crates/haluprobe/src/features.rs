@@ -1,0 +1,509 @@
+//! Feature extraction from the taps of one forward pass of our engine.
+//!
+//! A triple (knowledge `K`, question `Q`, answer `A`) is laid out as
+//! `"Knowledge: " K[..max_knowledge_tokens] "\nQuestion: " Q "\nAnswer:"` (the prompt, `P` tokens)
+//! followed by `" " A` (`n` answer tokens), tokenized piecewise without special tokens. The
+//! knowledge is truncated to keep sequences short on a CPU (documented in docs/haluprobe.md).
+//! The prompt runs once through [`Llama::forward_embeds_with_taps`]; each answer continues from
+//! a copy of its KV cache through [`Llama::forward_embeds_with_attention_taps`], so both answers
+//! to one question share the prompt pass. Stages (paper, Sec. 3):
+//! - **understanding**: prompt tokens `0..P` (knowledge + question);
+//! - **query**: the boundary tokens `P-1` (last prompt token) and `P` (first answer token);
+//! - **generation**: answer tokens `P..P+n`.
+//!
+//! Feature families and keys (`L` layers, `d` hidden size, `H` heads); `Layer(i)` taps are the
+//! residual stream after block `i`:
+//! - `hidden.understanding.mean` `[L,d]`: mean over prompt tokens;
+//! - `hidden.query.mean` `[L,d]`: mean of the two boundary tokens;
+//! - `hidden.generation.{last,mean,window}` `[L,d]`: last answer token, mean over answer tokens,
+//!   mean over the sliding window of the last `window` positions ending at the last answer token;
+//! - `lookback.query` / `lookback.generation.mean` `[L,H]`: Lookback-Lens ratio
+//!   `LR = a_ctx / (a_ctx + a_new)` where `a_ctx` is the mean attention of an answer position on
+//!   the prompt tokens and `a_new` its mean attention on answer tokens up to itself; at the first
+//!   answer token, and averaged over all answer tokens;
+//! - `logit.generation` `[8]`: log-prob of the first answer token, mean / min / sum of the answer
+//!   log-probs (mean = -log perplexity), mean / max / first-token entropy of the next-token
+//!   distribution, and the answer length in tokens;
+//! - `llmcheck.generation` `[L]`: LLM-Check hidden score, mean of `log λ_i` over the non-zero
+//!   eigenvalues of `Z_c Z_c^T / d`, `Z_c` = centered hidden states of the last prompt token and
+//!   the answer tokens (`n+1` rows).
+use crate::error::{HaluError, Result};
+use candle_core::{Tensor, D};
+use std::collections::BTreeMap;
+use umbra_model::llama::{Llama, TapPoint};
+use umbra_model::tokenizer::TextTokenizer;
+
+/// Which part of the forward pass a feature comes from.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Understanding,
+    Query,
+    Generation,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Understanding => "understanding",
+            Stage::Query => "query",
+            Stage::Generation => "generation",
+        }
+    }
+}
+
+/// Extraction settings; stored in the feature manifest and in every probe file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ExtractConfig {
+    /// Knowledge tokens kept (the rest is cut) to keep sequences short.
+    pub max_knowledge_tokens: usize,
+    pub max_question_tokens: usize,
+    pub max_answer_tokens: usize,
+    /// Sliding-window length for `hidden.generation.window`.
+    pub window: usize,
+}
+
+impl Default for ExtractConfig {
+    fn default() -> Self {
+        Self {
+            max_knowledge_tokens: 96,
+            max_question_tokens: 64,
+            max_answer_tokens: 32,
+            window: 4,
+        }
+    }
+}
+
+/// Number of entries in `logit.generation`.
+pub const LOGIT_FEATURES: usize = 8;
+/// Names of the `logit.generation` entries, in order.
+pub const LOGIT_NAMES: [&str; LOGIT_FEATURES] = [
+    "first_logprob",
+    "mean_logprob",
+    "min_logprob",
+    "sum_logprob",
+    "mean_entropy",
+    "max_entropy",
+    "first_entropy",
+    "answer_tokens",
+];
+
+/// The hidden-state feature keys, with their stage.
+pub const HIDDEN_KEYS: [(&str, Stage); 5] = [
+    ("hidden.understanding.mean", Stage::Understanding),
+    ("hidden.query.mean", Stage::Query),
+    ("hidden.generation.last", Stage::Generation),
+    ("hidden.generation.mean", Stage::Generation),
+    ("hidden.generation.window", Stage::Generation),
+];
+/// The lookback-ratio keys, with their stage.
+pub const LOOKBACK_KEYS: [(&str, Stage); 2] = [
+    ("lookback.query", Stage::Query),
+    ("lookback.generation.mean", Stage::Generation),
+];
+pub const LOGIT_KEY: &str = "logit.generation";
+pub const LLMCHECK_KEY: &str = "llmcheck.generation";
+
+/// The stage of a feature key (`family.stage[.selection]`).
+pub fn key_stage(key: &str) -> Option<Stage> {
+    match key.split('.').nth(1)? {
+        "understanding" => Some(Stage::Understanding),
+        "query" => Some(Stage::Query),
+        "generation" => Some(Stage::Generation),
+        _ => None,
+    }
+}
+
+/// The per-triple shape of every key for a model with `l` layers, hidden `d`, `h` heads.
+pub fn key_shapes(l: usize, d: usize, h: usize) -> BTreeMap<String, Vec<usize>> {
+    let mut m = BTreeMap::new();
+    for (k, _) in HIDDEN_KEYS {
+        m.insert(k.to_string(), vec![l, d]);
+    }
+    for (k, _) in LOOKBACK_KEYS {
+        m.insert(k.to_string(), vec![l, h]);
+    }
+    m.insert(LOGIT_KEY.to_string(), vec![LOGIT_FEATURES]);
+    m.insert(LLMCHECK_KEY.to_string(), vec![l]);
+    m
+}
+
+/// Features of one triple: key -> flat row-major values of the shape in [`key_shapes`].
+pub type Features = BTreeMap<String, Vec<f32>>;
+
+/// Token ids of one triple.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub prompt: Vec<u32>,
+    pub answer: Vec<u32>,
+}
+
+/// Runs the engine with taps and reduces them to [`Features`].
+pub struct Extractor<'a> {
+    pub model: &'a Llama,
+    pub tokenizer: &'a TextTokenizer,
+    pub cfg: ExtractConfig,
+}
+
+fn enc(tok: &TextTokenizer, s: &str) -> Result<Vec<u32>> {
+    Ok(tok.encode(s, false)?)
+}
+
+impl<'a> Extractor<'a> {
+    pub fn new(model: &'a Llama, tokenizer: &'a TextTokenizer, cfg: ExtractConfig) -> Self {
+        Self {
+            model,
+            tokenizer,
+            cfg,
+        }
+    }
+
+    /// Prompt ids (knowledge optional; truncated as configured). Errors on an empty question.
+    pub fn encode_prompt(&self, knowledge: Option<&str>, question: &str) -> Result<Vec<u32>> {
+        if question.trim().is_empty() {
+            return Err(HaluError::Input("empty question".into()));
+        }
+        let t = self.tokenizer;
+        let mut ids = Vec::new();
+        if let Some(k) = knowledge.filter(|k| !k.trim().is_empty()) {
+            ids.extend(enc(t, "Knowledge: ")?);
+            let mut k = enc(t, k.trim())?;
+            k.truncate(self.cfg.max_knowledge_tokens);
+            ids.extend(k);
+            ids.extend(enc(t, "\n")?);
+        }
+        ids.extend(enc(t, "Question: ")?);
+        let mut q = enc(t, question.trim())?;
+        q.truncate(self.cfg.max_question_tokens);
+        ids.extend(q);
+        ids.extend(enc(t, "\nAnswer:")?);
+        Ok(ids)
+    }
+
+    /// Answer ids (`" " + answer`, truncated). Errors on an empty answer.
+    pub fn encode_answer(&self, answer: &str) -> Result<Vec<u32>> {
+        if answer.trim().is_empty() {
+            return Err(HaluError::Input("empty answer".into()));
+        }
+        let mut a = enc(self.tokenizer, &format!(" {}", answer.trim()))?;
+        a.truncate(self.cfg.max_answer_tokens);
+        if a.is_empty() {
+            return Err(HaluError::Input("answer has no tokens".into()));
+        }
+        Ok(a)
+    }
+
+    /// Features of each answer to one prompt; the prompt pass runs once and is shared.
+    pub fn extract(
+        &self,
+        knowledge: Option<&str>,
+        question: &str,
+        answers: &[&str],
+    ) -> Result<Vec<Features>> {
+        let prompt = self.encode_prompt(knowledge, question)?;
+        let answers = answers
+            .iter()
+            .map(|a| self.encode_answer(a))
+            .collect::<Result<Vec<_>>>()?;
+        self.extract_ids(&prompt, &answers)
+    }
+
+    /// [`Extractor::extract`] on token ids.
+    pub fn extract_ids(&self, prompt: &[u32], answers: &[Vec<u32>]) -> Result<Vec<Features>> {
+        extract_ids(self.model, &self.cfg, prompt, answers)
+    }
+}
+
+/// Features of each answer (ids) after one prompt (ids): the prompt pass runs once through
+/// [`Llama::forward_embeds_with_taps`], each answer continues from a copy of its KV cache
+/// through [`Llama::forward_embeds_with_attention_taps`].
+pub fn extract_ids(
+    m: &Llama,
+    cfg: &ExtractConfig,
+    prompt: &[u32],
+    answers: &[Vec<u32>],
+) -> Result<Vec<Features>> {
+    {
+        let dev = m.device();
+        let p = prompt.len();
+        if p == 0 || answers.iter().any(|a| a.is_empty()) {
+            return Err(HaluError::Input("empty prompt or answer ids".into()));
+        }
+        let ids = Tensor::new(prompt, dev)?.unsqueeze(0)?;
+        let emb = m.embed(&ids)?;
+        let mut cache =
+            m.new_cache_with_capacity(p + answers.iter().map(Vec::len).max().unwrap_or(0));
+        let mut prompt_layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
+        let h = m.forward_embeds_with_taps(&emb, &mut cache, &mut |pt, t| {
+            if let TapPoint::Layer(_) = pt {
+                prompt_layers.push(t.clone());
+            }
+        })?;
+        let first_logits = m.head(&h.narrow(1, p - 1, 1)?)?.squeeze(0)?; // [1,V]
+                                                                         // Prompt per layer: [P, d] as rows.
+        let prompt_rows: Vec<Vec<Vec<f32>>> = prompt_layers
+            .iter()
+            .map(|t| t.squeeze(0)?.to_vec2::<f32>())
+            .collect::<std::result::Result<_, _>>()?;
+        let mut out = Vec::with_capacity(answers.len());
+        for ans in answers {
+            let mut c = cache.try_clone()?;
+            let aemb = m.embed(&Tensor::new(ans.as_slice(), dev)?.unsqueeze(0)?)?;
+            let mut layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
+            let mut attn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
+            let ah =
+                m.forward_embeds_with_attention_taps(&aemb, &mut c, &mut |pt, t| match pt {
+                    TapPoint::Layer(_) => layers.push(t.clone()),
+                    TapPoint::Attention(_) => attn.push(t.clone()),
+                    _ => {}
+                })?;
+            let logits = m.head(&ah)?.squeeze(0)?; // [n,V]
+            out.push(reduce(
+                cfg,
+                &prompt_rows,
+                &layers,
+                &attn,
+                &first_logits,
+                &logits,
+                ans,
+            )?);
+        }
+        Ok(out)
+    }
+}
+
+/// Reduces the taps of one answer pass to features (see the module docs).
+fn reduce(
+    cfg: &ExtractConfig,
+    prompt_rows: &[Vec<Vec<f32>>],
+    layers: &[Tensor],
+    attn: &[Tensor],
+    first_logits: &Tensor,
+    logits: &Tensor,
+    answer: &[u32],
+) -> Result<Features> {
+    let n = answer.len();
+    let nl = layers.len();
+    if nl != prompt_rows.len() || attn.len() != nl || nl == 0 {
+        return Err(HaluError::Input(format!(
+            "taps incomplete: {} prompt layers, {} answer layers, {} attention maps",
+            prompt_rows.len(),
+            nl,
+            attn.len()
+        )));
+    }
+    let d = prompt_rows[0][0].len();
+    let p = prompt_rows[0].len();
+    let w = cfg.window.max(1);
+    let mut f = Features::new();
+    let mut und = Vec::with_capacity(nl * d);
+    let mut qry = Vec::with_capacity(nl * d);
+    let mut last = Vec::with_capacity(nl * d);
+    let mut mean = Vec::with_capacity(nl * d);
+    let mut win = Vec::with_capacity(nl * d);
+    let mut llm = Vec::with_capacity(nl);
+    for (li, t) in layers.iter().enumerate() {
+        let rows = t.squeeze(0)?.to_vec2::<f32>()?; // [n, d]
+        let pr = &prompt_rows[li];
+        und.extend(mean_rows(pr.iter().map(Vec::as_slice), d));
+        qry.extend(mean_rows([pr[p - 1].as_slice(), rows[0].as_slice()], d));
+        last.extend_from_slice(&rows[n - 1]);
+        mean.extend(mean_rows(rows.iter().map(Vec::as_slice), d));
+        let from_prompt = w.saturating_sub(n).min(p);
+        let wrows = pr[p - from_prompt..]
+            .iter()
+            .chain(rows[n.saturating_sub(w)..].iter())
+            .map(Vec::as_slice);
+        win.extend(mean_rows(wrows, d));
+        let z: Vec<&[f32]> = std::iter::once(pr[p - 1].as_slice())
+            .chain(rows.iter().map(Vec::as_slice))
+            .collect();
+        llm.push(llmcheck_score(&z));
+    }
+    f.insert("hidden.understanding.mean".into(), und);
+    f.insert("hidden.query.mean".into(), qry);
+    f.insert("hidden.generation.last".into(), last);
+    f.insert("hidden.generation.mean".into(), mean);
+    f.insert("hidden.generation.window".into(), win);
+    f.insert(LLMCHECK_KEY.into(), llm);
+    // Lookback ratios from [1, H, n, P+n] probabilities.
+    let mut lq = Vec::new();
+    let mut lg = Vec::new();
+    for a in attn {
+        let (_, nh, t, l) = a.dims4()?;
+        if t != n || l != p + n {
+            return Err(HaluError::Input(format!(
+                "attention map [{nh},{t},{l}] does not match {n} answer tokens after {p}"
+            )));
+        }
+        let v = a.flatten_all()?.to_vec1::<f32>()?;
+        for h in 0..nh {
+            let mut sum = 0f32;
+            for j in 0..n {
+                let row = &v[(h * n + j) * l..(h * n + j + 1) * l];
+                let ctx = row[..p].iter().sum::<f32>() / p as f32;
+                let new = row[p..=p + j].iter().sum::<f32>() / (j + 1) as f32;
+                let lr = ctx / (ctx + new).max(1e-30);
+                if j == 0 {
+                    lq.push(lr);
+                }
+                sum += lr;
+            }
+            lg.push(sum / n as f32);
+        }
+    }
+    f.insert("lookback.query".into(), lq);
+    f.insert("lookback.generation.mean".into(), lg);
+    f.insert(
+        LOGIT_KEY.into(),
+        logit_features(first_logits, logits, answer)?,
+    );
+    Ok(f)
+}
+
+/// Mean of equal-length rows (`d` values each).
+fn mean_rows<'r>(rows: impl IntoIterator<Item = &'r [f32]>, d: usize) -> Vec<f32> {
+    let mut acc = vec![0f64; d];
+    let mut k = 0usize;
+    for r in rows {
+        for (a, x) in acc.iter_mut().zip(r) {
+            *a += *x as f64;
+        }
+        k += 1;
+    }
+    acc.into_iter()
+        .map(|a| (a / k.max(1) as f64) as f32)
+        .collect()
+}
+
+/// `logit.generation` from the logits predicting each answer token: `first` `[1,V]` (at the
+/// last prompt token) and `rest` `[n,V]` (at the answer tokens; the last row predicts past the
+/// answer and is unused).
+fn logit_features(first: &Tensor, rest: &Tensor, answer: &[u32]) -> Result<Vec<f32>> {
+    let n = answer.len();
+    let pred = if n > 1 {
+        Tensor::cat(&[first, &rest.narrow(0, 0, n - 1)?], 0)?
+    } else {
+        first.clone()
+    }; // [n,V]
+    let lsm = candle_nn::ops::log_softmax(&pred, D::Minus1)?;
+    let ent = (lsm.exp()? * &lsm)?
+        .sum(D::Minus1)?
+        .neg()?
+        .to_vec1::<f32>()?;
+    let idx = Tensor::new(answer, pred.device())?.unsqueeze(1)?;
+    let lp = lsm.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let nf = n as f32;
+    let sum: f32 = lp.iter().sum();
+    Ok(vec![
+        lp[0],
+        sum / nf,
+        lp.iter().cloned().fold(f32::INFINITY, f32::min),
+        sum,
+        ent.iter().sum::<f32>() / nf,
+        ent.iter().cloned().fold(f32::NEG_INFINITY, f32::max),
+        ent[0],
+        nf,
+    ])
+}
+
+/// LLM-Check hidden score: mean `log λ` over the `m-1` largest eigenvalues of `Z_c Z_c^T / d`
+/// (`Z_c`: the `m` rows of `z` centered; rank `m-1`). 0 for a single row.
+pub fn llmcheck_score(z: &[&[f32]]) -> f32 {
+    let m = z.len();
+    if m < 2 {
+        return 0.0;
+    }
+    let d = z[0].len();
+    let mut mu = vec![0f64; d];
+    for r in z {
+        for (a, x) in mu.iter_mut().zip(r.iter()) {
+            *a += *x as f64 / m as f64;
+        }
+    }
+    let c: Vec<Vec<f64>> = z
+        .iter()
+        .map(|r| r.iter().zip(&mu).map(|(x, u)| *x as f64 - u).collect())
+        .collect();
+    let mut g = vec![0f64; m * m];
+    for i in 0..m {
+        for j in i..m {
+            let s: f64 = c[i].iter().zip(&c[j]).map(|(a, b)| a * b).sum::<f64>() / d as f64;
+            g[i * m + j] = s;
+            g[j * m + i] = s;
+        }
+    }
+    let mut ev = jacobi_eigenvalues(&mut g, m);
+    ev.sort_by(|a, b| b.total_cmp(a));
+    let k = m - 1;
+    (ev[..k].iter().map(|l| l.max(1e-12).ln()).sum::<f64>() / k as f64) as f32
+}
+
+/// Eigenvalues of a symmetric `m x m` matrix (row-major, destroyed) by cyclic Jacobi sweeps.
+fn jacobi_eigenvalues(a: &mut [f64], m: usize) -> Vec<f64> {
+    for _sweep in 0..60 {
+        let off: f64 = (0..m)
+            .flat_map(|i| (0..m).filter(move |&j| j != i).map(move |j| (i, j)))
+            .map(|(i, j)| a[i * m + j] * a[i * m + j])
+            .sum();
+        let diag: f64 = (0..m).map(|i| a[i * m + i] * a[i * m + i]).sum();
+        if off <= 1e-22 * diag.max(1e-300) {
+            break;
+        }
+        for p in 0..m {
+            for q in p + 1..m {
+                let apq = a[p * m + q];
+                if apq.abs() < 1e-300 {
+                    continue;
+                }
+                let theta = (a[q * m + q] - a[p * m + p]) / (2.0 * apq);
+                let t = theta.signum() / (theta.abs() + (theta * theta + 1.0).sqrt());
+                let t = if theta == 0.0 { 1.0 } else { t };
+                let cs = 1.0 / (t * t + 1.0).sqrt();
+                let sn = t * cs;
+                for k in 0..m {
+                    let akp = a[k * m + p];
+                    let akq = a[k * m + q];
+                    a[k * m + p] = cs * akp - sn * akq;
+                    a[k * m + q] = sn * akp + cs * akq;
+                }
+                for k in 0..m {
+                    let apk = a[p * m + k];
+                    let aqk = a[q * m + k];
+                    a[p * m + k] = cs * apk - sn * aqk;
+                    a[q * m + k] = sn * apk + cs * aqk;
+                }
+            }
+        }
+    }
+    (0..m).map(|i| a[i * m + i]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jacobi_matches_known_spectrum() {
+        // [[2,1],[1,2]] has eigenvalues 1 and 3.
+        let mut a = vec![2.0, 1.0, 1.0, 2.0];
+        let mut ev = jacobi_eigenvalues(&mut a, 2);
+        ev.sort_by(|a, b| a.total_cmp(b));
+        assert!(
+            (ev[0] - 1.0).abs() < 1e-9 && (ev[1] - 3.0).abs() < 1e-9,
+            "{ev:?}"
+        );
+    }
+
+    #[test]
+    fn llmcheck_two_rows_is_log_of_half_squared_distance() {
+        // Two rows x, y: centered gram / d has one non-zero eigenvalue |x-y|^2 / (2d).
+        let x = [1.0f32, 0.0, 0.0, 0.0];
+        let y = [0.0f32, 3.0, 0.0, 0.0];
+        let s = llmcheck_score(&[&x, &y]);
+        let want = (10.0f64 / 2.0 / 4.0).ln() as f32;
+        assert!((s - want).abs() < 1e-5, "{s} vs {want}");
+    }
+}

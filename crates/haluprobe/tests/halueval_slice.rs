@@ -1,0 +1,93 @@
+//! End to end on real assets (CI fetches `smollm2` and `halueval-qa`): extract a small slice of
+//! HaluEval QA with SmolLM2-135M, resume, train a probe on the logit features, score a triple.
+use umbra_assets::{Asset, Cache};
+use umbra_haluprobe::cli::load_model;
+use umbra_haluprobe::data::load_halueval_qa;
+use umbra_haluprobe::eval::{train_selected, EvalConfig};
+use umbra_haluprobe::extract::{run_extraction, ExtractJob};
+use umbra_haluprobe::features::ExtractConfig;
+use umbra_haluprobe::probe::FeatureRef;
+use umbra_haluprobe::score::Scorer;
+use umbra_haluprobe::store::FeatureStore;
+
+/// 120 rows = 240 triples; test split 40% of rows = 48 rows = 96 triples.
+const ROWS: usize = 120;
+
+#[test]
+fn smollm2_halueval_slice_beats_chance() {
+    let cache = Cache::from_env().unwrap();
+    let data = cache.require(Asset::HaluEvalQa).unwrap();
+    let model_dir = cache.root().join("models/SmolLM2-135M-Instruct");
+    assert!(
+        model_dir.join("model.safetensors").is_file(),
+        "{} missing: run `umbra fetch smollm2`",
+        model_dir.display()
+    );
+    let rows = load_halueval_qa(&data).unwrap();
+    let (model, tok) = load_model(&model_dir).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let job = ExtractJob {
+        data: "halueval-qa".into(),
+        model_path: model_dir.display().to_string(),
+        limit: Some(ROWS),
+        seed: 0,
+        chunk_rows: 40,
+        cfg: ExtractConfig {
+            max_knowledge_tokens: 48,
+            ..ExtractConfig::default()
+        },
+    };
+    let s = run_extraction(&model, &tok, &rows, &job, dir.path(), None).unwrap();
+    assert_eq!((s.triples, s.chunks_written), (2 * ROWS, 3));
+    // A second run resumes: nothing left to do.
+    let s2 = run_extraction(&model, &tok, &rows, &job, dir.path(), None).unwrap();
+    assert_eq!((s2.chunks_written, s2.chunks_skipped), (0, 3));
+    // Another setup in the same folder is refused.
+    let mut other = job.clone();
+    other.seed = 1;
+    assert!(run_extraction(&model, &tok, &rows, &other, dir.path(), None).is_err());
+
+    let store = FeatureStore::open(dir.path()).unwrap();
+    let cfg = EvalConfig {
+        val: 0.2,
+        test: 0.4,
+        bootstrap: 200,
+        ..EvalConfig::default()
+    };
+    let (cell, probe) =
+        train_selected(&store, cfg, vec![FeatureRef::parse("logit").unwrap()]).unwrap();
+    // Under the null (no signal) the test AUROC of 48 positives vs 48 negatives has standard
+    // deviation ~0.06; 0.80 is ~5 sd above chance, and the interval must exclude 0.5.
+    assert!(cell.test_auroc > 0.80, "test AUROC {}", cell.test_auroc);
+    assert!(
+        cell.ci_low > 0.6,
+        "interval [{}, {}]",
+        cell.ci_low,
+        cell.ci_high
+    );
+
+    let p = dir.path().join("probe.safetensors");
+    probe.save(&p).unwrap();
+    let scorer = Scorer::load(&p, model.config()).unwrap();
+    let r = &rows[0];
+    let good = scorer
+        .score(
+            &model,
+            &tok,
+            Some(&r.knowledge),
+            &r.question,
+            &r.right_answer,
+        )
+        .unwrap();
+    let bad = scorer
+        .score(
+            &model,
+            &tok,
+            Some(&r.knowledge),
+            &r.question,
+            &r.hallucinated_answer,
+        )
+        .unwrap();
+    assert!((0.0..=1.0).contains(&good.score) && (0.0..=1.0).contains(&bad.score));
+    assert_eq!(good.stage, umbra_haluprobe::features::Stage::Generation);
+}
