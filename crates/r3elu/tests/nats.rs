@@ -1,65 +1,13 @@
 //! Guest and host as two processes over a real NATS server on loopback (Debian's `nats-server`,
 //! started and stopped by the test; `.ci/nats.sh install` provides it).
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn nats_binary() -> PathBuf {
-    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!("nats-server not found: install it with `bash .ci/nats.sh install`");
-}
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait(c: &mut Child, limit: Duration) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s.success();
-        }
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            let _ = c.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use umbra_vfl::testing::{wait_child, NatsServer};
 
 #[test]
 fn guest_and_host_train_over_nats() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _server = Killed(
-        Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server"),
-    );
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "nats-server did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = NatsServer::start();
+    let port = server.port();
     let dir = tempfile::tempdir().unwrap();
     let party = |role: &str| {
         Command::new(env!("CARGO_BIN_EXE_r3elu_party"))
@@ -95,8 +43,14 @@ fn guest_and_host_train_over_nats() {
     // the host first, then the guest: the handshake tolerates either order
     let mut host = party("host");
     let mut guest = party("guest");
-    assert!(wait(&mut guest, Duration::from_secs(180)), "guest failed");
-    assert!(wait(&mut host, Duration::from_secs(30)), "host failed");
+    assert!(
+        wait_child(&mut guest, Duration::from_secs(180)),
+        "guest failed"
+    );
+    assert!(
+        wait_child(&mut host, Duration::from_secs(30)),
+        "host failed"
+    );
     let read = |r: &str| -> serde_json::Value {
         serde_json::from_str(
             &std::fs::read_to_string(dir.path().join(format!("{r}.json"))).unwrap(),

@@ -5,32 +5,15 @@
 //! messages; no text; and the evaluation rows are the customer's clean cut-layer outputs plus
 //! noise of the expected d_chi norm.
 use std::io::Write;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use umbra_sap::wire::{Kind, Msg};
+use umbra_vfl::testing::{wait_child, NatsServer};
 
 /// (subject, payload) of every message the spy saw.
 type Log = Vec<(String, Vec<u8>)>;
-
-fn nats_binary() -> PathBuf {
-    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    panic!("nats-server not found: install it with `apt-get install nats-server` (or .ci/nats.sh install)");
-}
-
-struct Server(Child);
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sap_party"))
@@ -52,43 +35,13 @@ fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
 }
 
 fn wait(mut c: Child, limit: Duration) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s.success();
-        }
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            let _ = c.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_child(&mut c, limit)
 }
 
 #[test]
 fn customer_and_vendor_over_nats_send_only_privatized_activations() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _server = Server(
-        Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server"),
-    );
-    let t0 = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "nats-server did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let server = NatsServer::start();
+    let port = server.port();
     // the spy: every message of the job
     let seen: Arc<Mutex<Log>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

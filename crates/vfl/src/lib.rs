@@ -26,6 +26,7 @@ pub mod model;
 pub mod party;
 pub mod plan;
 pub mod ps;
+pub mod testing;
 pub mod transport;
 
 pub use config::{JobConfig, Mode};

@@ -1,66 +1,10 @@
 //! Two parties as two processes over a real NATS server on loopback (Debian's `nats-server`,
 //! started and stopped by the test itself).
 use std::io::Write;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn nats_binary() -> PathBuf {
-    for p in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if Path::new(p).exists() {
-            return p.into();
-        }
-    }
-    if let Ok(out) = Command::new("sh")
-        .arg("-c")
-        .arg("command -v nats-server")
-        .output()
-    {
-        let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !s.is_empty() {
-            return s.into();
-        }
-    }
-    panic!("nats-server not found: install it with `apt-get install nats-server` (or run .ci/nats.sh install)");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server(Child);
-
-impl Server {
-    fn start(port: u16) -> Server {
-        let child = Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        let t0 = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "nats-server did not come up on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server(child)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::time::Duration;
+use umbra_vfl::testing::{free_port, wait_child, NatsServer};
 
 fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vfl_party"))
@@ -82,18 +26,7 @@ fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
 }
 
 fn wait(mut c: Child, limit: Duration) -> bool {
-    let t0 = Instant::now();
-    loop {
-        if let Some(s) = c.try_wait().unwrap() {
-            return s.success();
-        }
-        if t0.elapsed() > limit {
-            let _ = c.kill();
-            let _ = c.wait();
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_child(&mut c, limit)
 }
 
 fn write_job(dir: &Path, job: &str, epochs: usize, extra: &str) -> PathBuf {
@@ -118,7 +51,7 @@ fn auc_of(p: &Path) -> f64 {
 #[test]
 fn two_processes_over_nats() {
     let port = free_port();
-    let _server = Server::start(port);
+    let _server = NatsServer::start_on(port);
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "ci-two-process", 3, "deadline_s = 5.0\n");
     let (ja, jp) = (
@@ -138,7 +71,7 @@ fn two_processes_over_nats() {
 #[test]
 fn nats_restart_during_training_does_not_lose_the_run() {
     let port = free_port();
-    let server = Server::start(port);
+    let server = NatsServer::start_on(port);
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "ci-restart", 8, "deadline_s = 1.0\n");
     let (ja, jp) = (
@@ -150,7 +83,7 @@ fn nats_restart_during_training_does_not_lose_the_run() {
     std::thread::sleep(Duration::from_millis(2500));
     drop(server);
     std::thread::sleep(Duration::from_millis(500));
-    let _server = Server::start(port);
+    let _server = NatsServer::start_on(port);
     assert!(wait(p, Duration::from_secs(240)), "passive party failed");
     assert!(wait(a, Duration::from_secs(60)), "active party failed");
     let aa = auc_of(&ja);
