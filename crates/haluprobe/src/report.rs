@@ -114,9 +114,10 @@ pub fn flat_json(r: &GridReport) -> serde_json::Value {
         m.insert(format!("{}_ci_low", b.name), b.ci_low.into());
         m.insert(format!("{}_ci_high", b.name), b.ci_high.into());
     }
-    for (k, c) in best_per_family_stage(&r.cells) {
-        let name = format!("best_{}", k.replace([' ', '/'], "").replace('.', "_"));
-        m.insert(name, c.test_auroc.into());
+    // One flat key per feature (e.g. `best_hidden_generation_last`): its best cell's test AUROC.
+    for c in best_per_family_stage(&r.cells).values() {
+        let key = c.name.split('@').next().unwrap_or("");
+        m.insert(format!("best_{}", key.replace('.', "_")), c.test_auroc.into());
     }
     serde_json::Value::Object(m)
 }
