@@ -117,7 +117,10 @@ pub fn flat_json(r: &GridReport) -> serde_json::Value {
     // One flat key per feature (e.g. `best_hidden_generation_last`): its best cell's test AUROC.
     for c in best_per_family_stage(&r.cells).values() {
         let key = c.name.split('@').next().unwrap_or("");
-        m.insert(format!("best_{}", key.replace('.', "_")), c.test_auroc.into());
+        m.insert(
+            format!("best_{}", key.replace('.', "_")),
+            c.test_auroc.into(),
+        );
     }
     serde_json::Value::Object(m)
 }
