@@ -195,6 +195,17 @@ fn log_softmax_top(row: &[f32], chosen: u32, k: usize) -> TokenLogprob {
     }
 }
 
+/// Ends every live member of `c` with a decode error.
+fn fail_all(c: &mut Cohort, e: &umbra_model::error::ModelError) {
+    for m in c.members.iter_mut().filter(|m| !m.done) {
+        m.done = true;
+        let _ = m
+            .job
+            .events
+            .send(Event::Error(format!("decode failed: {e}")));
+    }
+}
+
 impl Scheduler {
     fn live(&self) -> usize {
         self.cohorts
@@ -357,17 +368,21 @@ impl Scheduler {
                     self.consume(c, rows);
                 }
             }
-            Err(e) => {
-                for m in cohorts.iter_mut().flat_map(|c| c.members.iter_mut()) {
-                    if !m.done {
-                        m.done = true;
-                        let _ = m
-                            .job
-                            .events
-                            .send(Event::Error(format!("decode failed: {e}")));
+            // One cohort's failure must not end the others: retry each on its own (a failed
+            // step never advanced any cache's length, so the retry rewrites the same position).
+            Err(_) if cohorts.len() > 1 => {
+                for (c, ids) in cohorts.iter_mut().zip(&ids) {
+                    let one = self
+                        .model
+                        .forward_decode_groups(&mut [(ids.as_slice(), &mut c.cache)])
+                        .and_then(|mut ls| Ok(ls.remove(0).to_vec2::<f32>()?));
+                    match one {
+                        Ok(rows) => self.consume(c, &rows),
+                        Err(e) => fail_all(c, &e),
                     }
                 }
             }
+            Err(e) => cohorts.iter_mut().for_each(|c| fail_all(c, &e)),
         }
         self.cohorts = cohorts;
     }
@@ -404,7 +419,6 @@ impl Scheduler {
 
     /// Samples one token per live member from its logits row and reports it.
     fn consume(&self, c: &mut Cohort, rows: &[Vec<f32>]) {
-        let mut produced = 0u64;
         for (m, row) in c.members.iter_mut().zip(rows) {
             if m.done {
                 continue;
@@ -422,7 +436,8 @@ impl Scheduler {
             } else {
                 let logprob = m.job.logprobs.map(|k| log_softmax_top(row, tok, k));
                 m.generated += 1;
-                produced += 1;
+                // Counted before the client can see the token, so /metrics never lags a response.
+                self.metrics.record_tokens(1);
                 if m.job
                     .events
                     .send(Event::Token { id: tok, logprob })
@@ -444,9 +459,6 @@ impl Scheduler {
                 }
                 let _ = m.job.events.send(Event::Done(f));
             }
-        }
-        if produced > 0 {
-            self.metrics.record_tokens(produced);
         }
     }
 }

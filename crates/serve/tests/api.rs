@@ -249,7 +249,12 @@ async fn hostile_input_gets_4xx_while_others_are_served() {
             .await
         }
     });
-    let c = reqwest::Client::new();
+    // No connection reuse: after a 413 the server closes the connection it did not read to the
+    // end, and a pooled client could race that close on its next request.
+    let c = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
     let raw = |body: Vec<u8>| {
         let c = c.clone();
         let url = url.clone();
