@@ -67,29 +67,9 @@ impl Default for AttackConfig {
 
 /// ROC AUC by the Mann-Whitney statistic (ties count one half). 0.5 without both classes.
 pub fn auc(scores: &[f32], labels: &[u8]) -> f64 {
-    let mut idx: Vec<usize> = (0..scores.len().min(labels.len())).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (mut rank_sum, mut npos) = (0.0f64, 0usize);
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let avg = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            if labels[k] == 1 {
-                rank_sum += avg;
-                npos += 1;
-            }
-        }
-        i = j + 1;
-    }
-    let nneg = idx.len() - npos;
-    if npos == 0 || nneg == 0 {
-        return 0.5;
-    }
-    (rank_sum - (npos * (npos + 1)) as f64 / 2.0) / (npos as f64 * nneg as f64)
+    let n = scores.len().min(labels.len());
+    let y: Vec<f32> = labels[..n].iter().map(|&l| f32::from(l == 1)).collect();
+    umbra_vfl::metrics::auc(&scores[..n], &y).unwrap_or(0.5)
 }
 
 fn t2(v: &[f32], r: usize, c: usize) -> Result<Tensor> {

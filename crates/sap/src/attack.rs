@@ -222,29 +222,8 @@ pub fn recovery(pred: &[u32], truth: &[u32], special: &[u32]) -> f64 {
 /// ROC AUC of scores against binary labels (Mann-Whitney, ties count half); 0.5 when a class
 /// is missing.
 pub fn auc(scores: &[f32], labels: &[bool]) -> f64 {
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (mut rank_sum, mut npos) = (0.0f64, 0usize);
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let r = (i + j) as f64 / 2.0 + 1.0;
-        for &k in &idx[i..=j] {
-            if labels[k] {
-                rank_sum += r;
-                npos += 1;
-            }
-        }
-        i = j + 1;
-    }
-    let nneg = labels.len() - npos;
-    if npos == 0 || nneg == 0 {
-        return 0.5;
-    }
-    (rank_sum - (npos * (npos + 1)) as f64 / 2.0) / (npos * nneg) as f64
+    let y: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
+    umbra_vfl::metrics::auc(scores, &y).unwrap_or(0.5)
 }
 
 /// Mean of each sequence's rows: `[sum(len), d] -> [n, d]`.
