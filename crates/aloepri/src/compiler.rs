@@ -104,6 +104,28 @@ fn take(w: &mut Weights, name: &str) -> Result<Tensor> {
     Ok(t.to_dtype(candle_core::DType::F64)?)
 }
 
+/// [`compile_weights`] into memory: the obfuscated weights (embedding and head chunks stitched
+/// back together) and the compile result. For tests, attacks and small models; checkpoints on
+/// disk go through [`compile_checkpoint`], which streams.
+pub fn compile_in_memory(
+    cfg: &LlamaConfig,
+    w: Weights,
+    special_ids: &[u32],
+    params: &ObfuscationParams,
+    seed: u64,
+) -> Result<(Weights, Compiled)> {
+    let mut out = Weights::new();
+    let compiled = compile_weights(cfg, w, special_ids, params, seed, &mut |n, t| {
+        let t = match out.remove(n) {
+            Some(prev) => Tensor::cat(&[&prev, &t], 0)?,
+            None => t,
+        };
+        out.insert(n.to_string(), t);
+        Ok(())
+    })?;
+    Ok((out, compiled))
+}
+
 /// Transforms every tensor of a plaintext model (consumed, so each input is freed once used) and
 /// hands the results to `sink(name, tensor)` in [`output_specs`] order of the obfuscated config.
 /// The embedding and the head arrive as consecutive row chunks under the same name.

@@ -17,6 +17,7 @@ pub mod keyfile;
 pub mod keys;
 pub mod linalg;
 pub mod params;
+pub mod statemap;
 pub mod tau;
 pub mod transform;
 pub mod writer;

@@ -2,6 +2,10 @@
 use crate::error::{AttackError, Result};
 use crate::hat::HatConfig;
 use crate::ia::IaConfig;
+use crate::ima::{ImaConfig, Reference};
+use crate::isa::IsaConfig;
+use crate::sda::SdaConfig;
+use crate::states::StateLayer;
 use crate::suite::{load_texts, run_one, AttackKind, AttackResult, Streams, SuiteConfig};
 use crate::sweep::{parse_grid, write_atomic, SweepSetup};
 use crate::target::Target;
@@ -24,6 +28,15 @@ pub enum AttackCommand {
     Hat(AttackArgs),
     /// Token-frequency matching on the obfuscated id stream (needs a corpus).
     Tfma(AttackArgs),
+    /// Substitution-cipher decoding of the id stream: TFMA start + bigram-LM hill climbing.
+    Sda(AttackArgs),
+    /// Learned inversion: ridge inverter from the attacker's own labelled states to tokens.
+    Ima(AttackArgs),
+    /// Internal-state attack: plaintext-model states matched to the observed ones (ICP alignment).
+    Isa(AttackArgs),
+    /// Block-key attack: the residual key of an exact (isometric) obfuscation from the blocks'
+    /// head-summed q k^T and v o products, then nearest neighbours through it.
+    Blockkey(AttackArgs),
     /// Every attack above, one after the other, printing each one's time.
     All(AttackArgs),
     /// Obfuscate over a parameter grid, attack and measure fidelity; Markdown report + figure.
@@ -32,11 +45,11 @@ pub enum AttackCommand {
 
 #[derive(Args, Clone)]
 pub struct KnobArgs {
-    /// Texts for TFMA (one per line); HaluEval QA passages when omitted. The first half is the
+    /// Texts for TFMA, SDA, IMA, ISA (one per line); HaluEval QA passages when omitted. The first half is the
     /// client's traffic, the second half the attacker's public text.
     #[arg(long)]
     pub corpus: Option<PathBuf>,
-    /// Passages read for TFMA.
+    /// Passages read for TFMA/SDA (IMA/ISA use the first --victims and --ref-texts of them).
     #[arg(long, default_value_t = 4000)]
     pub texts: usize,
     /// Layers whose gate products vote in VMA (comma-separated; `none` for the head only).
@@ -58,6 +71,35 @@ pub struct KnobArgs {
     /// Hat attack: ridge refinement rounds.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// SDA: plaintext ids tried per cipher id (frequency-rank window).
+    #[arg(long, default_value_t = 100)]
+    pub sda_window: usize,
+    /// SDA: hill-climbing sweeps.
+    #[arg(long, default_value_t = 8)]
+    pub sda_sweeps: usize,
+    /// Seconds each budgeted attack may spend on its search (SDA hill climbing); no limit when
+    /// omitted.
+    #[arg(long)]
+    pub budget: Option<f64>,
+    /// IMA/ISA: observed state, `emb` (embedding output) or a block index (output of that block).
+    #[arg(long, default_value = "0")]
+    pub state_layer: String,
+    /// IMA/ISA: victim prompts attacked (from the client half of the corpus).
+    #[arg(long, default_value_t = 64)]
+    pub victims: usize,
+    /// IMA/ISA: attacker texts run through its models (from the public half).
+    #[arg(long, default_value_t = 256)]
+    pub ref_texts: usize,
+    /// IMA/ISA: tokens kept per prompt / text.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// IMA: where the inverter's labelled states come from: `auto` (the attacker's own key for
+    /// umbra checkpoints, the plaintext model otherwise) or `plain`.
+    #[arg(long, default_value = "auto")]
+    pub ima_reference: String,
+    /// ISA: ICP alignment rounds.
+    #[arg(long, default_value_t = 3)]
+    pub isa_rounds: usize,
     /// Candidates kept per id (top-k recovery is reported for k = 10).
     #[arg(long, default_value_t = 10)]
     pub k: usize,
@@ -155,7 +197,38 @@ impl KnobArgs {
                 layers: ia_layers,
                 k: self.k,
             },
+            sda: SdaConfig {
+                window: self.sda_window,
+                sweeps: self.sda_sweeps,
+                k: self.k,
+                budget_s: self.budget,
+                ..SdaConfig::default()
+            },
+            ima: ImaConfig {
+                layer: StateLayer::parse(&self.state_layer)?,
+                reference: match self.ima_reference.as_str() {
+                    "auto" => None,
+                    "plain" => Some(Reference::Plain),
+                    x => {
+                        return Err(AttackError::Input(format!(
+                            "--ima-reference `{x}`: expected auto or plain"
+                        )))
+                    }
+                },
+                seed: self.seed ^ 0x1a7a,
+                k: self.k,
+                ..ImaConfig::default()
+            },
+            isa: IsaConfig {
+                layer: StateLayer::parse(&self.state_layer)?,
+                rounds: self.isa_rounds,
+                k: self.k,
+            },
+            victims: self.victims,
+            ref_texts: self.ref_texts,
+            max_len: self.max_len,
             k: self.k,
+            seed: self.seed,
         })
     }
 }
@@ -235,10 +308,18 @@ pub fn run_attacks(kinds: &[AttackKind], a: &AttackArgs) -> Result<Vec<(String, 
         t0.elapsed().as_secs_f64()
     );
     let suite = a.knobs.suite(target.layers(), target.declared_exact())?;
-    let streams = if kinds.contains(&AttackKind::Tfma) {
+    let needs_text = |k: &AttackKind| {
+        matches!(
+            k,
+            AttackKind::Tfma | AttackKind::Sda | AttackKind::Ima | AttackKind::Isa
+        )
+    };
+    let streams = if kinds.iter().any(needs_text) {
         let tok = tokenizer(&plain)?;
         let (client, public) = corpus_halves(&tok, a.knobs.corpus.as_deref(), a.knobs.texts)?;
-        Some(Streams::simulate(&client, &public, &tau)?)
+        let mut s = Streams::simulate(&client, &public, &tau)?;
+        s.pii = crate::suite::pii_mask(target.vocab(), |i| tok.id_to_token(i));
+        Some(s)
     } else {
         None
     };
@@ -316,6 +397,10 @@ pub fn run(cmd: &AttackCommand) -> Result<()> {
         AttackCommand::Nn(a) => one(AttackKind::Nn, a),
         AttackCommand::Hat(a) => one(AttackKind::Hat, a),
         AttackCommand::Tfma(a) => one(AttackKind::Tfma, a),
+        AttackCommand::Sda(a) => one(AttackKind::Sda, a),
+        AttackCommand::Ima(a) => one(AttackKind::Ima, a),
+        AttackCommand::Isa(a) => one(AttackKind::Isa, a),
+        AttackCommand::Blockkey(a) => one(AttackKind::BlockKey, a),
         AttackCommand::All(a) => run_attacks(&AttackKind::ALL, a).map(|_| ()),
         AttackCommand::Sweep(a) => run_sweep(a),
     }

@@ -12,17 +12,25 @@
 //! | NN (embedding rows) | [`nn`] | weights | any key `P` |
 //! | hat (column space of the head, bootstrap + Procrustes) | [`hat`] | weights | nothing measured so far |
 //! | TFMA (frequency ranks) | [`tfma`] | id stream + public text | flat frequency profile |
+//! | SDA (bigram LM hill-climbing from TFMA) | [`sda`] | id stream + public text | nothing but little traffic |
+//! | IMA (ridge inverter on the attacker's own labelled states) | [`ima`] | states + public text | any secret key |
+//! | ISA (plaintext-model states, ICP/Procrustes alignment) | [`isa`] | states + public text | any key `P` |
 //!
 //! [`suite`] runs them and [`sweep`] runs them with the fidelity evaluation over a parameter grid.
 
+pub mod blockkey;
 pub mod cli;
 pub mod error;
 pub mod hat;
 pub mod ia;
+pub mod ima;
+pub mod isa;
 pub mod linalg;
 pub mod nn;
 pub mod progress;
 pub mod score;
+pub mod sda;
+pub mod states;
 pub mod suite;
 pub mod sweep;
 pub mod target;

@@ -144,6 +144,50 @@ impl Target {
         ))
     }
 
+    /// The obfuscated projection with the obfuscated checkpoint's own norm folded in (stock
+    /// RMSNorm weights; all ones when the compiler folded them, which it does).
+    fn obf_folded(&self, layer: usize, proj: &str, norm: &str) -> Result<Tensor> {
+        let n = f32(get(
+            &self.obf,
+            &format!("model.layers.{layer}.{norm}.weight"),
+            "obfuscated",
+        )?)?;
+        Ok(self
+            .obf_proj(layer, proj)?
+            .broadcast_mul(&n.unsqueeze(0)?)?)
+    }
+
+    /// Attention projections of one layer with the input norm folded on both sides, HF layout:
+    /// plaintext `[q, k, v, o]` (`[nh*hd, d]`, `[nkv*hd, d]`, `[nkv*hd, d]`, `[d, nh*hd]`)
+    /// and the obfuscated four (`d'` for `d`).
+    pub fn attention(&self, layer: usize) -> Result<[[Tensor; 4]; 2]> {
+        let side = |obf: bool| -> Result<[Tensor; 4]> {
+            let f = |p: &str| {
+                if obf {
+                    self.obf_folded(layer, p, "input_layernorm")
+                } else {
+                    self.folded(layer, p, "input_layernorm")
+                }
+            };
+            let o = if obf {
+                self.obf_proj(layer, "self_attn.o_proj")?
+            } else {
+                f32(get(
+                    &self.plain,
+                    &format!("model.layers.{layer}.self_attn.o_proj.weight"),
+                    "plaintext",
+                )?)?
+            };
+            Ok([
+                f("self_attn.q_proj")?,
+                f("self_attn.k_proj")?,
+                f("self_attn.v_proj")?,
+                o,
+            ])
+        };
+        Ok([side(false)?, side(true)?])
+    }
+
     /// Plaintext q and k with the input norm folded (`[nh*hd, d]`, `[nkv*hd, d]`) and the
     /// obfuscated ones (`[nh*hd, d']`, `[nkv*hd, d']`).
     pub fn qk(&self, layer: usize) -> Result<[Tensor; 4]> {

@@ -2,11 +2,15 @@
 //! off, on tiny random models (fast), and fails where it should. One test uses real SmolLM2
 //! weights (first 8192 tokens, 2 layers) at the paper's defaults.
 use candle_core::{Device, Tensor};
-use umbra_aloepri::compiler::compile_weights;
+use umbra_aloepri::compiler::compile_in_memory;
 use umbra_aloepri::{ObfuscationParams, TokenPermutation};
 use umbra_attacks::hat::{self, HatConfig};
 use umbra_attacks::ia::{self, IaConfig};
+use umbra_attacks::ima::{ImaConfig, Reference};
+use umbra_attacks::isa::IsaConfig;
 use umbra_attacks::score::score;
+use umbra_attacks::sda::SdaConfig;
+use umbra_attacks::states::StateLayer;
 use umbra_attacks::suite::{run_one, AttackKind, Streams, SuiteConfig};
 use umbra_attacks::vma::{self, VmaConfig};
 use umbra_attacks::{nn, Target};
@@ -28,16 +32,7 @@ fn obfuscate(
     params: ObfuscationParams,
     seed: u64,
 ) -> (Target, Vec<u32>) {
-    let mut out: Weights = Weights::new();
-    let compiled = compile_weights(cfg, w.clone(), &[0], &params, seed, &mut |n, t| {
-        let t = match out.remove(n) {
-            Some(prev) => Tensor::cat(&[&prev, &t], 0)?,
-            None => t,
-        };
-        out.insert(n.to_string(), t);
-        Ok(())
-    })
-    .unwrap();
+    let (out, compiled) = compile_in_memory(cfg, w.clone(), &[0], &params, seed).unwrap();
     let target = Target::from_parts(cfg.clone(), w.clone(), compiled.config, out).unwrap();
     (target, compiled.key.tau)
 }
@@ -173,13 +168,8 @@ fn suite_scores_tfma_on_simulated_traffic() {
     )
     .unwrap();
     let suite = SuiteConfig {
-        vma: VmaConfig::default(),
         hat: hat_cfg(0.0),
-        ia: IaConfig {
-            layers: vec![0],
-            k: 10,
-        },
-        k: 10,
+        ..SuiteConfig::with_defaults(vec![0], 10)
     };
     let r = run_one(AttackKind::Tfma, &t, Some(&streams), &tau, &suite).unwrap();
     assert_eq!(r.extra["top100"], 1.0, "{:?}", r.extra);
@@ -198,10 +188,190 @@ fn suite_scores_tfma_on_simulated_traffic() {
     assert!(run_one(AttackKind::Tfma, &t, None, &tau, &suite).is_err());
 }
 
-/// Real weights: SmolLM2-135M's first 8192 tokens and 2 layers, obfuscated at the paper's
-/// defaults (h 128, lambda .3, alpha_e 1, alpha_h .2, beta 8, junk).
+/// A state in `0..n`, skewed towards small ones like word frequencies (`n u^3`).
+fn zipf(r: &mut impl rand::Rng, n: usize) -> usize {
+    let u: f64 = r.random_range(0.0..1.0);
+    ((n as f64 * u * u * u) as usize).min(n - 1)
+}
+
+/// A first-order Markov source over `states` of the `VOCAB` ids (3-5 successors each, skewed
+/// towards frequent states, random weights): `n` texts of `len` tokens from `seed`.
+fn markov_texts(states: usize, n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+    use rand::{Rng, SeedableRng};
+    let mut g = rand_chacha::ChaCha20Rng::seed_from_u64(42);
+    let ids: Vec<u32> = (0..states as u32)
+        .map(|i| (i * 7 + 3) % VOCAB as u32)
+        .collect();
+    let succ: Vec<Vec<(usize, f64)>> = (0..states)
+        .map(|_| {
+            (0..g.random_range(3..=5))
+                .map(|_| (zipf(&mut g, states), g.random_range(0.2..1.0)))
+                .collect()
+        })
+        .collect();
+    let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let mut s = r.random_range(0..states);
+            (0..len)
+                .map(|_| {
+                    let tot: f64 = succ[s].iter().map(|x| x.1).sum();
+                    let mut u = r.random_range(0.0..tot);
+                    // Mostly follow the chain; 5% jumps keep it from getting stuck.
+                    s = if r.random_bool(0.05) {
+                        zipf(&mut r, states)
+                    } else {
+                        let mut next = succ[s][0].0;
+                        for &(j, w) in &succ[s] {
+                            if u < w {
+                                next = j;
+                                break;
+                            }
+                            u -= w;
+                        }
+                        next
+                    };
+                    ids[s]
+                })
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
-fn hat_breaks_smollm2_slice_at_paper_defaults() {
+fn sda_decodes_a_substitution_cipher_that_frequency_matching_cannot() {
+    let (cfg, w) = tiny();
+    let (t, tau) = obfuscate(&cfg, &w, ObfuscationParams::exact(8), 50);
+    let tau = TokenPermutation::from_forward(tau).unwrap();
+    // Client and attacker texts from the same source, disjoint draws; 150 ids in use.
+    let client = markov_texts(150, 300, 100, 1);
+    let public = markov_texts(150, 300, 100, 2);
+    let streams = Streams::simulate(&client, &public, &tau).unwrap();
+    let suite = SuiteConfig {
+        sda: SdaConfig {
+            window: 150,
+            sweeps: 10,
+            ..SdaConfig::default()
+        },
+        ..SuiteConfig::with_defaults(vec![0], 10)
+    };
+    let tfma = run_one(AttackKind::Tfma, &t, Some(&streams), &tau, &suite).unwrap();
+    let sda = run_one(AttackKind::Sda, &t, Some(&streams), &tau, &suite).unwrap();
+    // Pure permutation, plenty of traffic: the bigram model pins down every id in use but a few
+    // of the rarest (seen once or twice), i.e. almost every token of the traffic.
+    assert!(sda.extra["seen_ttrsr"] > 0.93, "{:?}", sda.extra);
+    assert!(sda.extra["token_ttrsr"] > 0.99, "{:?}", sda.extra);
+    assert!(sda.extra["bleu4"] > 0.9, "{:?}", sda.extra);
+    assert!(sda.extra["lm_final"] > sda.extra["lm_start"]);
+    // Frequency ranks alone get only part of it.
+    assert!(tfma.extra["seen_ttrsr"] < 0.5, "tfma {:?}", tfma.extra);
+    assert!(sda.score.ttrsr > tfma.score.ttrsr + 0.1);
+    // Traffic with no bigram structure (each id drawn independently) gives SDA nothing to use.
+    use rand::{Rng, SeedableRng};
+    let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+    let mut flat = || -> Vec<Vec<u32>> {
+        (0..100)
+            .map(|_| (0..100).map(|_| r.random_range(0..150u32)).collect())
+            .collect()
+    };
+    let (c, p) = (flat(), flat());
+    let streams = Streams::simulate(&c, &p, &tau).unwrap();
+    let sda = run_one(AttackKind::Sda, &t, Some(&streams), &tau, &suite).unwrap();
+    assert!(sda.extra["seen_ttrsr"] < 0.2, "{:?}", sda.extra);
+}
+
+/// Random texts over the whole tiny vocabulary (client, public) and the streams of them.
+fn state_streams(tau: &TokenPermutation) -> Streams {
+    use rand::{Rng, SeedableRng};
+    let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let mut texts = |n: usize| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|_| (0..48).map(|_| r.random_range(0..VOCAB as u32)).collect())
+            .collect()
+    };
+    let (client, public) = (texts(8), texts(60));
+    Streams::simulate(&client, &public, tau).unwrap()
+}
+
+fn state_suite(layer: StateLayer, reference: Option<Reference>) -> SuiteConfig {
+    SuiteConfig {
+        ima: ImaConfig {
+            layer,
+            reference,
+            ..ImaConfig::default()
+        },
+        isa: IsaConfig {
+            layer,
+            ..IsaConfig::default()
+        },
+        ..SuiteConfig::with_defaults(vec![0], 10)
+    }
+}
+
+/// "Obfuscation" with every protection off: the identity key (the plaintext model itself).
+fn identity_target(cfg: &LlamaConfig, w: &Weights) -> (Target, TokenPermutation) {
+    let t = Target::from_parts(cfg.clone(), w.clone(), cfg.clone(), w.clone()).unwrap();
+    let id = TokenPermutation::from_forward((0..cfg.vocab_size as u32).collect()).unwrap();
+    (t, id)
+}
+
+#[test]
+fn ima_and_isa_recover_tokens_without_a_key_and_nothing_with_one() {
+    let (cfg, w) = tiny();
+    let (t, id) = identity_target(&cfg, &w);
+    let streams = state_streams(&id);
+    for layer in [StateLayer::Embeddings, StateLayer::Block(0)] {
+        let suite = state_suite(layer, Some(Reference::Plain));
+        for kind in [AttackKind::Ima, AttackKind::Isa] {
+            let r = run_one(kind, &t, Some(&streams), &id, &suite).unwrap();
+            assert!(
+                r.extra["token_ttrsr"] > 0.95,
+                "{kind:?} {layer:?} {:?}",
+                r.extra
+            );
+            assert!(
+                r.extra["seen_ttrsr"] > 0.95,
+                "{kind:?} {layer:?} {:?}",
+                r.extra
+            );
+        }
+    }
+    // Exact AloePri keys (a secret P, no noise): the attacker's basis is not the victim's.
+    let (t, tau) = obfuscate(&cfg, &w, ObfuscationParams::exact(8), 60);
+    let tau = TokenPermutation::from_forward(tau).unwrap();
+    let streams = state_streams(&tau);
+    let suite = state_suite(StateLayer::Block(0), None);
+    for kind in [AttackKind::Ima, AttackKind::Isa] {
+        let r = run_one(kind, &t, Some(&streams), &tau, &suite).unwrap();
+        assert!(r.extra["token_ttrsr"] < 0.05, "{kind:?} {:?}", r.extra);
+    }
+}
+
+#[test]
+fn ima_recovers_tokens_when_the_attacker_holds_the_victims_key() {
+    // Exact mode where the attacker's own obfuscation has the victim's key (same seed): the
+    // inverter trained on its own states then works on the victim's; with a fresh key it fails.
+    let (cfg, w) = tiny();
+    let p = ObfuscationParams::exact(8);
+    let seed = 70;
+    let (out, compiled) = compile_in_memory(&cfg, w.clone(), &[], &p, seed).unwrap();
+    let t = Target::from_parts(cfg.clone(), w.clone(), compiled.config, out).unwrap();
+    let tau = TokenPermutation::from_forward(compiled.key.tau).unwrap();
+    let streams = state_streams(&tau);
+    let own = |seed| {
+        state_suite(
+            StateLayer::Embeddings,
+            Some(Reference::OwnKey { params: p, seed }),
+        )
+    };
+    let r = run_one(AttackKind::Ima, &t, Some(&streams), &tau, &own(seed)).unwrap();
+    assert!(r.extra["token_ttrsr"] > 0.95, "{:?}", r.extra);
+    let r = run_one(AttackKind::Ima, &t, Some(&streams), &tau, &own(seed + 1)).unwrap();
+    assert!(r.extra["token_ttrsr"] < 0.05, "{:?}", r.extra);
+}
+
+/// SmolLM2-135M's first `v` tokens and first 2 layers.
+fn smollm2_slice(v: usize) -> (LlamaConfig, Weights) {
     let cache = umbra_assets::Cache::from_env().unwrap();
     let dir = cache.root().join("models/SmolLM2-135M-Instruct");
     assert!(
@@ -209,7 +379,6 @@ fn hat_breaks_smollm2_slice_at_paper_defaults() {
         "SmolLM2 missing: run `umbra fetch smollm2`"
     );
     let ck = umbra_model::checkpoint::Checkpoint::open(&dir).unwrap();
-    let v = 8192;
     let mut cfg = ck.config.clone();
     cfg.vocab_size = v;
     cfg.num_hidden_layers = 2;
@@ -228,6 +397,37 @@ fn hat_breaks_smollm2_slice_at_paper_defaults() {
         };
         w.insert(n, t);
     }
+    (cfg, w)
+}
+
+/// Real weights, protections off (identity key): IMA and ISA read tokens back from the
+/// contextual states after block 0 (positive control for the 0% they get against a key).
+#[test]
+fn ima_and_isa_invert_smollm2_states_without_a_key() {
+    use rand::{Rng, SeedableRng};
+    let (cfg, w) = smollm2_slice(4096);
+    let (t, id) = identity_target(&cfg, &w);
+    let mut r = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+    let mut texts = |n: usize| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|_| (0..64).map(|_| r.random_range(0..4096u32)).collect())
+            .collect()
+    };
+    let (client, public) = (texts(8), texts(160));
+    let streams = Streams::simulate(&client, &public, &id).unwrap();
+    let suite = state_suite(StateLayer::Block(0), Some(Reference::Plain));
+    for kind in [AttackKind::Ima, AttackKind::Isa] {
+        let r = run_one(kind, &t, Some(&streams), &id, &suite).unwrap();
+        eprintln!("{kind:?} identity key, block 0: {:?}", r.extra);
+        assert!(r.extra["token_ttrsr"] > 0.9, "{kind:?} {:?}", r.extra);
+    }
+}
+
+/// Real weights: SmolLM2-135M's first 8192 tokens and 2 layers, obfuscated at the paper's
+/// defaults (h 128, lambda .3, alpha_e 1, alpha_h .2, beta 8, junk).
+#[test]
+fn hat_breaks_smollm2_slice_at_paper_defaults() {
+    let (cfg, w) = smollm2_slice(8192);
     let (t, tau) = obfuscate(&cfg, &w, ObfuscationParams::paper(), 7);
     let out = hat::run(
         &t,

@@ -47,7 +47,7 @@ enum Command {
     /// Private SplitNN with R3eLU (guest features, host labels) and the attacks it stops.
     #[command(subcommand)]
     Split(SplitCommand),
-    /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA), scored against the key; sweeps.
+    /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA, SDA, IMA, ISA, block key), scored against the key; sweeps.
     #[command(subcommand)]
     Attack(umbra_attacks::cli::AttackCommand),
     /// Hallucination detection from internal states (HaluProbe): extract, train, report, score.

@@ -126,8 +126,20 @@ pub struct ExtractArgs {
     pub seed: u64,
     #[command(flatten)]
     pub opts: ExtractOpts,
+    /// Client key of an obfuscated `--model`: token ids are mapped through its tau before the
+    /// forward pass, as the client sends them (features are then the provider's view).
+    #[arg(long)]
+    pub key: Option<PathBuf>,
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// The token map (`tau`) of `key` after checking it belongs to the obfuscated `model`.
+pub fn token_map_for(model: &Path, key: Option<&Path>) -> Result<Option<Vec<u32>>> {
+    let Some(key) = key else { return Ok(None) };
+    let key = umbra_aloepri::ClientKey::load(key)?;
+    umbra_aloepri::compiler::check_key_for(model, &key)?;
+    Ok(Some(key.tau))
 }
 
 pub fn run_extract(a: &ExtractArgs) -> Result<crate::extract::ExtractSummary> {
@@ -142,6 +154,7 @@ pub fn run_extract(a: &ExtractArgs) -> Result<crate::extract::ExtractSummary> {
         seed: a.seed,
         chunk_rows: a.chunk_rows,
         cfg: a.opts.config(),
+        token_map: token_map_for(&mpath, a.key.as_deref())?,
     };
     let pb = bar(0, "extract", a.quiet);
     let s = run_extraction(&model, &tok, &rows, &job, &a.out, Some(&pb))?;
@@ -244,6 +257,54 @@ pub struct ScoreArgs {
     pub answer: String,
     #[arg(long)]
     pub knowledge: Option<String>,
+    /// Client key when `--model` is obfuscated (with a probe from `umbra obfuscate
+    /// --halluc-probe`): ids are mapped through its tau, as the client sends them.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `umbra halluc obfuscate-probe`
+#[derive(Debug, Clone, clap::Args)]
+pub struct ObfuscateProbeArgs {
+    /// Probe trained on the plaintext model.
+    #[arg(long)]
+    pub probe: PathBuf,
+    /// The plaintext model (HF folder or GGUF, or `smollm2`) the checkpoint was compiled from.
+    #[arg(long)]
+    pub model: String,
+    /// The obfuscated checkpoint folder (`umbra obfuscate --out`).
+    #[arg(long)]
+    pub obfuscated: PathBuf,
+    /// Its client key (`umbra obfuscate --key`).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Transformed probe to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `umbra halluc eval`
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalProbeArgs {
+    /// Feature folder (every triple is scored).
+    #[arg(long)]
+    pub features: PathBuf,
+    /// Probe file whose inputs the folder holds.
+    #[arg(long)]
+    pub probe: PathBuf,
+    /// Compare against another probe on another folder of the SAME triples (e.g. the
+    /// plaintext probe on plaintext features): adds its AUROC and the score differences.
+    #[arg(long, requires = "against_probe")]
+    pub against_features: Option<PathBuf>,
+    #[arg(long, requires = "against_features")]
+    pub against_probe: Option<PathBuf>,
+    /// Bootstrap resamples (over rows) for the 95% interval.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -277,6 +338,10 @@ pub enum HallucCommand {
     Score(ScoreArgs),
     /// Extraction cost: tapped forward passes vs plain ones on the same tokens.
     Bench(BenchArgs),
+    /// Move a plaintext probe under an obfuscated checkpoint's key (scoring under obfuscation).
+    ObfuscateProbe(ObfuscateProbeArgs),
+    /// AUROC of a probe file on every triple of a feature folder, optionally against another.
+    Eval(EvalProbeArgs),
 }
 
 /// Runs one `umbra halluc` command.
@@ -287,6 +352,8 @@ pub fn run(cmd: &HallucCommand) -> Result<()> {
         HallucCommand::Report(a) => run_report(a).map(|_| ()),
         HallucCommand::Score(a) => run_score(a).map(|_| ()),
         HallucCommand::Bench(a) => run_bench(a).map(|_| ()),
+        HallucCommand::ObfuscateProbe(a) => run_obfuscate_probe(a).map(|_| ()),
+        HallucCommand::Eval(a) => run_eval_probe(a).map(|_| ()),
     }
 }
 
@@ -366,8 +433,16 @@ pub fn run_score(a: &ScoreArgs) -> Result<Score> {
     let mpath = resolve_model(&a.model)?;
     let (cfg, _) = Checkpoint::open_config_and_tokenizer(&mpath)?;
     let scorer = Scorer::new(probe, &cfg)?;
+    let map = token_map_for(&mpath, a.key.as_deref())?;
     let (model, tok) = load_model(&mpath)?;
-    let s = scorer.score(&model, &tok, a.knowledge.as_deref(), &a.question, &a.answer)?;
+    let s = scorer.score_mapped(
+        &model,
+        &tok,
+        map.as_deref(),
+        a.knowledge.as_deref(),
+        &a.question,
+        &a.answer,
+    )?;
     println!(
         "hallucination score {:.4} (threshold {:.4}: {}) at the {} stage",
         s.score,
@@ -396,4 +471,108 @@ pub fn run_bench(a: &BenchArgs) -> Result<crate::bench::BenchReport> {
         write_json(j, &r)?;
     }
     Ok(r)
+}
+
+pub fn run_obfuscate_probe(a: &ObfuscateProbeArgs) -> Result<crate::obfuscated::TransformReport> {
+    let plain = resolve_model(&a.model)?;
+    let (_, r) =
+        crate::obfuscated::transform_probe_files(&a.probe, &plain, &a.obfuscated, &a.key, &a.out)?;
+    println!(
+        "transformed probe written to {} ({} -> {} inputs, key {}, {}) in {:.1}s",
+        a.out.display(),
+        r.inputs_plain,
+        r.inputs_obfuscated,
+        r.key_fingerprint,
+        if r.exact { "exact" } else { "approximate" },
+        r.seconds
+    );
+    if let Some(j) = &a.json {
+        write_json(j, &r)?;
+    }
+    Ok(r)
+}
+
+/// Scores, labels and rows of `probe` on every triple of `store`.
+fn score_store(store: &FeatureStore, probe: &ProbeFile) -> Result<Vec<f32>> {
+    let d = &probe.meta.model;
+    let m = &store.manifest.model;
+    if (d.num_layers, d.hidden_size, d.num_heads) != (m.num_layers, m.hidden_size, m.num_heads) {
+        return Err(HaluError::ProbeMismatch(format!(
+            "probe is for {} layers / hidden {} / {} heads, the features in {} are of {} / {} / {}",
+            d.num_layers,
+            d.hidden_size,
+            d.num_heads,
+            store.dir.display(),
+            m.num_layers,
+            m.hidden_size,
+            m.num_heads
+        )));
+    }
+    let x = crate::eval::load_refs(store, &probe.meta.features)?;
+    probe.net.predict(&x)
+}
+
+pub fn run_eval_probe(a: &EvalProbeArgs) -> Result<serde_json::Value> {
+    use crate::metrics::{accuracy_f1, auroc, bootstrap_auroc_ci};
+    let store = FeatureStore::open(&a.features)?;
+    let probe = ProbeFile::load(&a.probe)?;
+    let s = score_store(&store, &probe)?;
+    let au = auroc(&s, &store.labels)
+        .ok_or_else(|| HaluError::Empty("the folder holds one class only".into()))?;
+    let (lo, hi) = bootstrap_auroc_ci(&s, &store.labels, &store.rows, a.bootstrap, 0)
+        .unwrap_or((f64::NAN, f64::NAN));
+    let (acc, f1) = accuracy_f1(&s, &store.labels, probe.meta.threshold);
+    println!(
+        "{}: AUROC {au:.4} [{lo:.4}, {hi:.4}], acc {acc:.4}, F1 {f1:.4} on {} triples",
+        a.probe.display(),
+        store.len()
+    );
+    let mut json = serde_json::json!({
+        "triples": store.len(),
+        "auroc": au,
+        "ci_low": lo,
+        "ci_high": hi,
+        "accuracy": acc,
+        "f1": f1,
+    });
+    if let (Some(fd), Some(pp)) = (&a.against_features, &a.against_probe) {
+        let other = FeatureStore::open(fd)?;
+        if other.rows != store.rows || other.labels != store.labels {
+            return Err(HaluError::FeatureMismatch(format!(
+                "{} and {} do not hold the same triples in the same order",
+                a.features.display(),
+                fd.display()
+            )));
+        }
+        let op = ProbeFile::load(pp)?;
+        let o = score_store(&other, &op)?;
+        let ao = auroc(&o, &other.labels).unwrap_or(f64::NAN);
+        let diffs: Vec<f64> = s
+            .iter()
+            .zip(&o)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .collect();
+        let max = diffs.iter().cloned().fold(0f64, f64::max);
+        let mean = diffs.iter().sum::<f64>() / diffs.len().max(1) as f64;
+        let agree = s
+            .iter()
+            .zip(&o)
+            .filter(|(x, y)| (**x >= probe.meta.threshold) == (**y >= op.meta.threshold))
+            .count() as f64
+            / s.len().max(1) as f64;
+        println!(
+            "against {} on {}: AUROC {ao:.4}; |score difference| max {max:.2e}, mean {mean:.2e}; same decision on {:.2}% of triples",
+            pp.display(),
+            fd.display(),
+            100.0 * agree
+        );
+        json["against_auroc"] = ao.into();
+        json["max_abs_score_diff"] = max.into();
+        json["mean_abs_score_diff"] = mean.into();
+        json["decision_agreement"] = agree.into();
+    }
+    if let Some(j) = &a.json {
+        write_json(j, &json)?;
+    }
+    Ok(json)
 }

@@ -25,6 +25,8 @@ pub enum HaluError {
     #[error(transparent)]
     Model(#[from] umbra_model::ModelError),
     #[error(transparent)]
+    Aloe(#[from] umbra_aloepri::AloeError),
+    #[error(transparent)]
     Asset(#[from] umbra_assets::AssetError),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),

@@ -476,6 +476,7 @@ pub fn run_grid(
             model: dims.clone(),
             extract: store.manifest.extract.clone(),
             threshold: best.threshold,
+            obfuscated: None,
         },
         net: best.net,
     };
@@ -537,6 +538,7 @@ pub fn train_selected(
             model: store.manifest.model.clone(),
             extract: store.manifest.extract.clone(),
             threshold: f.threshold,
+            obfuscated: None,
         },
         net: f.net,
     };

@@ -21,6 +21,9 @@ pub struct ExtractJob {
     pub seed: u64,
     pub chunk_rows: usize,
     pub cfg: ExtractConfig,
+    /// Token map for an obfuscated model (`tau` of its client key): ids are mapped before the
+    /// forward pass, as the client would send them. `None` for a plaintext model.
+    pub token_map: Option<Vec<u32>>,
 }
 
 /// Summary of one extraction run.
@@ -104,10 +107,11 @@ pub fn run_extraction(
         let mut row_ids = Vec::with_capacity(2 * ids.len());
         for &r in ids {
             let row = &rows[r];
-            let f = ex.extract(
+            let f = ex.extract_mapped(
                 Some(&row.knowledge),
                 &row.question,
                 &[&row.right_answer, &row.hallucinated_answer],
+                job.token_map.as_deref(),
             )?;
             for (label, fe) in [0.0f32, 1.0].into_iter().zip(f) {
                 feats.push(fe);

@@ -202,10 +202,38 @@ impl<'a> Extractor<'a> {
         question: &str,
         answers: &[&str],
     ) -> Result<Vec<Features>> {
-        let prompt = self.encode_prompt(knowledge, question)?;
+        self.extract_mapped(knowledge, question, answers, None)
+    }
+
+    /// [`Extractor::extract`] on a model that reads mapped token ids: every id `i` the
+    /// tokenizer gives becomes `token_map[i]` (an obfuscated model's `tau`, as its client sends).
+    pub fn extract_mapped(
+        &self,
+        knowledge: Option<&str>,
+        question: &str,
+        answers: &[&str],
+        token_map: Option<&[u32]>,
+    ) -> Result<Vec<Features>> {
+        let map = |ids: Vec<u32>| -> Result<Vec<u32>> {
+            match token_map {
+                None => Ok(ids),
+                Some(m) => ids
+                    .iter()
+                    .map(|&i| {
+                        m.get(i as usize).copied().ok_or_else(|| {
+                            HaluError::Input(format!(
+                                "token id {i} is outside the token map of {} ids",
+                                m.len()
+                            ))
+                        })
+                    })
+                    .collect(),
+            }
+        };
+        let prompt = map(self.encode_prompt(knowledge, question)?)?;
         let answers = answers
             .iter()
-            .map(|a| self.encode_answer(a))
+            .map(|a| map(self.encode_answer(a)?))
             .collect::<Result<Vec<_>>>()?;
         self.extract_ids(&prompt, &answers)
     }
@@ -364,7 +392,7 @@ fn reduce(
 }
 
 /// Mean of equal-length rows (`d` values each).
-fn mean_rows<'r>(rows: impl IntoIterator<Item = &'r [f32]>, d: usize) -> Vec<f32> {
+pub(crate) fn mean_rows<'r>(rows: impl IntoIterator<Item = &'r [f32]>, d: usize) -> Vec<f32> {
     let mut acc = vec![0f64; d];
     let mut k = 0usize;
     for r in rows {
@@ -395,9 +423,15 @@ fn logit_features(first: &Tensor, rest: &Tensor, answer: &[u32]) -> Result<Vec<f
         .to_vec1::<f32>()?;
     let idx = Tensor::new(answer, pred.device())?.unsqueeze(1)?;
     let lp = lsm.gather(&idx, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-    let nf = n as f32;
+    Ok(logit_vector(&lp, &ent))
+}
+
+/// `logit.generation` ([`LOGIT_NAMES`] order) from the log-probability of each answer token and
+/// the entropy of the distribution it was drawn from (`n >= 1` of each).
+pub(crate) fn logit_vector(lp: &[f32], ent: &[f32]) -> Vec<f32> {
+    let nf = lp.len() as f32;
     let sum: f32 = lp.iter().sum();
-    Ok(vec![
+    vec![
         lp[0],
         sum / nf,
         lp.iter().cloned().fold(f32::INFINITY, f32::min),
@@ -406,7 +440,7 @@ fn logit_features(first: &Tensor, rest: &Tensor, answer: &[u32]) -> Result<Vec<f
         ent.iter().cloned().fold(f32::NEG_INFINITY, f32::max),
         ent[0],
         nf,
-    ])
+    ]
 }
 
 /// LLM-Check hidden score: mean `log λ` over the `m-1` largest eigenvalues of `Z_c Z_c^T / d`

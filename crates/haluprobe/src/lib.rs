@@ -6,6 +6,7 @@
 //! features per stage) -> [`store`] / [`extract`] (resumable chunked safetensors) ->
 //! [`probe`] (logistic regression / MLP on candle) and [`eval`] (AUROC grid, baselines, best
 //! probe) -> [`report`] (tables and a figure) -> [`score`] (score one answer with a probe file).
+//! [`obfuscated`] moves a probe under an AloePri key, to score an obfuscated model's states.
 pub mod bench;
 pub mod cli;
 pub mod data;
@@ -14,6 +15,8 @@ pub mod eval;
 pub mod extract;
 pub mod features;
 pub mod metrics;
+pub mod obfuscated;
+pub mod online;
 pub mod probe;
 pub mod report;
 pub mod score;

@@ -230,6 +230,12 @@ impl Net {
         })
     }
 
+    /// Pre-sigmoid outputs `f(z)` for the rows of `x`.
+    pub fn logits(&self, x: &Matrix) -> Result<Vec<f32>> {
+        let z = standardize(x, &self.mean, &self.inv_std)?;
+        Ok(forward(&self.layers, &z)?.to_vec1::<f32>()?)
+    }
+
     /// Hallucination probabilities for the rows of `x`.
     pub fn predict(&self, x: &Matrix) -> Result<Vec<f32>> {
         let z = standardize(x, &self.mean, &self.inv_std)?;
@@ -323,6 +329,22 @@ pub struct ProbeMeta {
     pub extract: ExtractConfig,
     /// Decision threshold on the probability (chosen on the validation split).
     pub threshold: f32,
+    /// Set when the probe was transformed for an obfuscated checkpoint (`umbra obfuscate
+    /// --halluc-probe`, [`crate::obfuscated`]): it then reads that checkpoint's obfuscated states
+    /// and is refused on any other model. Absent in plaintext probes (older files load as such).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub obfuscated: Option<ObfuscatedFor>,
+}
+
+/// The obfuscated checkpoint a transformed probe belongs to.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ObfuscatedFor {
+    /// Key fingerprint recorded in the obfuscated checkpoint's `config.json` (never the key).
+    pub key_fingerprint: String,
+    /// Whether the key is exact (then the score equals the plaintext score up to rounding).
+    pub exact: bool,
+    /// Hidden size of the plaintext model the probe was trained on.
+    pub plain_hidden_size: usize,
 }
 
 pub const PROBE_FORMAT: &str = "umbra-haluprobe/1";
@@ -520,8 +542,35 @@ impl ProbeFile {
         Ok(n)
     }
 
-    /// Errors unless the probe was trained on a model with these dimensions.
+    /// Errors unless the probe was trained on (or transformed for) a model with these
+    /// dimensions, and a transformed probe is used only on the obfuscated checkpoint of its key
+    /// (a plaintext probe is refused on an obfuscated model and vice versa).
     pub fn check_model(&self, cfg: &umbra_model::LlamaConfig) -> Result<()> {
+        let model_fp = umbra_aloepri::compiler::recorded_fingerprint(cfg);
+        match (&self.meta.obfuscated, model_fp) {
+            (None, Some(fp)) => {
+                return Err(HaluError::ProbeMismatch(format!(
+                    "this is a plaintext probe but the model is obfuscated (key {fp}); transform \
+                     the probe with `umbra obfuscate ... --halluc-probe` or `umbra halluc \
+                     obfuscate-probe`"
+                )))
+            }
+            (Some(o), None) => {
+                return Err(HaluError::ProbeMismatch(format!(
+                    "this probe was transformed for an obfuscated checkpoint (key {}) but the \
+                     model is plaintext; use the original probe",
+                    o.key_fingerprint
+                )))
+            }
+            (Some(o), Some(fp)) if o.key_fingerprint != fp => {
+                return Err(HaluError::ProbeMismatch(format!(
+                    "this probe was transformed for the obfuscated checkpoint of key {}, the \
+                     model was obfuscated with key {fp}",
+                    o.key_fingerprint
+                )))
+            }
+            _ => {}
+        }
         let m = ModelDims::of(cfg);
         let p = &self.meta.model;
         if m.num_layers != p.num_layers
@@ -534,6 +583,17 @@ impl ProbeFile {
             )));
         }
         Ok(())
+    }
+
+    /// Pre-sigmoid probe output for one triple's features.
+    pub fn logit(&self, features: &Features) -> Result<f32> {
+        let row = gather(features, &self.meta.features, &self.meta.model)?;
+        let x = Matrix {
+            rows: 1,
+            cols: row.len(),
+            data: row,
+        };
+        Ok(self.net.logits(&x)?[0])
     }
 
     /// Probability that the answer is hallucinated, from one triple's features.

@@ -68,9 +68,23 @@ impl Scorer {
         question: &str,
         answer: &str,
     ) -> Result<Score> {
+        self.score_mapped(model, tok, None, knowledge, question, answer)
+    }
+
+    /// [`Scorer::score`] on an obfuscated model: the tokenizer's ids are mapped through
+    /// `token_map` (the client key's `tau`) before the forward pass, as the client sends them.
+    pub fn score_mapped(
+        &self,
+        model: &Llama,
+        tok: &TextTokenizer,
+        token_map: Option<&[u32]>,
+        knowledge: Option<&str>,
+        question: &str,
+        answer: &str,
+    ) -> Result<Score> {
         self.probe.check_model(model.config())?;
         let ex = Extractor::new(model, tok, self.probe.meta.extract.clone());
-        let f = ex.extract(knowledge, question, &[answer])?;
+        let f = ex.extract_mapped(knowledge, question, &[answer], token_map)?;
         let f = f
             .into_iter()
             .next()

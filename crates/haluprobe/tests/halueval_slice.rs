@@ -36,6 +36,7 @@ fn smollm2_halueval_slice_beats_chance() {
             max_knowledge_tokens: 48,
             ..ExtractConfig::default()
         },
+        token_map: None,
     };
     let s = run_extraction(&model, &tok, &rows, &job, dir.path(), None).unwrap();
     assert_eq!((s.triples, s.chunks_written), (2 * ROWS, 3));

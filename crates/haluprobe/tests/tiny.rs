@@ -196,6 +196,7 @@ fn store_roundtrip_probe_file_and_bad_input() {
         model: store.manifest.model.clone(),
         extract: ExtractConfig::default(),
         threshold: 0.5,
+        obfuscated: None,
     };
     let probe = ProbeFile { meta, net };
     let path = dir.path().join("probe.safetensors");

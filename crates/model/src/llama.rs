@@ -572,10 +572,26 @@ impl Llama {
     /// ids `[b,t]` -> logits of the last position `[b,V]`; the LM head runs on that position only.
     pub fn forward_last(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, None, false)?;
+        self.last_logits(&x, cache, None)
+    }
+
+    /// Blocks over `x` `[b,t,d]`, then the head on the last position only -> `[b,V]`.
+    fn last_logits(&self, x: &Tensor, cache: &mut KvCache, tap: Option<Tap<'_>>) -> Result<Tensor> {
+        let h = self.run_blocks(x, cache, tap, false)?;
         let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
-        self.head(&last)
+        self.head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
+    }
+
+    /// [`Llama::forward_last`] calling `tap` at [`TapPoint::Embeddings`] and each `Layer(i)` with
+    /// the residual stream of every position, `[b, t, d]`.
+    pub fn forward_last_with_taps(
+        &self,
+        ids: &Tensor,
+        cache: &mut KvCache,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
+        let x = self.embed(ids)?;
+        self.last_logits(&x, cache, Some(tap))
     }
 
     /// Blocks only (no final norm): embeddings `[b,t,d]` -> residual stream `[b,t,d]`.
@@ -826,6 +842,26 @@ impl Llama {
         &self,
         groups: &mut [(&[u32], &mut KvCache)],
     ) -> Result<Vec<Tensor>> {
+        self.decode_groups(groups, None)
+    }
+
+    /// [`Llama::forward_decode_groups`] calling `tap` at [`TapPoint::Embeddings`] and each
+    /// `Layer(i)` with the residual stream of all rows, `[B, 1, d]`, groups in order (rows
+    /// `r0..r0 + b_g` belong to group `g`). Serving uses it to score completions from the same
+    /// pass that generates them.
+    pub fn forward_decode_groups_with_taps(
+        &self,
+        groups: &mut [(&[u32], &mut KvCache)],
+        tap: Tap<'_>,
+    ) -> Result<Vec<Tensor>> {
+        self.decode_groups(groups, Some(tap))
+    }
+
+    fn decode_groups(
+        &self,
+        groups: &mut [(&[u32], &mut KvCache)],
+        mut tap: Option<Tap<'_>>,
+    ) -> Result<Vec<Tensor>> {
         if groups.is_empty() {
             return Ok(vec![]);
         }
@@ -863,6 +899,9 @@ impl Llama {
         let total = flat.len();
         let ids = Tensor::from_vec(flat, (total, 1), &self.device)?;
         let mut x = self.embed(&ids)?;
+        if let Some(tap) = tap.as_mut() {
+            tap(TapPoint::Embeddings, &x);
+        }
         // Per-row RoPE tables `[B, 1, hd/2]`, so q and k are rotated once per layer for all rows.
         let (cos, sin) = {
             let per_group = spans
@@ -907,6 +946,9 @@ impl Llama {
                 Tensor::cat(&ys, 0)?
             };
             x = self.block_out(blk, &x, &y)?;
+            if let Some(tap) = tap.as_mut() {
+                tap(TapPoint::Layer(layer), &x);
+            }
         }
         for (g, (_, cache)) in groups.iter_mut().enumerate() {
             cache.len = spans[g].2 + 1;

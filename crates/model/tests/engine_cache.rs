@@ -298,11 +298,48 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
             .map(|v| v.as_slice())
             .zip(caches.iter_mut())
             .collect();
-        let out = m.forward_decode_groups(&mut groups).unwrap();
+        // The tapped variant (serving's hallucination probe) must give the same logits, and
+        // per layer the same residual rows as each group's own tapped step.
+        let mut taps: Vec<Tensor> = vec![];
+        let out = m
+            .forward_decode_groups_with_taps(&mut groups, &mut |pt, t| {
+                if let TapPoint::Layer(_) = pt {
+                    taps.push(t.clone());
+                }
+            })
+            .unwrap();
         assert_eq!(out.len(), shapes.len());
+        assert_eq!(taps.len(), m.num_layers());
+        let mut r0 = 0;
         for (g, &(b, len)) in shapes.iter().enumerate() {
             let t = Tensor::from_vec(next[g].clone(), (b, 1), &Device::Cpu).unwrap();
-            let want: Vec<Vec<f32>> = m.forward_last(&t, &mut refs[g]).unwrap().to_vec2().unwrap();
+            let mut want_taps: Vec<Tensor> = vec![];
+            let want: Vec<Vec<f32>> = m
+                .forward_last_with_taps(&t, &mut refs[g], &mut |pt, x| {
+                    if let TapPoint::Layer(_) = pt {
+                        want_taps.push(x.clone());
+                    }
+                })
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (l, (got_l, want_l)) in taps.iter().zip(&want_taps).enumerate() {
+                let got_l: Vec<Vec<f32>> = got_l
+                    .narrow(0, r0, b)
+                    .unwrap()
+                    .squeeze(1)
+                    .unwrap()
+                    .to_vec2()
+                    .unwrap();
+                let want_l: Vec<Vec<f32>> = want_l.squeeze(1).unwrap().to_vec2().unwrap();
+                for r in 0..b {
+                    assert!(
+                        rel(&got_l[r], &want_l[r]) < 1e-5,
+                        "tap layer {l} group {g} row {r}"
+                    );
+                }
+            }
+            r0 += b;
             let got: Vec<Vec<f32>> = out[g].to_vec2().unwrap();
             assert_eq!(got.len(), b);
             for r in 0..b {

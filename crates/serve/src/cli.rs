@@ -42,6 +42,11 @@ pub struct ServeArgs {
     /// Milliseconds the scheduler waits for more arrivals to batch them together.
     #[arg(long, default_value_t = 5.0)]
     pub batch_window_ms: f64,
+    /// HaluProbe probe file: every completion carries `hallucination_score`,
+    /// `hallucination_stage` and `hallucinated` (hidden-state and logit probes; for an
+    /// obfuscated checkpoint, the probe `umbra obfuscate --halluc-probe` transformed).
+    #[arg(long)]
+    pub halluc_probe: Option<PathBuf>,
 }
 
 /// `umbra proxy`: the customer's side, holding the key and the public tokenizer.
@@ -83,8 +88,8 @@ pub struct BenchServeArgs {
     #[arg(long, default_value_t = 2)]
     pub requests_per_client: usize,
     /// Residual expansion h of the obfuscated checkpoint (width d + 2h; `umbra obfuscate`'s
-    /// default is 128). The exact mode is used so both sides generate the same tokens.
-    #[arg(long, default_value_t = 128)]
+    /// default is 0, the paper's 128). The exact mode is used so both sides generate the same tokens.
+    #[arg(long, default_value_t = 0)]
     pub h: usize,
 }
 
@@ -135,6 +140,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
         ));
     }
     cfg.batch_window = Duration::from_secs_f64(args.batch_window_ms / 1e3);
+    cfg.halluc_probe = args.halluc_probe.clone();
     runtime()?.block_on(async move {
         let (bound, fut) = serve(cfg, ctrl_c()).await?;
         eprintln!("umbra serve: listening on http://{bound}");

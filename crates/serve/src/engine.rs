@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc;
-use umbra_model::llama::Llama;
+use umbra_model::llama::{Llama, TapPoint};
 use umbra_model::sampling::{Sampler, SamplingParams};
 
 /// Why a sequence ended.
@@ -45,6 +45,18 @@ pub struct TokenLogprob {
     pub top: Vec<(u32, f32)>,
 }
 
+/// A completion's hallucination score (`umbra serve --halluc-probe`), from the taps of the
+/// same forward passes that generated it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HalluScore {
+    /// Probability that the completion is hallucinated.
+    pub score: f32,
+    /// Stage of the probe's features (`query` or `generation`).
+    pub stage: String,
+    /// `score >= threshold` (the probe's validation threshold).
+    pub hallucinated: bool,
+}
+
 /// What the engine sends back for a job.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -52,8 +64,30 @@ pub enum Event {
         id: u32,
         logprob: Option<TokenLogprob>,
     },
+    /// Sent just before `Done` when the server has a hallucination probe and the answer is
+    /// not empty.
+    Score(HalluScore),
     Done(Finish),
     Error(String),
+}
+
+/// A hallucination probe checked against the served model, with the taps it needs.
+pub struct HalluProbe {
+    pub scorer: umbra_haluprobe::score::Scorer,
+    pub plan: Arc<umbra_haluprobe::online::TapPlan>,
+}
+
+impl HalluProbe {
+    /// Loads `path` and checks it against `model` (layers, hidden size, heads) and against what
+    /// serving can tap.
+    pub fn load(path: &std::path::Path, model: &Llama) -> Result<Self, umbra_haluprobe::HaluError> {
+        let scorer = umbra_haluprobe::score::Scorer::load(path, model.config())?;
+        let plan = umbra_haluprobe::online::TapPlan::for_probe(&scorer.probe.meta)?;
+        Ok(Self {
+            scorer,
+            plan: Arc::new(plan),
+        })
+    }
 }
 
 /// One generation request.
@@ -110,17 +144,28 @@ impl EngineHandle {
     }
 }
 
+/// Scheduler settings of [`spawn`].
+pub struct EngineOptions {
+    /// Most sequences generated at once.
+    pub max_batch: usize,
+    /// Most queued requests (more get 429).
+    pub max_queue: usize,
+    /// Extra pause after every scheduler iteration (simulates a slower device in tests).
+    pub step_delay: std::time::Duration,
+    /// How long to wait for peers of a new request so they share one cohort.
+    pub batch_window: std::time::Duration,
+    /// Scores every completion (`--halluc-probe`).
+    pub probe: Option<HalluProbe>,
+}
+
 /// Starts the engine thread. It runs until every [`EngineHandle`] is dropped and the work is done.
 pub fn spawn(
     model: Llama,
     info: ModelInfo,
-    max_batch: usize,
-    max_queue: usize,
     metrics: Arc<Metrics>,
-    step_delay: std::time::Duration,
-    batch_window: std::time::Duration,
+    opts: EngineOptions,
 ) -> (EngineHandle, std::thread::JoinHandle<()>) {
-    let (tx, rx) = mpsc::channel(max_queue.max(1));
+    let (tx, rx) = mpsc::channel(opts.max_queue.max(1));
     let m = metrics.clone();
     let join = std::thread::Builder::new()
         .name("umbra-engine".into())
@@ -128,11 +173,12 @@ pub fn spawn(
             Scheduler {
                 model,
                 rx,
-                max_batch: max_batch.max(1),
+                max_batch: opts.max_batch.max(1),
                 metrics: m,
                 cohorts: vec![],
-                step_delay,
-                batch_window,
+                step_delay: opts.step_delay,
+                batch_window: opts.batch_window,
+                probe: opts.probe,
             }
             .run()
         })
@@ -148,6 +194,10 @@ struct Member {
     done: bool,
     submitted: Instant,
     first_at: Option<Instant>,
+    /// Probe features collected from this sequence's taps (`--halluc-probe`).
+    feats: Option<umbra_haluprobe::online::OnlineFeatures>,
+    /// Ended on `max_tokens` but its last token still has to be fed once for the probe.
+    tail: Option<Finish>,
 }
 
 struct Cohort {
@@ -163,6 +213,15 @@ struct Scheduler {
     cohorts: Vec<Cohort>,
     step_delay: std::time::Duration,
     batch_window: std::time::Duration,
+    probe: Option<HalluProbe>,
+}
+
+/// Rows `[n][d]` of each tapped layer for row `r` of a `[b, t, d]` tap.
+fn tap_rows(layers: &[Tensor], r: usize) -> umbra_model::error::Result<Vec<Vec<Vec<f32>>>> {
+    layers
+        .iter()
+        .map(|t| Ok(t.get(r)?.to_vec2::<f32>()?))
+        .collect()
 }
 
 fn log_softmax_top(row: &[f32], chosen: u32, k: usize) -> TokenLogprob {
@@ -279,6 +338,11 @@ impl Scheduler {
                     done: false,
                     submitted,
                     first_at: None,
+                    feats: self
+                        .probe
+                        .as_ref()
+                        .map(|p| umbra_haluprobe::online::OnlineFeatures::new(p.plan.clone())),
+                    tail: None,
                 }),
                 Err(e) => {
                     let _ = job.events.send(Event::Error(e.to_string()));
@@ -302,11 +366,39 @@ impl Scheduler {
         self.metrics
             .prompt_tokens
             .fetch_add(flat.len() as u64, Ordering::Relaxed);
+        let plan = self.probe.as_ref().map(|p| p.plan.clone());
+        let mut taps: Vec<Tensor> = vec![];
         let logits = Tensor::from_vec(flat, (b, plen), &Device::Cpu)
             .map_err(umbra_model::error::ModelError::from)
-            .and_then(|ids| self.model.forward_last(&ids, &mut cache))
+            .and_then(|ids| match &plan {
+                None => self.model.forward_last(&ids, &mut cache),
+                Some(plan) => self
+                    .model
+                    .forward_last_with_taps(&ids, &mut cache, &mut |pt, t| {
+                        if let TapPoint::Layer(l) = pt {
+                            if plan.layers.binary_search(&l).is_ok() {
+                                taps.push(t.clone());
+                            }
+                        }
+                    }),
+            })
             .and_then(|l| Ok(l.to_vec2::<f32>()?));
         let mut cohort = Cohort { members, cache };
+        if logits.is_ok() && plan.is_some() {
+            for (r, m) in cohort.members.iter_mut().enumerate() {
+                let set = tap_rows(&taps, r)
+                    .map_err(|e| e.to_string())
+                    .and_then(|rows| {
+                        m.feats
+                            .as_mut()
+                            .map_or(Ok(()), |f| f.set_prompt(&rows).map_err(|e| e.to_string()))
+                    });
+                if let Err(e) = set {
+                    tracing::warn!("hallucination probe: prompt taps unusable ({e}); no score");
+                    m.feats = None;
+                }
+            }
+        }
         match logits {
             Ok(rows) => {
                 self.consume(&mut cohort, &rows);
@@ -353,17 +445,31 @@ impl Scheduler {
             .map(Vec::as_slice)
             .zip(self.cohorts.iter_mut().map(|c| &mut c.cache))
             .collect();
-        let logits = self
-            .model
-            .forward_decode_groups(&mut groups)
-            .and_then(|ls| {
-                ls.iter()
-                    .map(|l| Ok(l.to_vec2::<f32>()?))
-                    .collect::<umbra_model::error::Result<Vec<_>>>()
-            });
+        let plan = self.probe.as_ref().map(|p| p.plan.clone());
+        let mut taps: Vec<Tensor> = vec![];
+        let logits = match &plan {
+            None => self.model.forward_decode_groups(&mut groups),
+            Some(plan) => self
+                .model
+                .forward_decode_groups_with_taps(&mut groups, &mut |pt, t| {
+                    if let TapPoint::Layer(l) = pt {
+                        if plan.layers.binary_search(&l).is_ok() {
+                            taps.push(t.clone());
+                        }
+                    }
+                }),
+        }
+        .and_then(|ls| {
+            ls.iter()
+                .map(|l| Ok(l.to_vec2::<f32>()?))
+                .collect::<umbra_model::error::Result<Vec<_>>>()
+        });
         let mut cohorts = std::mem::take(&mut self.cohorts);
         match logits {
             Ok(per_cohort) => {
+                if plan.is_some() {
+                    record_decode_taps(&mut cohorts, &taps);
+                }
                 for (c, rows) in cohorts.iter_mut().zip(&per_cohort) {
                     self.consume(c, rows);
                 }
@@ -372,12 +478,28 @@ impl Scheduler {
             // step never advanced any cache's length, so the retry rewrites the same position).
             Err(_) if cohorts.len() > 1 => {
                 for (c, ids) in cohorts.iter_mut().zip(&ids) {
+                    let mut taps: Vec<Tensor> = vec![];
+                    let mut tap = |pt: TapPoint, t: &Tensor| {
+                        if let (TapPoint::Layer(l), Some(plan)) = (pt, &plan) {
+                            if plan.layers.binary_search(&l).is_ok() {
+                                taps.push(t.clone());
+                            }
+                        }
+                    };
                     let one = self
                         .model
-                        .forward_decode_groups(&mut [(ids.as_slice(), &mut c.cache)])
+                        .forward_decode_groups_with_taps(
+                            &mut [(ids.as_slice(), &mut c.cache)],
+                            &mut tap,
+                        )
                         .and_then(|mut ls| Ok(ls.remove(0).to_vec2::<f32>()?));
                     match one {
-                        Ok(rows) => self.consume(c, &rows),
+                        Ok(rows) => {
+                            if plan.is_some() {
+                                record_decode_taps(std::slice::from_mut(c), &taps);
+                            }
+                            self.consume(c, &rows)
+                        }
                         Err(e) => fail_all(c, &e),
                     }
                 }
@@ -423,6 +545,13 @@ impl Scheduler {
             if m.done {
                 continue;
             }
+            if let Some(f) = m.tail {
+                // The extra step only fed the last token to the probe's taps.
+                m.done = true;
+                self.send_score(m);
+                let _ = m.job.events.send(Event::Done(f));
+                continue;
+            }
             let tok = m.sampler.sample(row);
             m.last = tok;
             let now = Instant::now();
@@ -435,6 +564,9 @@ impl Scheduler {
                 Some(Finish::Stop)
             } else {
                 let logprob = m.job.logprobs.map(|k| log_softmax_top(row, tok, k));
+                if let Some(f) = m.feats.as_mut() {
+                    f.push_token(row, tok);
+                }
                 m.generated += 1;
                 // Counted before the client can see the token, so /metrics never lags a response.
                 self.metrics.record_tokens(1);
@@ -450,15 +582,71 @@ impl Scheduler {
                 (m.generated >= m.job.max_tokens).then_some(Finish::Length)
             };
             if let Some(f) = finish {
-                m.done = true;
                 if m.generated > 1 {
                     let first = m.first_at.unwrap_or(now);
                     self.metrics.record_tpot(
                         now.duration_since(first).as_secs_f64() / (m.generated - 1) as f64,
                     );
                 }
+                if m.feats.as_ref().is_some_and(|x| x.needs_tail()) {
+                    // Ended on max_tokens: its last token was never fed; one more step taps it.
+                    m.tail = Some(f);
+                    continue;
+                }
+                m.done = true;
+                self.send_score(m);
                 let _ = m.job.events.send(Event::Done(f));
             }
+        }
+    }
+
+    /// Scores a finished member's answer with the probe (no event for an empty answer).
+    fn send_score(&self, m: &mut Member) {
+        let (Some(probe), Some(feats)) = (&self.probe, m.feats.take()) else {
+            return;
+        };
+        let scored = feats
+            .finish()
+            .and_then(|f| f.map(|f| probe.scorer.score_features(&f)).transpose());
+        match scored {
+            Ok(Some(s)) => {
+                let _ = m.job.events.send(Event::Score(HalluScore {
+                    score: s.score,
+                    stage: s.stage.name().to_string(),
+                    hallucinated: s.hallucinated,
+                }));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!("hallucination probe: {e}"),
+        }
+    }
+}
+
+/// Gives each live member its rows of the decode step's layer taps (`[B, 1, d]` each, rows in
+/// cohort order).
+fn record_decode_taps(cohorts: &mut [Cohort], taps: &[Tensor]) {
+    let rows: Vec<Vec<Vec<f32>>> = match taps
+        .iter()
+        .map(|t| t.squeeze(1).and_then(|t| t.to_vec2::<f32>()))
+        .collect::<candle_core::Result<_>>()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("hallucination probe: decode taps unusable ({e})");
+            return;
+        }
+    };
+    let mut r = 0;
+    for c in cohorts {
+        for m in &mut c.members {
+            if let Some(f) = m.feats.as_mut() {
+                let per: Vec<&[f32]> = rows.iter().map(|l| l[r].as_slice()).collect();
+                if let Err(e) = f.push_hidden(&per) {
+                    tracing::warn!("hallucination probe: {e}; no score");
+                    m.feats = None;
+                }
+            }
+            r += 1;
         }
     }
 }

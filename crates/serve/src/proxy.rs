@@ -493,6 +493,11 @@ fn upstream_events(tau: &TokenPermutation, data: &str) -> Vec<Event> {
         });
         out.push(Event::Token { id, logprob });
     }
+    if c["finish_reason"].is_string() {
+        if let Some(h) = crate::respond::parse_score(&v) {
+            out.push(Event::Score(h));
+        }
+    }
     match c["finish_reason"].as_str() {
         Some("length") => out.push(Event::Done(Finish::Length)),
         Some(_) => out.push(Event::Done(Finish::Stop)),

@@ -2,7 +2,7 @@
 //! into an OpenAI response: JSON, or SSE chunks. Shared by the server and the proxy, so both
 //! detokenize, apply stop sequences and count usage the same way.
 use crate::api::{new_id, now_unix, ApiError, GenOptions};
-use crate::engine::{Event, TokenLogprob};
+use crate::engine::{Event, HalluScore, TokenLogprob};
 use crate::text::StopMatcher;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, Sse};
@@ -127,6 +127,32 @@ fn logprobs_json(
     }
 }
 
+/// Adds `hallucination_score`, `hallucination_stage` and `hallucinated` to a response object
+/// or final chunk (`umbra serve --halluc-probe`).
+fn put_score(v: &mut Value, s: Option<&HalluScore>) {
+    if let (Some(s), Some(o)) = (s, v.as_object_mut()) {
+        o.insert("hallucination_score".into(), json!(s.score));
+        o.insert("hallucination_stage".into(), json!(s.stage));
+        o.insert("hallucinated".into(), json!(s.hallucinated));
+    }
+}
+
+/// The score [`put_score`] wrote into `v`, if any (the proxy relays it).
+pub fn parse_score(v: &Value) -> Option<HalluScore> {
+    Some(HalluScore {
+        score: v.get("hallucination_score")?.as_f64()? as f32,
+        stage: v
+            .get("hallucination_stage")
+            .and_then(Value::as_str)
+            .unwrap_or("generation")
+            .to_string(),
+        hallucinated: v
+            .get("hallucinated")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
 /// Collects or streams the generation in `rx`. Dropping `rx` (stop sequence, client gone)
 /// tells the producer to stop.
 pub async fn respond(ctx: RespondCtx, rx: mpsc::UnboundedReceiver<Event>) -> Response {
@@ -147,8 +173,10 @@ async fn collect(
     let mut out = TextOut::new(ctx);
     let (mut text, mut ids, mut lps) = (String::new(), vec![], vec![]);
     let mut finish = None;
+    let mut halluc = None;
     while let Some(ev) = rx.recv().await {
         match ev {
+            Event::Score(s) => halluc = Some(s),
             Event::Token { id, logprob } => {
                 ids.push(id);
                 if let Some(lp) = logprob {
@@ -189,7 +217,7 @@ async fn collect(
         Value::Null
     };
     let u = usage(ctx.prompt_tokens, ids.len());
-    Ok(if ctx.chat {
+    let mut v = if ctx.chat {
         json!({
             "id": new_id("chatcmpl"), "object": "chat.completion", "created": now_unix(), "model": ctx.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
@@ -202,7 +230,9 @@ async fn collect(
             "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, "token_ids": ids}],
             "usage": u,
         })
-    })
+    };
+    put_score(&mut v, halluc.as_ref());
+    Ok(v)
 }
 
 fn stream(
@@ -216,13 +246,13 @@ fn stream(
         let mut out = TextOut::new(&ctx);
         let mut offset = 0usize;
         let mut count = 0usize;
-        let chunk = |text: &str,
-                     ids: &[u32],
-                     logprobs: Value,
-                     finish: Option<&str>,
-                     first: bool|
-         -> SseEvent {
-            let v = if ctx.chat {
+        let chunk_value = |text: &str,
+                           ids: &[u32],
+                           logprobs: Value,
+                           finish: Option<&str>,
+                           first: bool|
+         -> Value {
+            if ctx.chat {
                 let delta = match (first, finish) {
                     (true, _) => json!({"role": "assistant", "content": text}),
                     (false, Some(_)) if text.is_empty() => json!({}),
@@ -233,9 +263,13 @@ fn stream(
             } else {
                 json!({"id": id, "object": "text_completion", "created": created, "model": ctx.model,
                        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish, "token_ids": ids}]})
-            };
-            SseEvent::default().data(v.to_string())
+            }
         };
+        let chunk =
+            |text: &str, ids: &[u32], logprobs: Value, finish: Option<&str>, first: bool| {
+                SseEvent::default()
+                    .data(chunk_value(text, ids, logprobs, finish, first).to_string())
+            };
         if ctx.chat
             && tx
                 .send(chunk("", &[], Value::Null, None, true))
@@ -245,8 +279,10 @@ fn stream(
             return;
         }
         let mut finish = None;
+        let mut halluc = None;
         while let Some(ev) = rx.recv().await {
             match ev {
+                Event::Score(s) => halluc = Some(s),
                 Event::Token { id: tid, logprob } => {
                     count += 1;
                     let (piece, stopped) = out.push(tid);
@@ -295,8 +331,10 @@ fn stream(
             return;
         };
         let rest = out.finish();
+        let mut last = chunk_value(&rest, &[], Value::Null, Some(finish), false);
+        put_score(&mut last, halluc.as_ref());
         if tx
-            .send(chunk(&rest, &[], Value::Null, Some(finish), false))
+            .send(SseEvent::default().data(last.to_string()))
             .await
             .is_err()
         {

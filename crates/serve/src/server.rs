@@ -64,6 +64,10 @@ pub struct ServeConfig {
     /// How long the scheduler waits for more requests after one arrives, so that requests sent
     /// together are prefilled and decoded as one batch.
     pub batch_window: Duration,
+    /// A HaluProbe probe file (`umbra halluc train`; for an obfuscated checkpoint the one
+    /// `umbra obfuscate --halluc-probe` wrote): every completion then carries a
+    /// `hallucination_score` computed from the taps of its own forward passes.
+    pub halluc_probe: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -82,6 +86,7 @@ impl ServeConfig {
             body_hook: None,
             step_delay: Duration::ZERO,
             batch_window: Duration::from_millis(5),
+            halluc_probe: None,
         }
     }
 }
@@ -121,10 +126,11 @@ pub async fn serve(
         body_hook,
         step_delay,
         batch_window,
+        halluc_probe,
     } = config;
-    let (llama, tokenizer, eos_ids, default_name) =
+    let (llama, tokenizer, eos_ids, default_name, probe) =
         tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-            match model {
+            let (llama, tok, eos, name) = match model {
                 ModelSource::Path(p) => {
                     let ck = Checkpoint::open(&p)?;
                     let eos = ck.eos_token_ids();
@@ -133,14 +139,22 @@ pub async fn serve(
                         .file_stem()
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_else(|| "model".into());
-                    Ok((llama, ck.tokenizer, eos, name))
+                    (llama, ck.tokenizer, eos, name)
                 }
                 ModelSource::Loaded {
                     model,
                     tokenizer,
                     eos_ids,
-                } => Ok((*model, tokenizer.map(|t| *t), eos_ids, "model".to_string())),
-            }
+                } => (*model, tokenizer.map(|t| *t), eos_ids, "model".to_string()),
+            };
+            let probe = halluc_probe
+                .map(|p| {
+                    engine::HalluProbe::load(&p, &llama).map_err(|e| {
+                        ServeError::Config(format!("--halluc-probe {}: {e}", p.display()))
+                    })
+                })
+                .transpose()?;
+            Ok((llama, tok, eos, name, probe))
         })
         .await
         .map_err(|e| ServeError::Other(format!("model loading panicked: {e}")))??;
@@ -153,11 +167,14 @@ pub async fn serve(
     let (handle, _join) = engine::spawn(
         llama,
         info.clone(),
-        max_batch,
-        max_queue,
         metrics.clone(),
-        step_delay,
-        batch_window,
+        engine::EngineOptions {
+            max_batch,
+            max_queue,
+            step_delay,
+            batch_window,
+            probe,
+        },
     );
     let state = Arc::new(AppState {
         engine: handle,
