@@ -418,13 +418,18 @@ pub fn demo(a: &DemoArgs) -> Result<()> {
         &sent[sent.len().saturating_sub(12)..]
     );
     println!(
-        "what the server would read: {:?}\n",
+        "what the server would read (with the plaintext tokenizer and no attack): {:?}",
         p.tokenizer
             .decode(&sent, true)
             .unwrap_or_default()
             .chars()
             .take(80)
             .collect::<String>()
+    );
+    println!(
+        "(an attacker holding the public checkpoint recovers tau from the weights, e.g. \
+         `umbra attack hat` or `blockkey`: 99.98% on this model; README, \
+         \"What this does and does not protect\")\n"
     );
     println!(
         "plaintext  ({:.1} tok/s): {}",
