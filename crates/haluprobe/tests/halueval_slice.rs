@@ -1,7 +1,7 @@
 //! End to end on real assets (CI fetches `smollm2` and `halueval-qa`): extract a small slice of
 //! HaluEval QA with SmolLM2-135M, resume, train a probe on the logit features, score a triple.
 use umbra_assets::{Asset, Cache};
-use umbra_haluprobe::cli::load_model;
+use umbra_haluprobe::cli::{load_model, resolve_model};
 use umbra_haluprobe::data::load_halueval_qa;
 use umbra_haluprobe::eval::{train_selected, EvalConfig};
 use umbra_haluprobe::extract::{run_extraction, ExtractJob};
@@ -17,12 +17,8 @@ const ROWS: usize = 120;
 fn smollm2_halueval_slice_beats_chance() {
     let cache = Cache::from_env().unwrap();
     let data = cache.require(Asset::HaluEvalQa).unwrap();
-    let model_dir = cache.root().join("models/SmolLM2-135M-Instruct");
-    assert!(
-        model_dir.join("model.safetensors").is_file(),
-        "{} missing: run `umbra fetch smollm2`",
-        model_dir.display()
-    );
+    // Fails with the fetch command when SmolLM2 is not in the cache.
+    let model_dir = resolve_model("smollm2").unwrap();
     let rows = load_halueval_qa(&data).unwrap();
     let (model, tok) = load_model(&model_dir).unwrap();
     let dir = tempfile::tempdir().unwrap();

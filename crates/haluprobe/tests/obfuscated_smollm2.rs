@@ -5,7 +5,7 @@
 use umbra_aloepri::compiler::compile_checkpoint;
 use umbra_aloepri::{ClientKey, ObfuscationParams};
 use umbra_assets::{Asset, Cache};
-use umbra_haluprobe::cli::load_model;
+use umbra_haluprobe::cli::{load_model, resolve_model};
 use umbra_haluprobe::data::load_halueval_qa;
 use umbra_haluprobe::features::{ExtractConfig, Extractor, Features, Stage};
 use umbra_haluprobe::obfuscated::transform_probe_files;
@@ -22,12 +22,8 @@ const TEST_ROWS: usize = 3;
 fn smollm2_exact_h128_obfuscated_score_equals_plaintext_score() {
     let cache = Cache::from_env().unwrap();
     let data = cache.require(Asset::HaluEvalQa).unwrap();
-    let model_dir = cache.root().join("models/SmolLM2-135M-Instruct");
-    assert!(
-        model_dir.join("model.safetensors").is_file(),
-        "{} missing: run `umbra fetch smollm2`",
-        model_dir.display()
-    );
+    // Fails with the fetch command when SmolLM2 is not in the cache.
+    let model_dir = resolve_model("smollm2").unwrap();
     let rows = load_halueval_qa(&data).unwrap();
     let ecfg = ExtractConfig {
         max_knowledge_tokens: 32,
