@@ -216,6 +216,20 @@ struct Scheduler {
     probe: Option<HalluProbe>,
 }
 
+/// Keeps the residual-stream taps of the layers `plan` reads, in layer order.
+fn keep_planned(
+    plan: &umbra_haluprobe::online::TapPlan,
+    taps: &mut Vec<Tensor>,
+    pt: TapPoint,
+    t: &Tensor,
+) {
+    if let TapPoint::Layer(l) = pt {
+        if plan.layers.binary_search(&l).is_ok() {
+            taps.push(t.clone());
+        }
+    }
+}
+
 /// Rows `[n][d]` of each tapped layer for row `r` of a `[b, t, d]` tap.
 fn tap_rows(layers: &[Tensor], r: usize) -> umbra_model::error::Result<Vec<Vec<Vec<f32>>>> {
     layers
@@ -375,11 +389,7 @@ impl Scheduler {
                 Some(plan) => self
                     .model
                     .forward_last_with_taps(&ids, &mut cache, &mut |pt, t| {
-                        if let TapPoint::Layer(l) = pt {
-                            if plan.layers.binary_search(&l).is_ok() {
-                                taps.push(t.clone());
-                            }
-                        }
+                        keep_planned(plan, &mut taps, pt, t)
                     }),
             })
             .and_then(|l| Ok(l.to_vec2::<f32>()?));
@@ -452,11 +462,7 @@ impl Scheduler {
             Some(plan) => self
                 .model
                 .forward_decode_groups_with_taps(&mut groups, &mut |pt, t| {
-                    if let TapPoint::Layer(l) = pt {
-                        if plan.layers.binary_search(&l).is_ok() {
-                            taps.push(t.clone());
-                        }
-                    }
+                    keep_planned(plan, &mut taps, pt, t)
                 }),
         }
         .and_then(|ls| {
@@ -480,10 +486,8 @@ impl Scheduler {
                 for (c, ids) in cohorts.iter_mut().zip(&ids) {
                     let mut taps: Vec<Tensor> = vec![];
                     let mut tap = |pt: TapPoint, t: &Tensor| {
-                        if let (TapPoint::Layer(l), Some(plan)) = (pt, &plan) {
-                            if plan.layers.binary_search(&l).is_ok() {
-                                taps.push(t.clone());
-                            }
+                        if let Some(plan) = &plan {
+                            keep_planned(plan, &mut taps, pt, t)
                         }
                     };
                     let one = self
