@@ -6,36 +6,17 @@
 //! noise of the expected d_chi norm.
 use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use umbra_sap::wire::{Kind, Msg};
-use umbra_vfl::testing::{wait_child, NatsServer};
+use umbra_vfl::testing::{party_process, wait_exit, NatsServer};
 
 /// (subject, payload) of every message the spy saw.
 type Log = Vec<(String, Vec<u8>)>;
 
 fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sap_party"))
-        .args([
-            "party",
-            "--role",
-            role,
-            "--broker",
-            &format!("nats://127.0.0.1:{port}"),
-        ])
-        .arg("--job")
-        .arg(job)
-        .arg("--json")
-        .arg(json)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start party")
-}
-
-fn wait(mut c: Child, limit: Duration) -> bool {
-    wait_child(&mut c, limit)
+    party_process(env!("CARGO_BIN_EXE_sap_party"), role, port, job, json)
 }
 
 #[test]
@@ -85,8 +66,11 @@ fn customer_and_vendor_over_nats_send_only_privatized_activations() {
     let (vj, cj) = (dir.path().join("v.json"), dir.path().join("c.json"));
     let vendor = party("vendor", port, &job, &vj);
     let customer = party("customer", port, &job, &cj);
-    assert!(wait(customer, Duration::from_secs(400)), "customer failed");
-    assert!(wait(vendor, Duration::from_secs(60)), "vendor failed");
+    assert!(
+        wait_exit(customer, Duration::from_secs(400)),
+        "customer failed"
+    );
+    assert!(wait_exit(vendor, Duration::from_secs(60)), "vendor failed");
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     spy.join().unwrap();

@@ -334,30 +334,65 @@ pub struct BenchVflArgs {
     /// modes, so every mode reaches it).
     #[arg(long)]
     pub target_auc: Option<f64>,
+    /// Simulate the active party on a machine of its own, as in `umbra vfl plan`
+    /// (`CORES` or `CORES:SLOWDOWN`).
+    #[arg(long, value_parser = parse_machine)]
+    pub active_machine: Option<PartyMachine>,
+    /// Simulate the passive party on a machine of its own.
+    #[arg(long, value_parser = parse_machine)]
+    pub passive_machine: Option<PartyMachine>,
+    /// Runs of every mode; the modes take turns, each round starting one mode later (vfl first,
+    /// then vfl-ps first, ...), so that changes in machine load and the position in a round hit
+    /// them alike, and each mode reports its median run.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub repeats: u32,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
 
-/// `umbra bench vfl`: all five modes on the same data in one run, one table; JSON maps mode
-/// name to its report.
+/// The run with the median wall time (the lower middle one for an even count), carrying the
+/// wall times of all runs in `wall_s_runs`.
+fn median_run(mut runs: Vec<TrainReport>) -> Option<TrainReport> {
+    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
+    let walls: Vec<f64> = runs.iter().map(|r| r.wall_s).collect();
+    let mid = runs.len().checked_sub(1)? / 2;
+    let mut r = runs.swap_remove(mid);
+    r.wall_s_runs = walls;
+    Some(r)
+}
+
+/// `umbra bench vfl`: all five modes on the same data in one run, `repeats` times each, one
+/// table of median runs; JSON maps mode name to its median run's report.
 pub fn run_bench(args: &BenchVflArgs) -> Result<BTreeMap<String, TrainReport>> {
     let mut out = BTreeMap::new();
-    let mut rows = Vec::new();
-    for mode in Mode::ALL {
-        let mut cfg = JobConfig::new(&args.data, mode);
-        cfg.epochs = args.epochs;
-        cfg.batch = args.batch;
-        cfg.workers_active = args.workers_active;
-        cfg.workers_passive = args.workers_passive;
-        cfg.max_rows = args.max_rows;
-        if let Some(d) = args.depth {
-            cfg.model.bottom_depth = d;
+    let mut runs: Vec<Vec<TrainReport>> = vec![Vec::new(); Mode::ALL.len()];
+    let n = Mode::ALL.len();
+    for rep in 0..args.repeats as usize {
+        for i in (0..n).map(|k| (k + rep) % n) {
+            let mode = Mode::ALL[i];
+            let mut cfg = JobConfig::new(&args.data, mode);
+            cfg.epochs = args.epochs;
+            cfg.batch = args.batch;
+            cfg.workers_active = args.workers_active;
+            cfg.workers_passive = args.workers_passive;
+            cfg.max_rows = args.max_rows;
+            cfg.machine_active = args.active_machine;
+            cfg.machine_passive = args.passive_machine;
+            if let Some(d) = args.depth {
+                cfg.model.bottom_depth = d;
+            }
+            cfg.progress = std::io::stderr().is_terminal();
+            let r = engine::train_inproc(&cfg)?;
+            eprintln!("[run {}/{}] {}", rep + 1, args.repeats, summary_line(&r));
+            runs[i].push(r);
         }
-        cfg.progress = std::io::stderr().is_terminal();
-        let r = engine::train_inproc(&cfg)?;
-        eprintln!("{}", summary_line(&r));
-        rows.push(r.clone());
-        out.insert(mode.to_string(), r);
+    }
+    let mut rows = Vec::new();
+    for (mode, rs) in Mode::ALL.into_iter().zip(runs) {
+        if let Some(r) = median_run(rs) {
+            rows.push(r.clone());
+            out.insert(mode.to_string(), r);
+        }
     }
     let target = args.target_auc.or_else(|| {
         rows.iter()
@@ -381,19 +416,37 @@ pub fn run_bench(args: &BenchVflArgs) -> Result<BTreeMap<String, TrainReport>> {
             .unwrap_or_else(|| "-".into())
     );
     println!(
-        "{:<10} {:>8} {:>9} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
-        "mode", "auc", "wall_s", "speedup", "to_target_s", "speedup", "cpu_util", "wait_s", "MB"
+        "median of {} run(s) per mode; wall_range = fastest..slowest run",
+        args.repeats
+    );
+    println!(
+        "{:<10} {:>8} {:>9} {:>13} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
+        "mode",
+        "auc",
+        "wall_s",
+        "wall_range",
+        "speedup",
+        "to_target_s",
+        "speedup",
+        "cpu_util",
+        "wait_s",
+        "MB"
     );
     for r in &rows {
         let tt = r.time_to_target_s;
+        let range = match (r.wall_s_runs.first(), r.wall_s_runs.last()) {
+            (Some(lo), Some(hi)) => format!("{lo:.2}..{hi:.2}"),
+            _ => "-".into(),
+        };
         println!(
-            "{:<10} {:>8} {:>9.2} {:>8.2}x {:>11} {:>9} {:>8.1}% {:>10.2} {:>10.2}",
+            "{:<10} {:>8} {:>9.2} {:>13} {:>8.2}x {:>11} {:>9} {:>8.1}% {:>10.2} {:>10.2}",
             r.mode,
             r.auc
                 .map(|a| format!("{a:.4}"))
                 .or(r.rmse.map(|e| format!("{e:.4}")))
                 .unwrap_or_default(),
             r.wall_s,
+            range,
             base / r.wall_s.max(1e-9),
             tt.map(|t| format!("{t:.2}")).unwrap_or_else(|| "-".into()),
             match (base_tt, tt) {

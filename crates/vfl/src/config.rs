@@ -20,8 +20,10 @@ pub enum Mode {
     Avfl,
     /// Asynchronous data-parallel fixed worker pairs with an asynchronous parameter server.
     AvflPs,
-    /// PubSub-VFL: batch-id keyed channels, any free worker takes any batch, bounded buffers,
-    /// deadline with reassignment, semi-asynchronous parameter servers.
+    /// PubSub-VFL: batch-id keyed channels, any free worker takes any batch (also the next
+    /// epoch's while the last ones are in flight: no barrier between epochs), bounded buffers,
+    /// deadline with reassignment, semi-asynchronous parameter servers; worker counts of the two
+    /// parties are independent.
     #[value(name = "pubsub")]
     #[serde(rename = "pubsub")]
     PubSub,

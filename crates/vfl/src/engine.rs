@@ -153,20 +153,22 @@ pub fn train_inproc(cfg: &JobConfig) -> Result<TrainReport> {
     let meter = CpuMeter::start(cfg.cores());
     let nb = Batches::new(dpas.n_train, cfg.batch, cfg.seed).count();
     let pb = progress_bar(cfg, (cfg.epochs * nb) as u64);
-    let (active, passive) = std::thread::scope(|s| {
+    let (active, passive, (wall, _, util)) = std::thread::scope(|s| {
         let ta = t.clone();
         let (cfg_a, da) = (cfg, &da);
         let h = s.spawn(move || party::run_active(cfg_a, da, ta));
         let p = party::run_passive(cfg, &dpas, t.clone(), cut.clone(), pb.clone());
+        // The run ends when the passive party holds the active party's report; the active
+        // thread's remaining work is resending that report (for lossy transports).
+        let m = meter.read();
         let a = h
             .join()
             .unwrap_or_else(|_| Err(VflError::Training("active party panicked".into())));
-        (a, p)
+        (a, p, m)
     });
     pb.finish_and_clear();
     let active = active?;
     let passive = passive?;
-    let (wall, _, util) = meter.read();
     let mut r = report(cfg, &passive, Some(&active), &*cut, dpas.n_train);
     r.wall_s = wall;
     r.cpu_util = util;
@@ -242,6 +244,7 @@ pub fn report(
         dp_mu: spent.map(|s| s.mu_clt),
         dp_sigma: spent.map(|s| s.sigma),
         time_to_target_s: None,
+        wall_s_runs: Vec::new(),
         per_epoch,
     }
 }

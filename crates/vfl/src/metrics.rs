@@ -152,6 +152,9 @@ pub struct TrainReport {
     /// Benchmarks: seconds of training until the epoch AUC first reached the target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub time_to_target_s: Option<f64>,
+    /// Benchmarks: wall seconds of every repeat of this setting (the report is the median run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wall_s_runs: Vec<f64>,
     pub per_epoch: Vec<EpochReport>,
 }
 

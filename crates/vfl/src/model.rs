@@ -186,6 +186,26 @@ impl FlatAdam {
 
     /// `p -= lr * m^ / (sqrt(v^) + eps)` for every buffer.
     pub fn step(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>]) {
+        self.step_impl(params, None, grads);
+    }
+
+    /// [`FlatAdam::step`] that subtracts the same update `u` from `also` too (a copy of
+    /// `params` that may have drifted from it), in the same pass: `p -= u`, `also -= u`.
+    pub fn step_also(
+        &mut self,
+        params: &mut [Vec<f32>],
+        also: &mut [Vec<f32>],
+        grads: &[Vec<f32>],
+    ) {
+        self.step_impl(params, Some(also), grads);
+    }
+
+    fn step_impl(
+        &mut self,
+        params: &mut [Vec<f32>],
+        mut also: Option<&mut [Vec<f32>]>,
+        grads: &[Vec<f32>],
+    ) {
         self.t += 1;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bc1 = (1.0 - self.beta1.powi(self.t)) as f32;
@@ -193,11 +213,16 @@ impl FlatAdam {
         let (lr, eps) = (self.lr as f32, self.eps as f32);
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
+            let mut a = also.as_deref_mut().and_then(|a| a.get_mut(i));
             for j in 0..p.len().min(g.len()) {
                 let gj = g[j];
                 m[j] = b1 * m[j] + (1.0 - b1) * gj;
                 v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                p[j] -= lr * (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
+                let u = lr * (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
+                p[j] -= u;
+                if let Some(x) = a.as_deref_mut().and_then(|a| a.get_mut(j)) {
+                    *x -= u;
+                }
             }
         }
     }
@@ -283,6 +308,25 @@ mod tests {
         let y2 = m2.forward(&x).unwrap();
         let diff = (y - y2).unwrap().abs().unwrap().sum_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn adam_step_also_moves_the_copy_by_the_same_update() {
+        let g = vec![vec![0.5f32, -1.0, 2.0]];
+        let (mut a, mut b) = (FlatAdam::new(&[3], 0.1), FlatAdam::new(&[3], 0.1));
+        let mut p1 = vec![vec![1.0f32, 2.0, 3.0]];
+        let mut p2 = p1.clone();
+        let mut copy = vec![vec![10.0f32, 20.0, 30.0]];
+        for _ in 0..3 {
+            a.step(&mut p1, &g);
+            b.step_also(&mut p2, &mut copy, &g);
+        }
+        assert_eq!(p1, p2);
+        for j in 0..3 {
+            let moved = [10.0f32, 20.0, 30.0][j] - copy[0][j];
+            assert!((moved - ([1.0f32, 2.0, 3.0][j] - p1[0][j])).abs() < 1e-5);
+            assert!(moved.abs() > 0.1);
+        }
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! gradient misses the deadline is dropped, the peer is told, and the batch goes back to the
 //! scheduler (any free worker picks it up); a batch leased by a worker that died comes back when
 //! its lease expires. After each epoch the passive party publishes the test embeddings for
-//! evaluation.
+//! evaluation. The fixed-pair modes end every epoch with a barrier (all workers done, then the
+//! evaluation, then the next epoch); `pubsub` has none: workers take the next epoch's batches once
+//! the current epoch's queue is empty (at most one epoch ahead), and the main thread evaluates
+//! an epoch when its last batch completes while the workers go on.
 //!
 //! Active party: its workers take embeddings from their topic, validate them, compute
 //! `y^ = g(f_a(x_a), z_p)`, the loss, publish `dL/dz_p` on `grad.<b>` and push their update.
@@ -173,6 +176,11 @@ impl Scheduler {
     fn reassigned(&self) -> u64 {
         lock(&self.st).reassigned
     }
+    /// Every batch of the epoch completed.
+    fn finished(&self) -> bool {
+        let st = lock(&self.st);
+        st.leased.is_empty() && st.queue.iter().all(|b| st.done.contains(b))
+    }
 }
 
 /// Traffic and waiting counters of a party.
@@ -311,7 +319,7 @@ pub fn run_active(
         let mut last_ready = Instant::now() - Duration::from_secs(1);
         let mut eval: HashMap<u64, Vec<f32>> = HashMap::new();
         let result = loop {
-            if !got_any && last_ready.elapsed() > Duration::from_millis(200) {
+            if !got_any && last_ready.elapsed() > Duration::from_millis(20) {
                 publish(
                     &*t,
                     &counters,
@@ -469,13 +477,14 @@ fn active_worker(
     budget: &ComputeBudget,
 ) -> Result<()> {
     let vars = model.vars();
-    let mut sync = ps.worker(cfg.model.lr);
+    let mut sync = ps.worker();
     ps.refresh(&mut sync, &vars)?;
     let (wa, _) = cfg.workers();
     let mut step = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let t0 = Instant::now();
-        let got = sub.recv_timeout(Duration::from_millis(50))?;
+        // short timeout: the stop flag is seen within 10 ms of the passive party's `Done`
+        let got = sub.recv_timeout(Duration::from_millis(10))?;
         c.wait(t0);
         let Some(bytes) = got else { continue };
         let Some(m) = decode(c, &bytes, job) else {
@@ -566,6 +575,7 @@ pub struct PassiveSummary {
 }
 
 struct Pending {
+    epoch: usize,
     b: u64,
     seq: u64,
     sub: Box<dyn Subscription>,
@@ -659,89 +669,38 @@ pub fn run_passive(
         })
         .collect::<Result<_>>()?;
     // each worker's local optimizer state lives across epochs
-    let mut syncs: Vec<crate::ps::WorkerSync> = (0..wp).map(|_| ps.worker(cfg.model.lr)).collect();
+    let mut syncs: Vec<crate::ps::WorkerSync> = (0..wp).map(|_| ps.worker()).collect();
     let lease = Duration::from_secs_f64(cfg.deadline_s * 1.5 + 0.5);
     let nb = batches.count() as u64;
     let mut per_epoch = Vec::new();
-    for epoch in 0..cfg.epochs {
-        let em = CpuMeter::start(cfg.cores());
-        let (w0, s0, r0, b0, d0) = (
-            counters.wait_ns.load(Ordering::Relaxed),
-            counters.sent.load(Ordering::Relaxed),
-            counters.received.load(Ordering::Relaxed),
-            counters.batches.load(Ordering::Relaxed),
-            counters.dropped.load(Ordering::Relaxed),
-        );
-        let scheds: Vec<Scheduler> = if cfg.fixed_pairs() {
-            (0..wp)
-                .map(|i| Scheduler::new((i as u64..nb).step_by(wp), lease))
-                .collect()
-        } else {
-            vec![Scheduler::new(0..nb, lease)]
-        };
-        std::thread::scope(|s| -> Result<()> {
-            let mut hs = Vec::new();
-            for (i, (replica, sync)) in replicas.iter().zip(syncs.iter_mut()).enumerate() {
-                let sched = if cfg.fixed_pairs() {
-                    &scheds[i]
-                } else {
-                    &scheds[0]
-                };
-                let sh = &sh;
-                hs.push(s.spawn(move || passive_worker(sh, i, epoch, sched, replica, sync)));
-            }
-            for h in hs {
-                match h.join() {
-                    Ok(r) => r?,
-                    Err(_) => return Err(VflError::Training("a passive worker panicked".into())),
-                }
-            }
-            Ok(())
-        })?;
-        // a worker that died leaves its batches leased: finish them with the survivors
-        let reassigned: u64 = scheds.iter().map(|s| s.reassigned()).sum();
-        // evaluation on the test split with the master model
-        ps.pull(&master.vars())?;
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xE7A1 ^ ((epoch as u64) << 20));
-        let chunks = data.n_test.div_ceil(EVAL_CHUNK);
-        for c in 0..chunks {
-            let start = c * EVAL_CHUNK;
-            let rows = EVAL_CHUNK.min(data.n_test - start);
-            let x = model::tensor2(
-                data.test_x[start * data.d..(start + rows) * data.d].to_vec(),
-                rows,
-                data.d,
-            )?;
-            let z = cut.forward(&master.forward(&x)?, &mut rng)?;
-            let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
-            let m = Envelope::tensor(
-                Kind::Eval,
-                &cfg.job,
-                epoch as u32,
-                c as u64,
-                0,
-                rows,
-                emb,
-                &z,
-            );
-            publish(&*t, &counters, TOPIC_CTRL_ACTIVE, &m)?;
-        }
-        publish(
-            &*t,
-            &counters,
-            TOPIC_CTRL_ACTIVE,
-            &Envelope::control(Kind::EpochEnd, &cfg.job, epoch as u32, chunks as u64, ""),
-        )?;
-        let (wall, _, util) = em.read();
+    // Counters at the start of an epoch's window, for its per-epoch numbers.
+    let snapshot = |c: &Counters| {
+        (
+            c.wait_ns.load(Ordering::Relaxed),
+            c.sent.load(Ordering::Relaxed),
+            c.received.load(Ordering::Relaxed),
+            c.batches.load(Ordering::Relaxed),
+            c.dropped.load(Ordering::Relaxed),
+        )
+    };
+    // An epoch's numbers over the window from `start` (counters) and `meter` to now.
+    let measure_epoch = |epoch: usize,
+                         meter: &CpuMeter,
+                         start: (u64, u64, u64, u64, u64),
+                         reassigned: u64|
+     -> PassiveEpoch {
+        let (w0, s0, r0, b0, d0) = start;
+        let (w1, s1, r1, b1, d1) = snapshot(&counters);
+        let (wall, _, util) = meter.read();
         let e = PassiveEpoch {
             epoch,
             wall_s: wall,
             cpu_util: util,
-            wait_s: (counters.wait_ns.load(Ordering::Relaxed) - w0) as f64 * 1e-9,
-            bytes_sent: counters.sent.load(Ordering::Relaxed) - s0,
-            bytes_received: counters.received.load(Ordering::Relaxed) - r0,
-            batches: counters.batches.load(Ordering::Relaxed) - b0,
-            dropped: counters.dropped.load(Ordering::Relaxed) - d0,
+            wait_s: (w1 - w0) as f64 * 1e-9,
+            bytes_sent: s1 - s0,
+            bytes_received: r1 - r0,
+            batches: b1 - b0,
+            dropped: d1 - d0,
             reassigned,
         };
         info!(
@@ -751,7 +710,73 @@ pub fn run_passive(
             wait_s = e.wait_s,
             "passive epoch done"
         );
-        per_epoch.push(e);
+        e
+    };
+    if cfg.fixed_pairs() {
+        // The baselines: worker i owns batches i, i + w, ... of an epoch; every epoch ends with
+        // all workers done before the next one starts.
+        for epoch in 0..cfg.epochs {
+            let em = CpuMeter::start(cfg.cores());
+            let start = snapshot(&counters);
+            let scheds: Vec<Scheduler> = (0..wp)
+                .map(|i| Scheduler::new((i as u64..nb).step_by(wp), lease))
+                .collect();
+            std::thread::scope(|s| -> Result<()> {
+                let mut hs = Vec::new();
+                for (i, (replica, sync)) in replicas.iter().zip(syncs.iter_mut()).enumerate() {
+                    let (sh, sched) = (&sh, std::slice::from_ref(&scheds[i]));
+                    hs.push(s.spawn(move || passive_worker(sh, i, epoch, sched, replica, sync)));
+                }
+                join_workers(hs)
+            })?;
+            // a worker that died leaves its batches leased: finish them with the survivors
+            let reassigned: u64 = scheds.iter().map(|s| s.reassigned()).sum();
+            evaluate_epoch(&sh, &master, epoch)?;
+            per_epoch.push(measure_epoch(epoch, &em, start, reassigned));
+        }
+    } else {
+        // PubSub-VFL: one shared batch-id queue per epoch and no barrier between epochs. A
+        // worker takes the next epoch's batches as soon as the current epoch's queue is empty
+        // (its last batches still in flight), and the epoch is evaluated when its last batch
+        // completes, while the workers go on (the master then may hold a few of the next
+        // epoch's updates).
+        let scheds: Vec<Scheduler> = (0..cfg.epochs)
+            .map(|_| Scheduler::new(0..nb, lease))
+            .collect();
+        std::thread::scope(|s| -> Result<()> {
+            let mut hs = Vec::new();
+            for (i, (replica, sync)) in replicas.iter().zip(syncs.iter_mut()).enumerate() {
+                let (sh, scheds) = (&sh, &scheds[..]);
+                hs.push(s.spawn(move || passive_worker(sh, i, 0, scheds, replica, sync)));
+            }
+            // Epoch windows are back to back: each ends the moment its last batch completes
+            // (its evaluation then overlaps the next epoch, and counts there).
+            let mut closed = Ok(());
+            let mut em = CpuMeter::start(cfg.cores());
+            let mut start = snapshot(&counters);
+            for (epoch, sched) in scheds.iter().enumerate() {
+                while !sched.finished() && !hs.iter().all(|h| h.is_finished()) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                if !sched.finished() {
+                    break; // every worker stopped: join_workers reports why
+                }
+                per_epoch.push(measure_epoch(epoch, &em, start, sched.reassigned()));
+                em = CpuMeter::start(cfg.cores());
+                start = snapshot(&counters);
+                if let Err(e) = evaluate_epoch(&sh, &master, epoch) {
+                    closed = Err(e);
+                    break;
+                }
+            }
+            join_workers(hs)?;
+            if per_epoch.len() < cfg.epochs && closed.is_ok() {
+                closed = Err(VflError::Training(
+                    "the passive workers stopped before the last epoch finished".into(),
+                ));
+            }
+            closed
+        })?;
     }
     // done; wait for the active party's report
     let mut active = None;
@@ -804,11 +829,83 @@ pub fn run_passive(
     })
 }
 
+fn join_workers(hs: Vec<std::thread::ScopedJoinHandle<'_, Result<()>>>) -> Result<()> {
+    for h in hs {
+        match h.join() {
+            Ok(r) => r?,
+            Err(_) => return Err(VflError::Training("a passive worker panicked".into())),
+        }
+    }
+    Ok(())
+}
+
+/// End of an epoch: the test split's embeddings under the current master, then `EpochEnd`.
+fn evaluate_epoch(sh: &PassiveShared<'_>, master: &Mlp, epoch: usize) -> Result<()> {
+    let (cfg, data) = (sh.cfg, sh.data);
+    sh.ps.pull(&master.vars())?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xE7A1 ^ ((epoch as u64) << 20));
+    let chunks = data.n_test.div_ceil(EVAL_CHUNK);
+    for c in 0..chunks {
+        let start = c * EVAL_CHUNK;
+        let rows = EVAL_CHUNK.min(data.n_test - start);
+        let x = model::tensor2(
+            data.test_x[start * data.d..(start + rows) * data.d].to_vec(),
+            rows,
+            data.d,
+        )?;
+        let z = sh.cut.forward(&master.forward(&x)?, &mut rng)?;
+        let z: Vec<f32> = z.flatten_all()?.to_vec1()?;
+        let m = Envelope::tensor(
+            Kind::Eval,
+            &cfg.job,
+            epoch as u32,
+            c as u64,
+            0,
+            rows,
+            cfg.model.emb,
+            &z,
+        );
+        publish(sh.t, sh.c, TOPIC_CTRL_ACTIVE, &m)?;
+    }
+    publish(
+        sh.t,
+        sh.c,
+        TOPIC_CTRL_ACTIVE,
+        &Envelope::control(Kind::EpochEnd, &cfg.job, epoch as u32, chunks as u64, ""),
+    )
+}
+
+/// The next batch for a worker from `scheds` (consecutive epochs, `scheds[k]` is epoch
+/// `first + k`): the oldest epoch with a batch to hand out, looking at most one epoch past
+/// the oldest unfinished one. `Finished` once every epoch is.
+fn take_any(scheds: &[Scheduler], first: usize) -> (usize, Take) {
+    let mut oldest_open: Option<usize> = None;
+    for (k, s) in scheds.iter().enumerate() {
+        if oldest_open.is_some_and(|o| k > o + 1) {
+            break;
+        }
+        match s.take() {
+            Take::Batch(b) => return (first + k, Take::Batch(b)),
+            Take::Wait => {
+                oldest_open.get_or_insert(k);
+            }
+            Take::Finished => {}
+        }
+    }
+    match oldest_open {
+        Some(k) => (first + k, Take::Wait),
+        None => (first, Take::Finished),
+    }
+}
+
+/// A passive worker: takes batches from `scheds` (epoch `first + k` from `scheds[k]`, see
+/// [`take_any`]), keeps up to `inflight` of them waiting for their gradient, and trains each
+/// when its gradient arrives.
 fn passive_worker(
     sh: &PassiveShared<'_>,
     wid: usize,
-    epoch: usize,
-    sched: &Scheduler,
+    first: usize,
+    scheds: &[Scheduler],
     replica: &Mlp,
     sync: &mut crate::ps::WorkerSync,
 ) -> Result<()> {
@@ -824,18 +921,19 @@ fn passive_worker(
     } else {
         "emb".to_string()
     };
+    let sched_of = |epoch: usize| &scheds[epoch - first];
     let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut completed = 0usize;
     loop {
         // fill the pipeline
         let mut finished = false;
         while pending.len() < inflight {
-            match sched.take() {
-                Take::Batch(b) => {
+            match take_any(scheds, first) {
+                (epoch, Take::Batch(b)) => {
                     pending.push_back(start_batch(sh, epoch, b, replica, &emb_topic, deadline)?)
                 }
-                Take::Wait => break,
-                Take::Finished => {
+                (_, Take::Wait) => break,
+                (_, Take::Finished) => {
                     finished = true;
                     break;
                 }
@@ -846,7 +944,7 @@ fn passive_worker(
                 return Ok(());
             }
             let t0 = Instant::now();
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
             sh.c.wait(t0);
             continue;
         };
@@ -854,16 +952,17 @@ fn passive_worker(
         if now >= p.deadline {
             warn!(
                 batch = p.b,
-                epoch, "no gradient before the deadline; dropping and reassigning"
+                epoch = p.epoch,
+                "no gradient before the deadline; dropping and reassigning"
             );
             let _ = publish(
                 sh.t,
                 sh.c,
                 TOPIC_CTRL_ACTIVE,
-                &Envelope::control(Kind::Dropped, &cfg.job, epoch as u32, p.b, ""),
+                &Envelope::control(Kind::Dropped, &cfg.job, p.epoch as u32, p.b, ""),
             );
             sh.c.dropped.fetch_add(1, Ordering::Relaxed);
-            sched.release(p.b);
+            sched_of(p.epoch).release(p.b);
             pending.pop_front();
             continue;
         }
@@ -876,7 +975,10 @@ fn passive_worker(
         let Some(m) = decode(sh.c, &bytes, &cfg.job) else {
             continue;
         };
-        if m.kind != Kind::Gradient || m.batch != p.b || m.seq != p.seq || m.epoch as usize != epoch
+        if m.kind != Kind::Gradient
+            || m.batch != p.b
+            || m.seq != p.seq
+            || m.epoch as usize != p.epoch
         {
             error!(
                 batch = m.batch,
@@ -907,12 +1009,13 @@ fn passive_worker(
         let store = store?;
         let grads = model::grads_of(&store, &vars)?;
         sh.ps
-            .step(sync, &vars, grads, sh.batches.round_size(p.b, wp), epoch)?;
-        sched.complete(p.b);
+            .step(sync, &vars, grads, sh.batches.round_size(p.b, wp), p.epoch)?;
+        // count before completing: an epoch's numbers are read as soon as it completes
         sh.c.batches.fetch_add(1, Ordering::Relaxed);
+        sched_of(p.epoch).complete(p.b);
         sh.progress.inc(1);
         completed += 1;
-        if epoch == 0 && wid == 0 && cfg.faults.kill_passive_worker_after == Some(completed) {
+        if p.epoch == 0 && wid == 0 && cfg.faults.kill_passive_worker_after == Some(completed) {
             warn!(
                 worker = wid,
                 "fault injection: passive worker dies with batches in flight"
@@ -960,6 +1063,7 @@ fn start_batch(
     );
     publish(sh.t, sh.c, topic, &m)?;
     Ok(Pending {
+        epoch,
         b,
         seq,
         sub,

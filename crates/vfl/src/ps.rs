@@ -15,8 +15,9 @@ pub enum Sync {
     /// complete, then pull (`vfl-ps`).
     Rounds,
     /// Semi-asynchronous (PubSub-VFL): pushes are applied at once; between refreshes every
-    /// `dT_t` local steps a worker keeps moving its replica with its own updates (a local Adam),
-    /// so its replica lacks at most the other workers' last `dT_t` steps.
+    /// `dT_t` local steps a worker moves its replica by exactly the update the master made from
+    /// its own gradient (the same Adam step, applied to both in one pass), so its replica lacks
+    /// at most the other workers' last `dT_t` steps and no copy of the master is taken.
     /// `dT_t = ceil(dT0/2 * tanh(2t/dT0 - 2) + dT0/2)` with `t` the epoch index.
     SemiAsync { dt0: usize },
 }
@@ -40,7 +41,6 @@ struct State {
 /// A worker's local view in [`ParamServer::step`].
 pub struct WorkerSync {
     cur: Vec<Vec<f32>>,
-    opt: FlatAdam,
     steps: usize,
 }
 
@@ -141,12 +141,10 @@ impl ParamServer {
     }
 
     /// A worker's handle for [`ParamServer::step`], starting from the current master.
-    pub fn worker(&self, lr: f64) -> WorkerSync {
+    pub fn worker(&self) -> WorkerSync {
         let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let sizes: Vec<usize> = st.params.iter().map(Vec::len).collect();
         WorkerSync {
             cur: st.params.clone(),
-            opt: FlatAdam::new(&sizes, lr),
             steps: 0,
         }
     }
@@ -180,14 +178,13 @@ impl ParamServer {
                 {
                     let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                     let st = &mut *st;
-                    st.opt.step(&mut st.params, &flat);
-                    st.steps += 1;
                     if refresh {
+                        st.opt.step(&mut st.params, &flat);
                         w.cur.clone_from(&st.params);
+                    } else {
+                        st.opt.step_also(&mut st.params, &mut w.cur, &flat);
                     }
-                }
-                if !refresh {
-                    w.opt.step(&mut w.cur, &flat);
+                    st.steps += 1;
                 }
                 model::set_flat(replica, &w.cur)
             }
@@ -211,6 +208,58 @@ mod tests {
         assert_eq!(s[0], 1);
         assert!(s.windows(2).all(|w| w[0] <= w[1]), "{s:?}");
         assert_eq!(*s.last().unwrap(), 5);
+    }
+
+    #[test]
+    fn semi_async_replica_moves_by_the_masters_update() {
+        let init = [1.0f32, -2.0, 0.5];
+        let var = |x: &[f32]| Var::from_tensor(&Tensor::new(x, &Device::Cpu).unwrap()).unwrap();
+        let master = var(&init);
+        let ps = ParamServer::new(
+            std::slice::from_ref(&master),
+            0.1,
+            Sync::SemiAsync { dt0: 5 },
+        )
+        .unwrap();
+        let (a, b) = (var(&init), var(&init));
+        let (mut wa, mut wb) = (ps.worker(), ps.worker());
+        let grad = |g: [f32; 3]| vec![Tensor::new(&g, &Device::Cpu).unwrap()];
+        let get = |v: &Var| v.as_tensor().to_vec1::<f32>().unwrap();
+        // epoch 11: dT = 5, so the first steps of a worker do not refresh
+        assert_eq!(staleness_bound(11, 5), 5);
+        ps.step(
+            &mut wa,
+            std::slice::from_ref(&a),
+            grad([1.0, -1.0, 0.5]),
+            1,
+            11,
+        )
+        .unwrap();
+        // alone so far: worker a's replica is the master, bit for bit
+        let m = var(&[0.0; 3]);
+        ps.pull(std::slice::from_ref(&m)).unwrap();
+        assert_eq!(get(&a), get(&m));
+        assert_ne!(get(&a), init.to_vec());
+        // worker b steps from the initial values: its replica lacks a's update only
+        ps.step(
+            &mut wb,
+            std::slice::from_ref(&b),
+            grad([0.2, 0.3, -0.4]),
+            1,
+            11,
+        )
+        .unwrap();
+        ps.pull(std::slice::from_ref(&m)).unwrap();
+        let (gm, ga, gb) = (get(&m), get(&a), get(&b));
+        // master = init - u_a - u_b, a = init - u_a, b = init - u_b  =>  master - b = a - init
+        for j in 0..3 {
+            assert!(
+                (gm[j] - gb[j] - (ga[j] - init[j])).abs() < 1e-6,
+                "{j}: master {gm:?} a {ga:?} b {gb:?}"
+            );
+            assert_ne!(gb[j], init[j]);
+        }
+        assert_eq!(ps.steps(), 2);
     }
 
     #[test]

@@ -84,6 +84,32 @@ impl Drop for NatsServer {
     }
 }
 
+/// Starts `bin party --role ROLE --broker nats://127.0.0.1:PORT --job JOB --json JSON` (the
+/// `vfl_party` / `sap_party` command line) with warnings logged and stdout discarded.
+pub fn party_process(bin: &str, role: &str, port: u16, job: &Path, json: &Path) -> Child {
+    Command::new(bin)
+        .args([
+            "party",
+            "--role",
+            role,
+            "--broker",
+            &format!("nats://127.0.0.1:{port}"),
+        ])
+        .arg("--job")
+        .arg(job)
+        .arg("--json")
+        .arg(json)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start {bin} ({role}): {e}"))
+}
+
+/// [`wait_child`] on an owned child.
+pub fn wait_exit(mut c: Child, limit: Duration) -> bool {
+    wait_child(&mut c, limit)
+}
+
 /// Waits up to `limit` for `c` to exit; kills it and returns `false` on timeout, else whether it
 /// succeeded.
 pub fn wait_child(c: &mut Child, limit: Duration) -> bool {

@@ -16,6 +16,9 @@ fn bench_json_holds_one_object_per_mode() {
         max_rows: None,
         depth: Some(3),
         target_auc: None,
+        active_machine: None,
+        passive_machine: None,
+        repeats: 2,
         json: Some(json.clone()),
     };
     cli::run_bench(&args).unwrap();
@@ -29,6 +32,16 @@ fn bench_json_holds_one_object_per_mode() {
         assert!(r["auc"].as_f64().unwrap() > 0.7, "{mode}: {}", r["auc"]);
         // the target defaults to the lowest final AUC, which every mode reaches
         assert!(r["time_to_target_s"].as_f64().is_some(), "{mode}");
+        // both repeats are kept, fastest first; of two, the reported median is the faster
+        let runs: Vec<f64> = r["wall_s_runs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{mode}: wall_s_runs missing"))
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(runs.len(), 2, "{mode}: {runs:?}");
+        assert!(runs[0] <= runs[1], "{mode}: {runs:?}");
+        assert_eq!(r["wall_s"].as_f64().unwrap(), runs[0], "{mode}");
     }
 }
 
@@ -40,6 +53,25 @@ fn plan_fits_and_measures() {
     assert!(r.predicted_epoch_s > 0.0 && r.measured_epoch_s > 0.0);
     assert!(r.active.gamma.is_finite() && r.passive.lambda > 0.0);
     assert!(r.human().contains("predicted"));
+    // the shortlist holds the default and the plan, and the plan is its fastest trial
+    let has = |wa, wp, b| {
+        r.candidates
+            .iter()
+            .any(|c| (c.workers_active, c.workers_passive, c.batch) == (wa, wp, b))
+    };
+    assert!(has(2, 2, 256), "{:?}", r.candidates);
+    assert!(has(r.workers_active, r.workers_passive, r.batch));
+    assert!(r.candidates.len() >= 2 && r.candidates.len() <= 7);
+    let fastest = r
+        .candidates
+        .iter()
+        .map(|c| c.trial_epoch_s)
+        .fold(f64::INFINITY, f64::min);
+    assert!(r
+        .candidates
+        .iter()
+        .any(|c| c.batch == r.batch && c.trial_epoch_s == fastest));
+    assert!(r.candidates.iter().all(|c| c.trial_epoch_s > 0.0));
 }
 
 #[test]
@@ -63,8 +95,18 @@ fn plan_on_unequal_machines_models_the_slow_party_and_measures_the_default() {
     .unwrap();
     assert_eq!(r.machine_passive, Some(slow));
     assert!(r.default_measured_epoch_s > 0.0 && r.default_predicted_epoch_s > 0.0);
-    // The search covers the default setting, so its prediction can only be as good or better.
-    assert!(r.predicted_epoch_s <= r.default_predicted_epoch_s + 1e-12);
+    // The search covers the default setting, so the model's best prediction (the shortlist's
+    // first entry) can only be as good or better; the plan is the fastest trial, so it was at
+    // least as fast as the default in the trials.
+    assert!(r.candidates[0].predicted_epoch_s <= r.default_predicted_epoch_s + 1e-12);
+    let trial = |wa, wp, b| {
+        r.candidates
+            .iter()
+            .find(|c| (c.workers_active, c.workers_passive, c.batch) == (wa, wp, b))
+            .map(|c| c.trial_epoch_s)
+            .unwrap()
+    };
+    assert!(trial(r.workers_active, r.workers_passive, r.batch) <= trial(2, 2, 256));
     // A 4x slower passive party makes its side the bottleneck of the model.
     let shared = umbra_vfl::plan::epoch_time(
         &r.active,

@@ -2,31 +2,12 @@
 //! started and stopped by the test itself).
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
-use umbra_vfl::testing::{free_port, wait_child, NatsServer};
+use umbra_vfl::testing::{free_port, party_process, wait_exit, NatsServer};
 
 fn party(role: &str, port: u16, job: &Path, json: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_vfl_party"))
-        .args([
-            "party",
-            "--role",
-            role,
-            "--broker",
-            &format!("nats://127.0.0.1:{port}"),
-        ])
-        .arg("--job")
-        .arg(job)
-        .arg("--json")
-        .arg(json)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start party")
-}
-
-fn wait(mut c: Child, limit: Duration) -> bool {
-    wait_child(&mut c, limit)
+    party_process(env!("CARGO_BIN_EXE_vfl_party"), role, port, job, json)
 }
 
 fn write_job(dir: &Path, job: &str, epochs: usize, extra: &str) -> PathBuf {
@@ -60,8 +41,11 @@ fn two_processes_over_nats() {
     );
     let a = party("active", port, &job, &ja);
     let p = party("passive", port, &job, &jp);
-    assert!(wait(p, Duration::from_secs(240)), "passive party failed");
-    assert!(wait(a, Duration::from_secs(30)), "active party failed");
+    assert!(
+        wait_exit(p, Duration::from_secs(240)),
+        "passive party failed"
+    );
+    assert!(wait_exit(a, Duration::from_secs(30)), "active party failed");
     let (aa, ap) = (auc_of(&ja), auc_of(&jp));
     eprintln!("two-process AUC: active {aa:.4}, passive's copy {ap:.4}");
     assert!(aa > 0.88, "AUC {aa}");
@@ -84,8 +68,11 @@ fn nats_restart_during_training_does_not_lose_the_run() {
     drop(server);
     std::thread::sleep(Duration::from_millis(500));
     let _server = NatsServer::start_on(port);
-    assert!(wait(p, Duration::from_secs(240)), "passive party failed");
-    assert!(wait(a, Duration::from_secs(60)), "active party failed");
+    assert!(
+        wait_exit(p, Duration::from_secs(240)),
+        "passive party failed"
+    );
+    assert!(wait_exit(a, Duration::from_secs(60)), "active party failed");
     let aa = auc_of(&ja);
     assert!(aa > 0.85, "AUC after a broker restart {aa}");
     // the restart really hit the training: batch attempts were lost and reassigned
