@@ -12,9 +12,16 @@
 //!
 //! `answer_length` (answer tokens) is reported as a reference, not a baseline: HaluEval's
 //! hallucinated answers are often full sentences while the right ones are short spans.
+//!
+//! Families in the grid: `hidden` (per key and layer), `lookback` and `ffn` (per key and layer,
+//! and all layers of a key together), `logit`, and two combinations (best hidden cell +
+//! generation lookback + logit, and the same + `ffn.generation.mean`). Folders extracted before
+//! the `ffn` family existed have no `ffn.*` keys: the grid then skips that family.
 use crate::data::{split_rows, Split};
 use crate::error::{HaluError, Result};
-use crate::features::{key_stage, Stage, HIDDEN_KEYS, LLMCHECK_KEY, LOGIT_KEY, LOOKBACK_KEYS};
+use crate::features::{
+    key_stage, Stage, FFN_KEYS, HIDDEN_KEYS, LLMCHECK_KEY, LOGIT_KEY, LOOKBACK_KEYS,
+};
 use crate::metrics::{accuracy_f1, auroc, best_threshold, bootstrap_auroc_ci};
 use crate::probe::{FeatureRef, Net, ProbeFile, ProbeKind, ProbeMeta, TrainConfig, PROBE_FORMAT};
 use crate::store::{slice_layer, FeatureStore, Matrix};
@@ -276,7 +283,11 @@ pub fn run_grid(
     let ev = Evaluator::new(store, cfg)?;
     let dims = &store.manifest.model;
     let nl = dims.num_layers;
-    let total = HIDDEN_KEYS.len() * nl + LOOKBACK_KEYS.len() * (nl + 1) + 8;
+    let has_ffn = FFN_KEYS
+        .iter()
+        .all(|(k, _)| store.manifest.keys.contains_key(*k));
+    let ffn_keys: &[(&str, Stage)] = if has_ffn { &FFN_KEYS } else { &[] };
+    let total = HIDDEN_KEYS.len() * nl + (LOOKBACK_KEYS.len() + ffn_keys.len()) * (nl + 1) + 8;
     let mut done = 0;
     let mut cells: Vec<CellResult> = Vec::new();
     let mut best_hidden: Option<(f64, FeatureRef)> = None;
@@ -323,7 +334,11 @@ pub fn run_grid(
         }
     }
     let mut lookback_lens = None;
-    for (key, stage) in LOOKBACK_KEYS {
+    let families = LOOKBACK_KEYS
+        .iter()
+        .map(|&(k, st)| ("lookback", k, st))
+        .chain(ffn_keys.iter().map(|&(k, st)| ("ffn", k, st)));
+    for (family, key, stage) in families {
         let all = store.load(key)?;
         for l in 0..nl {
             let x = slice_layer(&all, nl, l);
@@ -333,7 +348,7 @@ pub fn run_grid(
                 vec![r.clone()],
                 ProbeKind::Logreg,
                 &r.label(),
-                "lookback",
+                family,
                 stage.name(),
                 Some(l),
             )?;
@@ -348,7 +363,7 @@ pub fn run_grid(
             vec![r.clone()],
             ProbeKind::Logreg,
             key,
-            "lookback",
+            family,
             stage.name(),
             None,
         )?;
@@ -412,26 +427,34 @@ pub fn run_grid(
     }
     done += 6;
     progress(done, total, "baselines");
-    // Combination candidate.
+    // Combination candidates: best hidden cell + generation lookback + logit (+ generation
+    // FFN statistics when the folder has them).
     if let Some((_, h)) = &best_hidden {
-        let refs = vec![
+        let base = vec![
             h.clone(),
             FeatureRef::new("lookback.generation.mean", None),
             FeatureRef::new(LOGIT_KEY, None),
         ];
-        let x = load_refs(store, &refs)?;
-        let name = format!("{}+lookback+logit", h.label());
-        let f = ev.fit_matrix(
-            &x,
-            refs.clone(),
-            ProbeKind::Logreg,
-            &name,
-            "combo",
-            "generation",
-            h.layer,
-        )?;
-        candidates.push((f.result.val_auroc, refs, name));
-        cells.push(f.result);
+        let mut combos = vec![(base.clone(), format!("{}+lookback+logit", h.label()))];
+        if has_ffn {
+            let mut refs = base;
+            refs.push(FeatureRef::new("ffn.generation.mean", None));
+            combos.push((refs, format!("{}+lookback+logit+ffn", h.label())));
+        }
+        for (refs, name) in combos {
+            let x = load_refs(store, &refs)?;
+            let f = ev.fit_matrix(
+                &x,
+                refs.clone(),
+                ProbeKind::Logreg,
+                &name,
+                "combo",
+                "generation",
+                h.layer,
+            )?;
+            candidates.push((f.result.val_auroc, refs, name));
+            cells.push(f.result);
+        }
     }
     done += 2;
     progress(done, total, "combination");

@@ -66,6 +66,24 @@ pub fn run_extraction(
     };
     if out.join(MANIFEST).exists() {
         let old = read_manifest(out)?;
+        let missing: Vec<&String> = manifest
+            .keys
+            .keys()
+            .filter(|k| !old.keys.contains_key(*k))
+            .collect();
+        if !missing.is_empty() && old.keys.keys().all(|k| manifest.keys.contains_key(k)) {
+            return Err(HaluError::FeatureMismatch(format!(
+                "{} holds features of an older extraction without {} (e.g. the ffn family); \
+                 its chunks cannot be mixed with new ones: use a new --out (the old folder \
+                 still loads for report / train / eval)",
+                out.display(),
+                missing
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         if !old.same_setup(&manifest) {
             return Err(HaluError::FeatureMismatch(format!(
                 "{} holds features of another setup (model, data, seed, chunk size or extraction \

@@ -4,9 +4,10 @@
 //! `"Knowledge: " K[..max_knowledge_tokens] "\nQuestion: " Q "\nAnswer:"` (the prompt, `P` tokens)
 //! followed by `" " A` (`n` answer tokens), tokenized piecewise without special tokens. The
 //! knowledge is truncated to keep sequences short on a CPU (documented in docs/haluprobe.md).
-//! The prompt runs once through [`Llama::forward_embeds_with_taps`]; each answer continues from
-//! a copy of its KV cache through [`Llama::forward_embeds_with_attention_taps`], so both answers
-//! to one question share the prompt pass. Stages (paper, Sec. 3):
+//! The prompt runs once through [`Llama::forward_embeds_with_tap_options`] with
+//! [`TapOptions::FFN`]; each answer continues from a copy of its KV cache with
+//! [`TapOptions::ALL`] (attention probabilities and FFN activations too), so both answers to one
+//! question share the prompt pass. Stages (paper, Sec. 3):
 //! - **understanding**: prompt tokens `0..P` (knowledge + question);
 //! - **query**: the boundary tokens `P-1` (last prompt token) and `P` (first answer token);
 //! - **generation**: answer tokens `P..P+n`.
@@ -26,11 +27,20 @@
 //!   distribution, and the answer length in tokens;
 //! - `llmcheck.generation` `[L]`: LLM-Check hidden score, mean of `log λ_i` over the non-zero
 //!   eigenvalues of `Z_c Z_c^T / d`, `Z_c` = centered hidden states of the last prompt token and
-//!   the answer tokens (`n+1` rows).
+//!   the answer tokens (`n+1` rows);
+//! - `ffn.understanding.mean`, `ffn.query.mean`, `ffn.generation.{last,mean}` `[L, 7]`: FFN
+//!   activation statistics. For every token and layer, the SwiGLU activation
+//!   `a = silu(gate(h)) ⊙ up(h)` (`F = intermediate_size` values, the input of `down_proj`,
+//!   [`TapPoint::Ffn`]) is reduced to [`FFN_STAT_NAMES`]: mean `μ = Σa/F`, standard deviation
+//!   `σ = sqrt(Σ(a-μ)²/F)`, mean `|a|`, max `|a|`, the share of neurons with
+//!   `|a| > `[`FFN_ACTIVE_THRESHOLD`], the share with `a > 0`, and the kurtosis
+//!   `Σ(a-μ)⁴/F / σ⁴` (0 when `σ = 0`); the stage rows are then the mean of these per-token
+//!   vectors over the prompt tokens / the two boundary tokens / the answer tokens, or the last
+//!   answer token's vector. Moments are accumulated in f64.
 use crate::error::{HaluError, Result};
 use candle_core::{Tensor, D};
 use std::collections::BTreeMap;
-use umbra_model::llama::{Llama, TapPoint};
+use umbra_model::llama::{Llama, TapOptions, TapPoint};
 use umbra_model::tokenizer::TextTokenizer;
 
 /// Which part of the forward pass a feature comes from.
@@ -105,6 +115,27 @@ pub const LOOKBACK_KEYS: [(&str, Stage); 2] = [
 ];
 pub const LOGIT_KEY: &str = "logit.generation";
 pub const LLMCHECK_KEY: &str = "llmcheck.generation";
+/// The FFN-statistics keys (`[L, FFN_STATS]` each), with their stage.
+pub const FFN_KEYS: [(&str, Stage); 4] = [
+    ("ffn.understanding.mean", Stage::Understanding),
+    ("ffn.query.mean", Stage::Query),
+    ("ffn.generation.last", Stage::Generation),
+    ("ffn.generation.mean", Stage::Generation),
+];
+/// Statistics per layer in the `ffn.*` keys.
+pub const FFN_STATS: usize = 7;
+/// Names of the per-layer FFN statistics, in order (see the module docs).
+pub const FFN_STAT_NAMES: [&str; FFN_STATS] = [
+    "mean",
+    "std",
+    "mean_abs",
+    "max_abs",
+    "active_frac",
+    "positive_frac",
+    "kurtosis",
+];
+/// `|a|` above which a neuron counts as active for `active_frac`.
+pub const FFN_ACTIVE_THRESHOLD: f32 = 0.01;
 
 /// The stage of a feature key (`family.stage[.selection]`).
 pub fn key_stage(key: &str) -> Option<Stage> {
@@ -127,6 +158,9 @@ pub fn key_shapes(l: usize, d: usize, h: usize) -> BTreeMap<String, Vec<usize>> 
     }
     m.insert(LOGIT_KEY.to_string(), vec![LOGIT_FEATURES]);
     m.insert(LLMCHECK_KEY.to_string(), vec![l]);
+    for (k, _) in FFN_KEYS {
+        m.insert(k.to_string(), vec![l, FFN_STATS]);
+    }
     m
 }
 
@@ -245,8 +279,8 @@ impl<'a> Extractor<'a> {
 }
 
 /// Features of each answer (ids) after one prompt (ids): the prompt pass runs once through
-/// [`Llama::forward_embeds_with_taps`], each answer continues from a copy of its KV cache
-/// through [`Llama::forward_embeds_with_attention_taps`].
+/// [`Llama::forward_embeds_with_tap_options`] ([`TapOptions::FFN`]), each answer continues from
+/// a copy of its KV cache with [`TapOptions::ALL`].
 pub fn extract_ids(
     m: &Llama,
     cfg: &ExtractConfig,
@@ -264,31 +298,43 @@ pub fn extract_ids(
         let mut cache =
             m.new_cache_with_capacity(p + answers.iter().map(Vec::len).max().unwrap_or(0));
         let mut prompt_layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
-        let h = m.forward_embeds_with_taps(&emb, &mut cache, &mut |pt, t| {
-            if let TapPoint::Layer(_) = pt {
-                prompt_layers.push(t.clone());
-            }
-        })?;
+        let mut prompt_ffn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
+        let h =
+            m.forward_embeds_with_tap_options(&emb, &mut cache, TapOptions::FFN, &mut |pt, t| {
+                match pt {
+                    TapPoint::Layer(_) => prompt_layers.push(t.clone()),
+                    TapPoint::Ffn(_) => prompt_ffn.push(t.clone()),
+                    _ => {}
+                }
+            })?;
         let first_logits = m.head(&h.narrow(1, p - 1, 1)?)?.squeeze(0)?; // [1,V]
                                                                          // Prompt per layer: [P, d] as rows.
         let prompt_rows: Vec<Vec<Vec<f32>>> = prompt_layers
             .iter()
             .map(|t| t.squeeze(0)?.to_vec2::<f32>())
             .collect::<std::result::Result<_, _>>()?;
+        let prompt_stats = prompt_ffn
+            .iter()
+            .map(ffn_token_stats)
+            .collect::<Result<Vec<_>>>()?;
         let mut out = Vec::with_capacity(answers.len());
         for ans in answers {
             let mut c = cache.try_clone()?;
             let aemb = m.embed(&Tensor::new(ans.as_slice(), dev)?.unsqueeze(0)?)?;
             let mut layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
             let mut attn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
+            let mut ffn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
             let ah =
-                m.forward_embeds_with_attention_taps(&aemb, &mut c, &mut |pt, t| match pt {
-                    TapPoint::Layer(_) => layers.push(t.clone()),
-                    TapPoint::Attention(_) => attn.push(t.clone()),
-                    _ => {}
+                m.forward_embeds_with_tap_options(&aemb, &mut c, TapOptions::ALL, &mut |pt, t| {
+                    match pt {
+                        TapPoint::Layer(_) => layers.push(t.clone()),
+                        TapPoint::Attention(_) => attn.push(t.clone()),
+                        TapPoint::Ffn(_) => ffn.push(t.clone()),
+                        _ => {}
+                    }
                 })?;
             let logits = m.head(&ah)?.squeeze(0)?; // [n,V]
-            out.push(reduce(
+            let mut f = reduce(
                 cfg,
                 &prompt_rows,
                 &layers,
@@ -296,7 +342,13 @@ pub fn extract_ids(
                 &first_logits,
                 &logits,
                 ans,
-            )?);
+            )?;
+            let answer_stats = ffn
+                .iter()
+                .map(ffn_token_stats)
+                .collect::<Result<Vec<_>>>()?;
+            f.extend(ffn_features(&prompt_stats, &answer_stats, ans.len())?);
+            out.push(f);
         }
         Ok(out)
     }
@@ -389,6 +441,105 @@ fn reduce(
         logit_features(first_logits, logits, answer)?,
     );
     Ok(f)
+}
+
+/// Per-token FFN statistics ([`FFN_STAT_NAMES`]) of one [`TapPoint::Ffn`] activation
+/// `[1, t, F]` -> `t` rows.
+pub fn ffn_token_stats(act: &Tensor) -> Result<Vec<[f32; FFN_STATS]>> {
+    let (b, t, f) = act.dims3().map_err(|_| {
+        HaluError::Input(format!(
+            "FFN activation must be [1, t, F], got {:?}",
+            act.dims()
+        ))
+    })?;
+    if b != 1 || t == 0 || f == 0 {
+        return Err(HaluError::Input(format!(
+            "FFN activation must be [1, t > 0, F > 0], got {:?}",
+            act.dims()
+        )));
+    }
+    let v = act.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.chunks_exact(f).map(ffn_stats).collect())
+}
+
+/// [`FFN_STAT_NAMES`] of one token's activation `a` (`F > 0` values).
+pub fn ffn_stats(a: &[f32]) -> [f32; FFN_STATS] {
+    let n = a.len().max(1) as f64;
+    let (mut s1, mut s2, mut s3, mut s4, mut sabs) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    let (mut max_abs, mut active, mut positive) = (0f32, 0usize, 0usize);
+    for &x in a {
+        let xf = x as f64;
+        let x2 = xf * xf;
+        s1 += xf;
+        s2 += x2;
+        s3 += x2 * xf;
+        s4 += x2 * x2;
+        sabs += xf.abs();
+        max_abs = max_abs.max(x.abs());
+        active += (x.abs() > FFN_ACTIVE_THRESHOLD) as usize;
+        positive += (x > 0.0) as usize;
+    }
+    let mu = s1 / n;
+    let (e2, e3, e4) = (s2 / n, s3 / n, s4 / n);
+    let var = (e2 - mu * mu).max(0.0);
+    // Central fourth moment from the raw ones.
+    let m4 = (e4 - 4.0 * mu * e3 + 6.0 * mu * mu * e2 - 3.0 * mu.powi(4)).max(0.0);
+    let kurt = if var > 1e-30 { m4 / (var * var) } else { 0.0 };
+    [
+        mu as f32,
+        var.sqrt() as f32,
+        (sabs / n) as f32,
+        max_abs,
+        (active as f64 / n) as f32,
+        (positive as f64 / n) as f32,
+        kurt as f32,
+    ]
+}
+
+/// The `ffn.*` features from per-layer, per-token statistics of the prompt (`[L][P]`) and of
+/// the `n` answer tokens (`[L][n]`).
+pub fn ffn_features(
+    prompt: &[Vec<[f32; FFN_STATS]>],
+    answer: &[Vec<[f32; FFN_STATS]>],
+    n: usize,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let nl = answer.len();
+    if nl == 0
+        || prompt.len() != nl
+        || prompt.iter().any(Vec::is_empty)
+        || answer.iter().any(|a| a.len() != n)
+        || n == 0
+    {
+        return Err(HaluError::Input(format!(
+            "FFN taps incomplete: {} prompt layers, {} answer layers for {n} answer tokens",
+            prompt.len(),
+            nl
+        )));
+    }
+    let mean = |rows: &[&[f32; FFN_STATS]]| -> [f32; FFN_STATS] {
+        let mut acc = [0f64; FFN_STATS];
+        for r in rows {
+            for (a, x) in acc.iter_mut().zip(r.iter()) {
+                *a += *x as f64;
+            }
+        }
+        acc.map(|a| (a / rows.len().max(1) as f64) as f32)
+    };
+    let mut und = Vec::with_capacity(nl * FFN_STATS);
+    let mut qry = Vec::with_capacity(nl * FFN_STATS);
+    let mut last = Vec::with_capacity(nl * FFN_STATS);
+    let mut gen = Vec::with_capacity(nl * FFN_STATS);
+    for (p, a) in prompt.iter().zip(answer) {
+        und.extend(mean(&p.iter().collect::<Vec<_>>()));
+        qry.extend(mean(&[&p[p.len() - 1], &a[0]]));
+        last.extend(a[n - 1]);
+        gen.extend(mean(&a.iter().collect::<Vec<_>>()));
+    }
+    Ok(FFN_KEYS
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .zip([und, qry, last, gen])
+        .collect())
 }
 
 /// Mean of equal-length rows (`d` values each).
@@ -529,6 +680,70 @@ mod tests {
             (ev[0] - 1.0).abs() < 1e-9 && (ev[1] - 3.0).abs() < 1e-9,
             "{ev:?}"
         );
+    }
+
+    #[test]
+    fn ffn_stats_of_a_known_vector() {
+        // a = [-2, 0, 0.005, 2]: μ = 0.00125, |a| mean 1.00125, max 2, 2 of 4 above 0.01,
+        // 2 of 4 positive; kurtosis of a symmetric two-point-plus-zeros shape ≈ 2.
+        let a = [-2.0f32, 0.0, 0.005, 2.0];
+        let s = ffn_stats(&a);
+        let mu = 0.005f64 / 4.0;
+        let dev: Vec<f64> = a.iter().map(|&x| x as f64 - mu).collect();
+        let var = dev.iter().map(|d| d * d).sum::<f64>() / 4.0;
+        let kurt = dev.iter().map(|d| d.powi(4)).sum::<f64>() / 4.0 / (var * var);
+        let want = [mu, var.sqrt(), 4.005 / 4.0, 2.0, 0.5, 0.5, kurt];
+        for (i, (g, w)) in s.iter().zip(want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() < 1e-5 * (1.0 + w.abs()),
+                "{}: {g} vs {w}",
+                FFN_STAT_NAMES[i]
+            );
+        }
+        // A constant activation: σ = 0 -> kurtosis 0 (not NaN).
+        let c = ffn_stats(&[0.5; 8]);
+        assert_eq!((c[1], c[6], c[4], c[5]), (0.0, 0.0, 1.0, 1.0));
+    }
+
+    #[test]
+    fn ffn_features_reduce_stages_and_reject_bad_taps() {
+        let row = |x: f32| [x; FFN_STATS];
+        let prompt = vec![vec![row(1.0), row(3.0)], vec![row(0.0), row(2.0)]];
+        let answer = vec![vec![row(5.0), row(7.0), row(9.0)], vec![row(1.0); 3]];
+        let f: BTreeMap<String, Vec<f32>> = ffn_features(&prompt, &answer, 3)
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(f.len(), FFN_KEYS.len());
+        let at = |k: &str, l: usize| f[k][l * FFN_STATS];
+        assert_eq!(f["ffn.generation.mean"].len(), 2 * FFN_STATS);
+        assert_eq!(
+            (
+                at("ffn.understanding.mean", 0),
+                at("ffn.understanding.mean", 1)
+            ),
+            (2.0, 1.0)
+        );
+        assert_eq!(
+            (at("ffn.query.mean", 0), at("ffn.query.mean", 1)),
+            (4.0, 1.5)
+        );
+        assert_eq!(
+            (at("ffn.generation.last", 0), at("ffn.generation.mean", 0)),
+            (9.0, 7.0)
+        );
+        // Layer counts or token counts that disagree are refused.
+        assert!(ffn_features(&prompt[..1], &answer, 3).is_err());
+        assert!(ffn_features(&prompt, &answer, 2).is_err());
+        assert!(ffn_features(&[], &[], 1).is_err());
+        let bad = Tensor::zeros(
+            (2, 3, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let e = ffn_token_stats(&bad).unwrap_err().to_string();
+        assert!(e.contains("[1, t > 0, F > 0]"), "{e}");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! arXiv 2502.13490) on our engine's taps.
 //!
 //! Pipeline: [`data`] (HaluEval QA rows -> faithful/hallucinated triples, row splits) ->
-//! [`features`] (one tapped forward pass -> hidden states, lookback ratios, logit and LLM-Check
-//! features per stage) -> [`store`] / [`extract`] (resumable chunked safetensors) ->
+//! [`features`] (one tapped forward pass -> hidden states, lookback ratios, FFN activation
+//! statistics, logit and LLM-Check features per stage) -> [`store`] / [`extract`] (resumable chunked safetensors) ->
 //! [`probe`] (logistic regression / MLP on candle) and [`eval`] (AUROC grid, baselines, best
 //! probe) -> [`report`] (tables and a figure) -> [`score`] (score one answer with a probe file).
 //! [`obfuscated`] moves a probe under an AloePri key, to score an obfuscated model's states.

@@ -15,7 +15,13 @@
 //! | `llmcheck.generation` `[L]` | exact mode only: `P P^T = I` keeps the Gram matrix, the `1/d` becomes `1/d'`, so every entry shifts by `ln(d/d')` | unchanged, `b0' -= ln(d/d') Σ w` |
 //!
 //! Means over tokens (understanding / query / generation mean, window) are linear, so they map
-//! like single states. LLM-Check scores are refused under approximate keys (`P P^T ≠ I`: the
+//! like single states.
+//!
+//! `ffn.*` statistics are refused: obfuscated neuron `t` is plaintext neuron `perm[t]` with its
+//! activation scaled by a secret `scale[perm[t]] ∈ [1/2, 2]` (even in exact mode), so the
+//! per-layer mean, std, mean/max `|a|`, active share and kurtosis of the obfuscated activation
+//! are not functions of the plaintext ones (only the share of positive activations is
+//! invariant, and a probe reads all statistics of a layer). LLM-Check scores are refused under approximate keys (`P P^T ≠ I`: the
 //! eigenvalues change; they are not a function of `x~ Q` alone).
 //!
 //! In exact mode the obfuscated model's states are `x P` with `x` the plaintext states, so the
@@ -59,6 +65,13 @@ pub fn covariance(key: &str) -> Result<Covariance> {
         "lookback" => Ok(Covariance::HeadPermuted),
         "logit" => Ok(Covariance::Invariant),
         "llmcheck" => Ok(Covariance::Shifted),
+        "ffn" => Err(HaluError::Input(format!(
+            "the probe reads `{key}` (FFN activation statistics), which has no transform under \
+             the obfuscation key: each obfuscated FFN neuron is a permuted plaintext neuron \
+             scaled by a secret factor in [1/2, 2] (in every mode), so the activation's mean, \
+             spread, maxima, active share and kurtosis change; train the probe without ffn \
+             features (e.g. `--select hidden:L13:generation.last`)"
+        ))),
         _ => Err(HaluError::Input(format!(
             "feature `{key}` has no known transform under the obfuscation key"
         ))),

@@ -13,8 +13,8 @@
 //!    last token was never fed), one more decode step, then [`OnlineFeatures::finish`].
 //!
 //! Answers are cut at `max_answer_tokens` as in extraction. Lookback ratios need attention
-//! probabilities, which the batched decode path does not compute: probes that read them are
-//! refused by [`TapPlan::for_probe`].
+//! probabilities and `ffn.*` statistics the FFN activations, neither of which the batched
+//! decode path emits: probes that read them are refused by [`TapPlan::for_probe`].
 use crate::error::{HaluError, Result};
 use crate::features::{
     key_shapes, llmcheck_score, logit_vector, mean_rows, Features, LLMCHECK_KEY, LOGIT_KEY,
@@ -52,6 +52,14 @@ impl TapPlan {
                     }
                     None => layers.extend(0..nl),
                 }
+            } else if r.key.starts_with("ffn.") {
+                return Err(HaluError::FeatureMismatch(format!(
+                    "serving cannot score `{}`: the batched decode step does not emit FFN \
+                     activations (TapPoint::Ffn); train the serving probe on hidden-state or \
+                     logit features (e.g. `umbra halluc train --select \
+                     hidden:L13:generation.last`)",
+                    r.key
+                )));
             } else if r.key != LOGIT_KEY {
                 return Err(HaluError::FeatureMismatch(format!(
                     "serving cannot score `{}`: the batched decode step does not compute \
@@ -376,5 +384,24 @@ mod tests {
         );
         let e = TapPlan::for_probe(&meta).unwrap_err().to_string();
         assert!(e.contains("attention probabilities"), "{e}");
+    }
+
+    #[test]
+    fn ffn_probes_are_refused_for_serving() {
+        let cfg = testing::tiny_config(32, 4, 2, 3, 64);
+        let w = testing::random_weights(&cfg, 3);
+        let m = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+        for f in [
+            FeatureRef::new("ffn.generation.mean", None),
+            FeatureRef::new("ffn.query.mean", Some(1)),
+        ] {
+            let meta = meta(
+                &m,
+                vec![FeatureRef::new(LOGIT_KEY, None), f],
+                ExtractConfig::default(),
+            );
+            let e = TapPlan::for_probe(&meta).unwrap_err().to_string();
+            assert!(e.contains("FFN activations"), "{e}");
+        }
     }
 }

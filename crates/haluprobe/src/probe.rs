@@ -273,11 +273,14 @@ impl FeatureRef {
 
     /// Parses `family:L<layer>:<stage>[.selection]` or a raw key with optional `@L<layer>`:
     /// `hidden:L12:query` -> `hidden.query.mean` layer 12, `hidden:L20:generation.last`,
-    /// `lookback:generation` -> `lookback.generation.mean`, `logit` -> `logit.generation`.
+    /// `lookback:generation` -> `lookback.generation.mean`, `logit` -> `logit.generation`,
+    /// `ffn:generation.mean` (or `ffn`) -> `ffn.generation.mean` (all layers),
+    /// `ffn:L5:query` -> `ffn.query.mean` layer 5.
     pub fn parse(s: &str) -> Result<Self> {
         let bad = || {
             HaluError::Input(format!(
-                "bad feature selector `{s}` (e.g. hidden:L12:query, lookback:generation, logit)"
+                "bad feature selector `{s}` (e.g. hidden:L12:query, lookback:generation, \
+                 ffn:generation.mean, ffn:L5:generation.last, logit)"
             ))
         };
         if let Some((k, l)) = s.split_once("@L") {
@@ -308,6 +311,8 @@ impl FeatureRef {
             ("lookback", "query") => "lookback.query".into(),
             ("lookback", st) if st.contains('.') => format!("lookback.{st}"),
             ("lookback", st) => format!("lookback.{st}.mean"),
+            ("ffn", st) if st.contains('.') => format!("ffn.{st}"),
+            ("ffn", st) => format!("ffn.{st}.mean"),
             ("logit", _) => "logit.generation".into(),
             ("llmcheck", _) => "llmcheck.generation".into(),
             _ => return Err(bad()),
@@ -659,6 +664,22 @@ mod tests {
         assert_eq!(
             FeatureRef::parse("lookback:generation").unwrap(),
             FeatureRef::new("lookback.generation.mean", None)
+        );
+        assert_eq!(
+            FeatureRef::parse("ffn:generation.mean").unwrap(),
+            FeatureRef::new("ffn.generation.mean", None)
+        );
+        assert_eq!(
+            FeatureRef::parse("ffn").unwrap(),
+            FeatureRef::new("ffn.generation.mean", None)
+        );
+        assert_eq!(
+            FeatureRef::parse("ffn:L5:query").unwrap(),
+            FeatureRef::new("ffn.query.mean", Some(5))
+        );
+        assert_eq!(
+            FeatureRef::parse("ffn:L2:generation.last").unwrap(),
+            FeatureRef::new("ffn.generation.last", Some(2))
         );
         assert!(FeatureRef::parse("hidden:Lx:query").is_err());
         assert!(FeatureRef::parse("nope").is_err());

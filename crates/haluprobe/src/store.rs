@@ -64,6 +64,9 @@ pub struct Manifest {
 
 impl Manifest {
     /// Whether a resumed run may append to a folder with this manifest.
+    ///
+    /// A folder written before a feature family existed (e.g. without the `ffn.*` keys) is
+    /// another setup: its chunks cannot be mixed with new ones.
     pub fn same_setup(&self, other: &Manifest) -> bool {
         self.format == other.format
             && self.model == other.model
@@ -352,7 +355,26 @@ impl FeatureStore {
             .keys
             .get(key)
             .map(Vec::as_slice)
-            .ok_or_else(|| HaluError::FeatureMismatch(format!("no feature key `{key}`")))
+            .ok_or_else(|| {
+                let family = key.split('.').next().unwrap_or("");
+                let has_family = self
+                    .manifest
+                    .keys
+                    .keys()
+                    .any(|k| k.split('.').next() == Some(family));
+                if family == "ffn" && !has_family {
+                    HaluError::FeatureMismatch(format!(
+                        "{} has no FFN statistics (`{key}`): it was extracted before the ffn \
+                     family existed; re-extract it into a new --out to use ffn features",
+                        self.dir.display()
+                    ))
+                } else {
+                    HaluError::FeatureMismatch(format!(
+                        "no feature key `{key}` in {}",
+                        self.dir.display()
+                    ))
+                }
+            })
     }
 
     /// `key` for all triples, flattened per triple: `[n, prod(shape)]`.

@@ -1,5 +1,6 @@
 //! End to end on real assets (CI fetches `smollm2` and `halueval-qa`): extract a small slice of
-//! HaluEval QA with SmolLM2-135M, resume, train a probe on the logit features, score a triple.
+//! HaluEval QA with SmolLM2-135M, resume, train a probe on the logit features and one on the
+//! FFN statistics, score a triple.
 use umbra_assets::{Asset, Cache};
 use umbra_haluprobe::cli::{load_model, resolve_model};
 use umbra_haluprobe::data::load_halueval_qa;
@@ -43,6 +44,15 @@ fn smollm2_halueval_slice_beats_chance() {
     let mut other = job.clone();
     other.seed = 1;
     assert!(run_extraction(&model, &tok, &rows, &other, dir.path(), None).is_err());
+    // A folder of an older extraction (no ffn keys) is not resumed into.
+    let old = tempfile::tempdir().unwrap();
+    let mut man = umbra_haluprobe::store::read_manifest(dir.path()).unwrap();
+    man.keys.retain(|k, _| !k.starts_with("ffn."));
+    umbra_haluprobe::store::write_json(&old.path().join("manifest.json"), &man).unwrap();
+    let e = run_extraction(&model, &tok, &rows, &job, old.path(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("older extraction") && e.contains("ffn."), "{e}");
 
     let store = FeatureStore::open(dir.path()).unwrap();
     let cfg = EvalConfig {
@@ -51,6 +61,14 @@ fn smollm2_halueval_slice_beats_chance() {
         bootstrap: 200,
         ..EvalConfig::default()
     };
+    let (ffn, _) = train_selected(
+        &store,
+        cfg.clone(),
+        vec![FeatureRef::parse("ffn:generation.mean").unwrap()],
+    )
+    .unwrap();
+    // FFN statistics of the answer tokens carry the signal too (measured: see docs/haluprobe.md).
+    assert!(ffn.test_auroc > 0.75, "ffn test AUROC {}", ffn.test_auroc);
     let (cell, probe) =
         train_selected(&store, cfg, vec![FeatureRef::parse("logit").unwrap()]).unwrap();
     // Under the null (no signal) the test AUROC of 48 positives vs 48 negatives has standard

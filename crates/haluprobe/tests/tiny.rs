@@ -1,7 +1,11 @@
 //! Pipeline checks on a tiny random model (no assets): attention tap, features, chunk files,
-//! resume-safe manifest, probe files and the errors on bad input.
+//! resume-safe manifest, probe files and the errors on bad input; the ffn family end to end
+//! (grid, `--select`, old folders without it).
 use candle_core::{Device, Tensor};
-use umbra_haluprobe::features::{extract_ids, key_shapes, ExtractConfig, Features};
+use umbra_haluprobe::eval::{run_grid, train_selected, EvalConfig};
+use umbra_haluprobe::features::{
+    extract_ids, key_shapes, ExtractConfig, Features, FFN_KEYS, FFN_STATS, FFN_STAT_NAMES,
+};
 use umbra_haluprobe::probe::{
     FeatureRef, Net, ProbeFile, ProbeKind, ProbeMeta, TrainConfig, PROBE_FORMAT,
 };
@@ -122,11 +126,106 @@ fn features_have_the_declared_shapes_and_ranges() {
     assert_eq!(f[1]["logit.generation"][7], 4.0);
     // One-token answer: the single LLM-Check row pair (last prompt token, answer) is finite.
     assert_eq!(f[0]["llmcheck.generation"].len(), 3);
+    // FFN statistics: [L, 7] per stage, in range, shared prompt -> equal understanding row.
+    assert_eq!(FFN_STAT_NAMES.len(), FFN_STATS);
+    for fe in &f {
+        for (k, _) in FFN_KEYS {
+            assert_eq!(shapes[k], vec![3, FFN_STATS], "{k}");
+            for l in fe[k].chunks_exact(FFN_STATS) {
+                let [_mean, std, mean_abs, max_abs, active, positive, kurt] =
+                    <[f32; FFN_STATS]>::try_from(l).unwrap();
+                assert!(std > 0.0 && kurt > 0.0, "{k}: {l:?}");
+                assert!(max_abs >= mean_abs && mean_abs > 0.0, "{k}: {l:?}");
+                assert!((0.0..=1.0).contains(&active) && (0.0..=1.0).contains(&positive));
+            }
+        }
+    }
+    assert_eq!(
+        f[0]["ffn.understanding.mean"],
+        f[1]["ffn.understanding.mean"]
+    );
+    assert_ne!(f[0]["ffn.generation.mean"], f[1]["ffn.generation.mean"]);
+    // One-token answer: last = mean over the answer.
+    assert_eq!(f[0]["ffn.generation.last"], f[0]["ffn.generation.mean"]);
+}
+
+/// The `ffn.*` rows are the statistics of the engine's own FFN tap: recompute one from
+/// `TapPoint::Ffn` of the same passes (prompt, then the answer from the prompt's cache).
+#[test]
+fn ffn_features_come_from_the_engine_tap() {
+    use umbra_haluprobe::features::ffn_token_stats;
+    use umbra_model::llama::TapOptions;
+    let m = tiny(2);
+    let prompt = [1u32, 4, 6, 8, 10, 12];
+    let answer = vec![5u32, 7, 9, 11];
+    let f = &extract_ids(
+        &m,
+        &ExtractConfig::default(),
+        &prompt,
+        std::slice::from_ref(&answer),
+    )
+    .unwrap()[0];
+    let mut c = m.new_cache();
+    let mut acts = vec![];
+    let emb = m
+        .embed(
+            &Tensor::new(&prompt[..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    m.forward_embeds_with_tap_options(&emb, &mut c, TapOptions::FFN, &mut |p, t| {
+        if let TapPoint::Ffn(_) = p {
+            acts.push(t.clone())
+        }
+    })
+    .unwrap();
+    let aemb = m
+        .embed(
+            &Tensor::new(&answer[..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+        )
+        .unwrap();
+    m.forward_embeds_with_tap_options(&aemb, &mut c, TapOptions::FFN, &mut |p, t| {
+        if let TapPoint::Ffn(_) = p {
+            acts.push(t.clone())
+        }
+    })
+    .unwrap();
+    assert_eq!(acts.len(), 4);
+    assert_eq!(acts[2].dims(), &[1, 4, m.config().intermediate_size]);
+    // Layer 1, last answer token.
+    let want = ffn_token_stats(&acts[3]).unwrap()[3];
+    let got = &f["ffn.generation.last"][FFN_STATS..2 * FFN_STATS];
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() < 1e-5 * (1.0 + w.abs()),
+            "{got:?} vs {want:?}"
+        );
+    }
+    // Layer 0, understanding: mean over the 6 prompt tokens.
+    let rows = ffn_token_stats(&acts[0]).unwrap();
+    let mean0 = rows.iter().map(|r| r[0]).sum::<f32>() / 6.0;
+    assert!((f["ffn.understanding.mean"][0] - mean0).abs() < 1e-5);
 }
 
 fn write_store(dir: &std::path::Path, m: &Llama, pairs: usize) -> Manifest {
+    write_store_keys(dir, m, pairs, |_| true)
+}
+
+/// A feature folder holding only the keys `keep` accepts (e.g. an older folder without ffn).
+fn write_store_keys(
+    dir: &std::path::Path,
+    m: &Llama,
+    pairs: usize,
+    keep: impl Fn(&str) -> bool,
+) -> Manifest {
     let dims = ModelDims::of(m.config());
-    let keys = key_shapes(dims.num_layers, dims.hidden_size, dims.num_heads);
+    let mut keys = key_shapes(dims.num_layers, dims.hidden_size, dims.num_heads);
+    keys.retain(|k, _| keep(k));
     let mut all = vec![];
     let mut labels = vec![];
     let mut rows = vec![];
@@ -247,4 +346,104 @@ fn store_roundtrip_probe_file_and_bad_input() {
         FeatureStore::open(&empty.path().join("nope")),
         Err(HaluError::Io { .. })
     ));
+}
+
+fn small_eval() -> EvalConfig {
+    EvalConfig {
+        bootstrap: 50,
+        mlp_hidden: vec![8],
+        ..EvalConfig::default()
+    }
+}
+
+#[test]
+fn ffn_family_in_grid_select_and_probe_files() {
+    let m = tiny(2);
+    let dir = tempfile::tempdir().unwrap();
+    write_store(dir.path(), &m, 40);
+    let store = FeatureStore::open(dir.path()).unwrap();
+    let x = store.load_layer("ffn.generation.mean", 1).unwrap();
+    assert_eq!((x.rows, x.cols), (80, FFN_STATS));
+    let (report, _) = run_grid(&store, small_eval(), &|_, _, _| {}).unwrap();
+    // Per layer and all layers, for every ffn key; and the combination with ffn.
+    for (k, stage) in FFN_KEYS {
+        let cells: Vec<_> = report
+            .cells
+            .iter()
+            .filter(|c| c.family == "ffn" && c.name.starts_with(k))
+            .collect();
+        assert_eq!(cells.len(), 3, "{k}");
+        assert!(cells.iter().all(|c| c.stage == stage.name()));
+    }
+    assert!(report
+        .cells
+        .iter()
+        .any(|c| c.family == "combo" && c.name.ends_with("+lookback+logit+ffn")));
+    // (A random tiny model carries no reliable signal; the SmolLM2 test checks the AUROC.)
+    let gen = report
+        .cells
+        .iter()
+        .find(|c| c.name == "ffn.generation.mean")
+        .unwrap();
+    assert!((0.0..=1.0).contains(&gen.test_auroc), "{gen:?}");
+    let json = umbra_haluprobe::report::flat_json(&report);
+    assert!(json.get("best_ffn_generation_mean").is_some(), "{json}");
+    // --select with ffn alone and in a list; the probe file round-trips and scores features.
+    let refs: Vec<FeatureRef> = "hidden:L1:generation.mean,lookback:generation,ffn:generation.mean"
+        .split(',')
+        .map(|s| FeatureRef::parse(s).unwrap())
+        .collect();
+    let (cell, probe) = train_selected(&store, small_eval(), refs).unwrap();
+    assert_eq!(probe.net.input_dim(), 32 + 2 * 4 + 2 * FFN_STATS);
+    assert!((0.0..=1.0).contains(&cell.test_auroc), "{cell:?}");
+    let (_, probe) = train_selected(
+        &store,
+        small_eval(),
+        vec![FeatureRef::parse("ffn:L0:query").unwrap()],
+    )
+    .unwrap();
+    let p = dir.path().join("ffn.safetensors");
+    probe.save(&p).unwrap();
+    let scorer = Scorer::load(&p, m.config()).unwrap();
+    let f = feats(&m);
+    let s = scorer.score_features(&f[0]).unwrap();
+    assert!((s.score - probe.score(&f[0]).unwrap()).abs() < 1e-6);
+    assert_eq!(s.stage, umbra_haluprobe::features::Stage::Query);
+    // Features without the ffn keys (another source) are refused with the key's name.
+    let mut no_ffn = f[0].clone();
+    no_ffn.remove("ffn.query.mean");
+    let e = scorer.score_features(&no_ffn).unwrap_err().to_string();
+    assert!(e.contains("ffn.query.mean"), "{e}");
+    // An ffn probe cannot be moved under an obfuscation key.
+    let e = umbra_haluprobe::obfuscated::check_transformable(
+        &probe,
+        m.config(),
+        &umbra_aloepri::ObfuscationParams::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("FFN activation statistics"), "{e}");
+}
+
+#[test]
+fn folders_without_the_ffn_family_still_load() {
+    let m = tiny(2);
+    let dir = tempfile::tempdir().unwrap();
+    write_store_keys(dir.path(), &m, 40, |k| !k.starts_with("ffn."));
+    let store = FeatureStore::open(dir.path()).unwrap();
+    let (report, _) = run_grid(&store, small_eval(), &|_, _, _| {}).unwrap();
+    assert!(report.cells.iter().all(|c| c.family != "ffn"));
+    assert!(report.cells.iter().any(|c| c.family == "lookback"));
+    let e = train_selected(
+        &store,
+        small_eval(),
+        vec![FeatureRef::parse("ffn:generation.mean").unwrap()],
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("extracted before the ffn family"), "{e}");
+    // A bad selector names the ffn forms.
+    let e = FeatureRef::parse("ffn:L:x").unwrap_err().to_string();
+    assert!(e.contains("ffn:generation.mean"), "{e}");
 }

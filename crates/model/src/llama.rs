@@ -9,7 +9,9 @@
 //! - [`Llama::forward_last`]: ids `[b,t]` -> logits of the last position `[b,V]` (generation).
 //! - Split mode: [`Llama::embed`] -> [`Llama::forward_embeds`] (blocks only) -> [`Llama::head`].
 //! - [`Llama::forward_embeds_with_taps`]: the same blocks, with a [`TapPoint`] callback that sees
-//!   the residual stream after the embeddings and after every layer (for probes).
+//!   the residual stream after the embeddings and after every layer (for probes);
+//!   [`Llama::forward_embeds_with_tap_options`] also emits the opt-in taps chosen by
+//!   [`TapOptions`] (attention probabilities, FFN activations).
 //!
 //! Load-time work: q/k/v are fused into one `[(nh+2nkv)*hd, d]` matrix, gate/up likewise, the
 //! `1/sqrt(hd)` attention scale is folded into the q rows, and the RoPE cos/sin tables are
@@ -204,13 +206,54 @@ pub enum TapPoint {
     /// Only emitted by [`Llama::forward_with_taps`] (which applies the head).
     FinalNorm,
     /// Attention probabilities of block `i`, `[b, nh, t, L]` (rows sum to 1, causal), seen
-    /// before that block's `Layer(i)`. Opt-in: only emitted by
-    /// [`Llama::forward_embeds_with_attention_taps`]; the other entry points never compute it.
+    /// before that block's `Layer(i)`. Opt-in ([`TapOptions::attention`]): only emitted by
+    /// [`Llama::forward_embeds_with_tap_options`] (and its shorthand
+    /// [`Llama::forward_embeds_with_attention_taps`]); the other entry points never compute it.
     Attention(usize),
+    /// The SwiGLU intermediate activation of block `i`, `act(gate(h)) * up(h)` with
+    /// `h = post_attention_layernorm(x + attn)`, `[b, t, intermediate_size]`: the input of
+    /// `down_proj`, so `Layer(i) = x + attn + down_proj(Ffn(i))`. Seen after `Attention(i)` and
+    /// before `Layer(i)`. Opt-in ([`TapOptions::ffn`]): only emitted by
+    /// [`Llama::forward_embeds_with_tap_options`]; costs nothing otherwise (the activation is
+    /// computed anyway; the tap only hands out a handle to it).
+    Ffn(usize),
+}
+
+/// Which opt-in taps [`Llama::forward_embeds_with_tap_options`] emits besides
+/// [`TapPoint::Embeddings`] and [`TapPoint::Layer`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TapOptions {
+    /// [`TapPoint::Attention`]: attention then runs with candle ops for every `t` (no
+    /// one-position fast path) so the probabilities exist; results are identical.
+    pub attention: bool,
+    /// [`TapPoint::Ffn`]: free (the activation exists anyway).
+    pub ffn: bool,
+}
+
+impl TapOptions {
+    /// Residual-stream taps only.
+    pub const NONE: Self = Self {
+        attention: false,
+        ffn: false,
+    };
+    pub const ATTENTION: Self = Self {
+        attention: true,
+        ffn: false,
+    };
+    pub const FFN: Self = Self {
+        attention: false,
+        ffn: true,
+    };
+    pub const ALL: Self = Self {
+        attention: true,
+        ffn: true,
+    };
 }
 
 /// A read-only hook on hidden states `[b,t,d]`; the tensor is the live activation (cheap clone).
 pub type Tap<'a> = &'a mut dyn FnMut(TapPoint, &Tensor);
+/// A [`Tap`] reborrowed for one block (`'r` shorter than the hook's own lifetime `'a`).
+type TapRef<'r, 'a> = &'r mut (dyn FnMut(TapPoint, &Tensor) + 'a);
 
 /// Per-layer K/V for one batch of sequences that advance together.
 ///
@@ -565,7 +608,7 @@ impl Llama {
     /// ids `[b,t]` -> logits `[b,t,V]`; appends `t` positions to `cache` (causal within the call).
     pub fn forward(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, None, false)?;
+        let h = self.run_blocks(&x, cache, None, TapOptions::NONE)?;
         self.head(&h)
     }
 
@@ -577,7 +620,7 @@ impl Llama {
 
     /// Blocks over `x` `[b,t,d]`, then the head on the last position only -> `[b,V]`.
     fn last_logits(&self, x: &Tensor, cache: &mut KvCache, tap: Option<Tap<'_>>) -> Result<Tensor> {
-        let h = self.run_blocks(x, cache, tap, false)?;
+        let h = self.run_blocks(x, cache, tap, TapOptions::NONE)?;
         let t = h.dim(1)?;
         self.head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)
     }
@@ -596,7 +639,7 @@ impl Llama {
 
     /// Blocks only (no final norm): embeddings `[b,t,d]` -> residual stream `[b,t,d]`.
     pub fn forward_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        self.run_blocks(embeds, cache, None, false)
+        self.run_blocks(embeds, cache, None, TapOptions::NONE)
     }
 
     /// [`Llama::forward_embeds`] calling `tap` at [`TapPoint::Embeddings`] and each `Layer(i)`.
@@ -606,19 +649,31 @@ impl Llama {
         cache: &mut KvCache,
         tap: Tap<'_>,
     ) -> Result<Tensor> {
-        self.run_blocks(embeds, cache, Some(tap), false)
+        self.run_blocks(embeds, cache, Some(tap), TapOptions::NONE)
     }
 
-    /// [`Llama::forward_embeds_with_taps`] that also emits [`TapPoint::Attention`] per block
-    /// (for attention-based probes such as lookback ratios). Attention runs with candle ops for
-    /// every `t` (no one-position fast path) so the probabilities exist; results are identical.
+    /// [`Llama::forward_embeds_with_taps`] that also emits the opt-in taps of `opts` per block:
+    /// [`TapPoint::Attention`] (for attention-based probes such as lookback ratios) and/or
+    /// [`TapPoint::Ffn`] (FFN activation statistics). Results are identical to
+    /// [`Llama::forward_embeds`].
+    pub fn forward_embeds_with_tap_options(
+        &self,
+        embeds: &Tensor,
+        cache: &mut KvCache,
+        opts: TapOptions,
+        tap: Tap<'_>,
+    ) -> Result<Tensor> {
+        self.run_blocks(embeds, cache, Some(tap), opts)
+    }
+
+    /// Shorthand for [`Llama::forward_embeds_with_tap_options`] with [`TapOptions::ATTENTION`].
     pub fn forward_embeds_with_attention_taps(
         &self,
         embeds: &Tensor,
         cache: &mut KvCache,
         tap: Tap<'_>,
     ) -> Result<Tensor> {
-        self.run_blocks(embeds, cache, Some(tap), true)
+        self.run_blocks(embeds, cache, Some(tap), TapOptions::ATTENTION)
     }
 
     /// [`Llama::forward`] with taps, including [`TapPoint::FinalNorm`]; returns logits `[b,t,V]`.
@@ -629,7 +684,7 @@ impl Llama {
         tap: Tap<'_>,
     ) -> Result<Tensor> {
         let x = self.embed(ids)?;
-        let h = self.run_blocks(&x, cache, Some(&mut *tap), false)?;
+        let h = self.run_blocks(&x, cache, Some(&mut *tap), TapOptions::NONE)?;
         let normed = candle_nn::ops::rms_norm(&h, &self.norm, self.eps)?;
         tap(TapPoint::FinalNorm, &normed);
         self.lm_head(&normed)
@@ -640,7 +695,7 @@ impl Llama {
         embeds: &Tensor,
         cache: &mut KvCache,
         mut tap: Option<Tap<'_>>,
-        attn: bool,
+        opts: TapOptions,
     ) -> Result<Tensor> {
         let (b, t, d) = embeds.dims3().map_err(|_| {
             ModelError::Input(format!(
@@ -687,23 +742,11 @@ impl Llama {
             tap(TapPoint::Embeddings, &x);
         }
         for (i, blk) in self.blocks.iter().enumerate() {
-            x = match tap.as_mut() {
-                Some(tap) if attn => {
-                    let (y, probs) = self.block_forward_probs(
-                        blk,
-                        i,
-                        &x,
-                        start,
-                        &cos,
-                        &sin,
-                        mask.as_ref(),
-                        cache,
-                    )?;
-                    tap(TapPoint::Attention(i), &probs);
-                    y
-                }
-                _ => self.block_forward(blk, i, &x, start, &cos, &sin, mask.as_ref(), cache)?,
+            let taps = match tap.as_mut() {
+                Some(tap) if opts != TapOptions::NONE => Some((opts, &mut **tap)),
+                _ => None,
             };
+            x = self.block_forward(blk, i, &x, start, &cos, &sin, mask.as_ref(), cache, taps)?;
             if let Some(tap) = tap.as_mut() {
                 tap(TapPoint::Layer(i), &x);
             }
@@ -713,6 +756,7 @@ impl Llama {
         Ok(x)
     }
 
+    /// One block; `taps` = the opt-in taps to emit for it (`None`: the plain path).
     #[allow(clippy::too_many_arguments)]
     fn block_forward(
         &self,
@@ -724,10 +768,32 @@ impl Llama {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
+        taps: Option<(TapOptions, TapRef<'_, '_>)>,
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(blk, x)?;
-        let y = self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?;
-        self.block_out(blk, x, &y)
+        let Some((opts, tap)) = taps else {
+            let y = self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?;
+            return self.block_out(blk, x, &y, None);
+        };
+        let y = if opts.attention {
+            // Always through `attention` (never the one-position fast path), so the
+            // probabilities exist.
+            let (b, _, t, _) = q.dims4()?;
+            let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+            let (k_all, v_all) = cache.append(layer, start, &k, &v)?;
+            let l = start + t;
+            let (y, att) = self.attention(&q, &k_all, &v_all, mask, b, t, l)?;
+            // [b,nkv,rep*t,L] -> [b,nh,t,L]: head h = g*rep + r, as in `attention`'s grouping.
+            tap(
+                TapPoint::Attention(layer),
+                &att.reshape((b, self.nh, t, l))?,
+            );
+            y
+        } else {
+            self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?
+        };
+        self.block_out(blk, x, &y, opts.ffn.then_some((layer, tap)))
     }
 
     /// Pre-norm and fused QKV projection: `x` `[b,t,d]` -> q `[b,nh,t,hd]` (scale folded in),
@@ -794,39 +860,23 @@ impl Llama {
         }
     }
 
-    /// [`Llama::block_forward`] that also returns the attention probabilities `[b,nh,t,L]`
-    /// (always through [`Llama::attention`], never the one-position fast path).
-    #[allow(clippy::too_many_arguments)]
-    fn block_forward_probs(
+    /// Output projection, residual, and the SwiGLU FFN with its residual; `ffn_tap`
+    /// (`(layer, tap)`) sees the activation as [`TapPoint::Ffn`] before `down_proj`.
+    fn block_out(
         &self,
         blk: &Block,
-        layer: usize,
         x: &Tensor,
-        start: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-    ) -> Result<(Tensor, Tensor)> {
-        let (q, k, v) = self.qkv(blk, x)?;
-        let (b, _, t, _) = q.dims4()?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k_all, v_all) = cache.append(layer, start, &k, &v)?;
-        let l = start + t;
-        let (y, att) = self.attention(&q, &k_all, &v_all, mask, b, t, l)?;
-        // [b,nkv,rep*t,L] -> [b,nh,t,L]: head h = g*rep + r, as in `attention`'s grouping.
-        let probs = att.reshape((b, self.nh, t, l))?;
-        Ok((self.block_out(blk, x, &y)?, probs))
-    }
-
-    /// Output projection, residual, and the SwiGLU FFN with its residual.
-    fn block_out(&self, blk: &Block, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        y: &Tensor,
+        ffn_tap: Option<(usize, TapRef<'_, '_>)>,
+    ) -> Result<Tensor> {
         let x = (x + blk.o.forward(y)?)?;
         let h = candle_nn::ops::rms_norm(&x, &blk.ln2, self.eps)?;
         let gu = blk.gate_up.forward(&h)?;
         let ffn = gu.dim(2)? / 2;
         let act = (candle_nn::ops::silu(&gu.narrow(2, 0, ffn)?)? * gu.narrow(2, ffn, ffn)?)?;
+        if let Some((layer, tap)) = ffn_tap {
+            tap(TapPoint::Ffn(layer), &act);
+        }
         Ok((x + blk.down.forward(&act)?)?)
     }
 
@@ -945,7 +995,7 @@ impl Llama {
             } else {
                 Tensor::cat(&ys, 0)?
             };
-            x = self.block_out(blk, &x, &y)?;
+            x = self.block_out(blk, &x, &y, None)?;
             if let Some(tap) = tap.as_mut() {
                 tap(TapPoint::Layer(layer), &x);
             }
@@ -1176,6 +1226,122 @@ pub(crate) mod kernels {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tap_tests {
+    use super::*;
+
+    fn tiny() -> (LlamaConfig, Weights, Llama) {
+        let cfg = testing::tiny_config(32, 4, 2, 3, 64);
+        let w = testing::random_weights(&cfg, 11);
+        let m = Llama::new(&cfg, &w, &Device::Cpu).unwrap();
+        (cfg, w, m)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Prefill (t = 5) and a one-position continuation with every tap option: outputs equal
+    /// the plain path, taps come in order, and each `Ffn(i)` is the activation that turned the
+    /// block's post-attention residual into `Layer(i)`.
+    #[test]
+    fn ffn_tap_is_opt_in_and_is_the_down_proj_input() {
+        let (cfg, w, m) = tiny();
+        let ffn = cfg.intermediate_size;
+        let emb = m
+            .embed(&Tensor::new(&[[1u32, 5, 9, 3, 7]], &Device::Cpu).unwrap())
+            .unwrap();
+        let one = m
+            .embed(&Tensor::new(&[[2u32]], &Device::Cpu).unwrap())
+            .unwrap();
+        let mut c = m.new_cache();
+        let plain = m.forward_embeds(&emb, &mut c).unwrap();
+        let plain1 = m.forward_embeds(&one, &mut c).unwrap();
+        for opts in [
+            TapOptions::NONE,
+            TapOptions::FFN,
+            TapOptions::ATTENTION,
+            TapOptions::ALL,
+        ] {
+            let mut c = m.new_cache();
+            for (x, want) in [(&emb, &plain), (&one, &plain1)] {
+                let t = x.dim(1).unwrap();
+                let mut points = vec![];
+                let mut acts = vec![];
+                let mut layers = vec![];
+                let out = m
+                    .forward_embeds_with_tap_options(x, &mut c, opts, &mut |p, v| {
+                        points.push(p);
+                        match p {
+                            TapPoint::Ffn(_) => acts.push(v.clone()),
+                            TapPoint::Layer(_) => layers.push(v.clone()),
+                            _ => {}
+                        }
+                    })
+                    .unwrap();
+                assert!(max_diff(&out, want) < 1e-5, "{opts:?}");
+                let mut order = vec![TapPoint::Embeddings];
+                for i in 0..3 {
+                    if opts.attention {
+                        order.push(TapPoint::Attention(i));
+                    }
+                    if opts.ffn {
+                        order.push(TapPoint::Ffn(i));
+                    }
+                    order.push(TapPoint::Layer(i));
+                }
+                assert_eq!(points, order, "{opts:?}");
+                if !opts.ffn {
+                    assert!(acts.is_empty());
+                    continue;
+                }
+                for (i, (a, out_i)) in acts.iter().zip(&layers).enumerate() {
+                    assert_eq!(a.dims(), &[1, t, ffn]);
+                    let p = format!("model.layers.{i}");
+                    let wt = |n: &str| w.get(&format!("{p}.{n}")).unwrap().clone();
+                    // mid = Layer(i) - down_proj(a) is the residual after attention; the SwiGLU
+                    // of its post-attention norm, computed here from the HF weights, must give
+                    // back `a` (and so `mid + down_proj(a)` reproduces the block output).
+                    let down = a
+                        .squeeze(0)
+                        .unwrap()
+                        .matmul(&wt("mlp.down_proj.weight").t().unwrap())
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap();
+                    let mid = (out_i - &down).unwrap();
+                    let h = candle_nn::ops::rms_norm(
+                        &mid.contiguous().unwrap(),
+                        &wt("post_attention_layernorm.weight"),
+                        cfg.rms_norm_eps as f32,
+                    )
+                    .unwrap();
+                    let proj = |n: &str| {
+                        h.squeeze(0)
+                            .unwrap()
+                            .matmul(&wt(n).t().unwrap())
+                            .unwrap()
+                            .unsqueeze(0)
+                            .unwrap()
+                    };
+                    let want_a = (candle_nn::ops::silu(&proj("mlp.gate_proj.weight")).unwrap()
+                        * proj("mlp.up_proj.weight"))
+                    .unwrap();
+                    let err = max_diff(a, &want_a);
+                    assert!(err < 1e-4, "layer {i} t {t} {opts:?}: {err}");
+                }
+            }
+        }
     }
 }
 

@@ -43,8 +43,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 5.0)]
     pub batch_window_ms: f64,
     /// HaluProbe probe file: every completion carries `hallucination_score`,
-    /// `hallucination_stage` and `hallucinated` (hidden-state and logit probes; for an
-    /// obfuscated checkpoint, the probe `umbra obfuscate --halluc-probe` transformed).
+    /// `hallucination_stage` and `hallucinated` (hidden-state and logit probes; lookback and
+    /// FFN-statistics probes are refused at startup; for an obfuscated checkpoint, the probe
+    /// `umbra obfuscate --halluc-probe` transformed).
     #[arg(long)]
     pub halluc_probe: Option<PathBuf>,
 }

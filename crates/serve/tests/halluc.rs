@@ -1,6 +1,7 @@
 //! `umbra serve --halluc-probe`: every completion carries the probe's score, computed from the
 //! taps of the passes that generated it, equal to the offline (teacher-forced) extraction of
-//! the same prompt and answer; probes serving cannot score are refused at startup.
+//! the same prompt and answer; probes serving cannot score (lookback ratios, FFN statistics)
+//! are refused at startup.
 mod common;
 
 use common::*;
@@ -186,6 +187,28 @@ async fn unusable_probes_are_refused_at_startup() {
         .expect("refused")
         .to_string();
     assert!(e.contains("attention probabilities"), "{e}");
+    // FFN statistics: the decode step emits no FFN tap.
+    let ffn = tmp.path().join("ffn.safetensors");
+    probe(
+        &m,
+        vec![
+            FeatureRef::new("hidden.generation.last", Some(1)),
+            FeatureRef::new("ffn.generation.mean", None),
+        ],
+        ExtractConfig::default(),
+        &ffn,
+    );
+    let mut cfg = umbra_serve::server::ServeConfig::new(
+        umbra_serve::server::ModelSource::Path(dir.clone()),
+        loopback(),
+    );
+    cfg.halluc_probe = Some(ffn);
+    let e = umbra_serve::server::start(cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(e.contains("FFN activations"), "{e}");
     // A probe for a model with other dimensions.
     let mut other = probe(
         &m,
