@@ -181,14 +181,7 @@ fn same_seed_same_checkpoint_other_seed_other_key() {
     assert_eq!(ka, kb);
     assert_ne!(ka.fingerprint, kc.fingerprint);
     for (n, t) in &a {
-        let diff = (t - &b[n])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = umbra_model::llama::testing::max_abs_diff(t, &b[n]);
         assert_eq!(diff, 0.0, "{n}");
     }
 }

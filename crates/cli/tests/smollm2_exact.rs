@@ -98,14 +98,7 @@ fn exact_mode_is_exact_on_smollm2() {
         let lo = run(&obf, &tau.apply(ids).unwrap())
             .index_select(&col, 1)
             .unwrap();
-        let diff = (&lo - &lp)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = umbra_model::llama::testing::max_abs_diff(&lo, &lp);
         let scale = lp
             .abs()
             .unwrap()

@@ -1240,17 +1240,6 @@ mod tap_tests {
         (cfg, w, m)
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     /// Prefill (t = 5) and a one-position continuation with every tap option: outputs equal
     /// the plain path, taps come in order, and each `Ffn(i)` is the activation that turned the
     /// block's post-attention residual into `Layer(i)`.
@@ -1289,7 +1278,7 @@ mod tap_tests {
                         }
                     })
                     .unwrap();
-                assert!(max_diff(&out, want) < 1e-5, "{opts:?}");
+                assert!(testing::max_abs_diff(&out, want) < 1e-5, "{opts:?}");
                 let mut order = vec![TapPoint::Embeddings];
                 for i in 0..3 {
                     if opts.attention {
@@ -1337,7 +1326,7 @@ mod tap_tests {
                     let want_a = (candle_nn::ops::silu(&proj("mlp.gate_proj.weight")).unwrap()
                         * proj("mlp.up_proj.weight"))
                     .unwrap();
-                    let err = max_diff(a, &want_a);
+                    let err = testing::max_abs_diff(a, &want_a);
                     assert!(err < 1e-4, "layer {i} t {t} {opts:?}: {err}");
                 }
             }
@@ -1350,6 +1339,14 @@ pub mod testing {
     use super::*;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
+
+    /// `max |a - b|` over all entries of two F32 tensors of one shape; panics on a shape or
+    /// dtype mismatch (tests only).
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("max_abs_diff: tensors of one shape and dtype F32")
+    }
 
     /// Random HF-layout F32 weights matching `cfg` (biases when the config implies them, norm
     /// weights around 1 but not 1, `lm_head.weight` unless tied). Deterministic in `seed`.
