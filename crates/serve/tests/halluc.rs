@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use umbra_haluprobe::features::{extract_ids, key_shapes, ExtractConfig, Stage};
 use umbra_haluprobe::probe::{
     gather, FeatureRef, Net, ProbeFile, ProbeKind, ProbeMeta, TrainConfig,
@@ -164,6 +164,20 @@ async fn every_completion_carries_the_offline_score() {
     srv.stop().await;
 }
 
+/// The error `umbra serve` gives at startup for the model in `dir` with `probe`.
+async fn refusal(dir: &Path, probe: PathBuf) -> String {
+    let mut cfg = umbra_serve::server::ServeConfig::new(
+        umbra_serve::server::ModelSource::Path(dir.to_path_buf()),
+        loopback(),
+    );
+    cfg.halluc_probe = Some(probe);
+    umbra_serve::server::start(cfg)
+        .await
+        .err()
+        .expect("refused")
+        .to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unusable_probes_are_refused_at_startup() {
     let tmp = tempfile::tempdir().unwrap();
@@ -176,16 +190,7 @@ async fn unusable_probes_are_refused_at_startup() {
         ExtractConfig::default(),
         &lookback,
     );
-    let mut cfg = umbra_serve::server::ServeConfig::new(
-        umbra_serve::server::ModelSource::Path(dir.clone()),
-        loopback(),
-    );
-    cfg.halluc_probe = Some(lookback);
-    let e = umbra_serve::server::start(cfg)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = refusal(&dir, lookback).await;
     assert!(e.contains("attention probabilities"), "{e}");
     // FFN statistics: the decode step emits no FFN tap.
     let ffn = tmp.path().join("ffn.safetensors");
@@ -198,16 +203,7 @@ async fn unusable_probes_are_refused_at_startup() {
         ExtractConfig::default(),
         &ffn,
     );
-    let mut cfg = umbra_serve::server::ServeConfig::new(
-        umbra_serve::server::ModelSource::Path(dir.clone()),
-        loopback(),
-    );
-    cfg.halluc_probe = Some(ffn);
-    let e = umbra_serve::server::start(cfg)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = refusal(&dir, ffn).await;
     assert!(e.contains("FFN activations"), "{e}");
     // A probe for a model with other dimensions.
     let mut other = probe(
@@ -219,16 +215,7 @@ async fn unusable_probes_are_refused_at_startup() {
     other.meta.model.num_layers += 1;
     let wrong = tmp.path().join("wrong.safetensors");
     other.save(&wrong).unwrap();
-    let mut cfg = umbra_serve::server::ServeConfig::new(
-        umbra_serve::server::ModelSource::Path(dir),
-        loopback(),
-    );
-    cfg.halluc_probe = Some(wrong);
-    let e = umbra_serve::server::start(cfg)
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
+    let e = refusal(&dir, wrong).await;
     assert!(e.contains("--halluc-probe"), "{e}");
 }
 
