@@ -5,7 +5,8 @@
 //! turn a public Llama-family checkpoint into an obfuscated one that any HF-compatible engine serves
 //! unchanged. [`compiler::compile`] streams the checkpoint tensor by tensor through the
 //! per-component transforms of [`transform`] and writes the client's [`keyfile::ClientKey`].
-//! [`fidelity`] measures the obfuscated model against the plaintext one on the same inputs.
+//! [`split`] cuts an exact obfuscation into a blocks-only server part and the client's
+//! embedding/head part (split mode, beyond the paper). [`fidelity`] measures the obfuscated model against the plaintext one on the same inputs.
 //!
 //! Row-vector convention throughout the docs: `y = x W`, `x` a row of width `d`. HF stores a linear
 //! layer as `W^T` (`[out, in]`).
@@ -17,6 +18,7 @@ pub mod keyfile;
 pub mod keys;
 pub mod linalg;
 pub mod params;
+pub mod split;
 pub mod statemap;
 pub mod tau;
 pub mod transform;

@@ -29,6 +29,9 @@
 //!
 //! The spectral mismatch between `M` and `M~` is reported: near 0 means the key is an isometry
 //! (the attack applies); approximate modes (lambda > 0, junk) break the conjugation.
+//! [`read_embeddings`] is the split-mode version: the server part has no embedding, so the
+//! subspace comes from the embeddings the server is sent.
+//!
 //! Cost: `4 L` products `d x (nh hd) x d`, two symmetric eigendecompositions of size `d` and
 //! two of size `d'`, and one `V x V x d` nearest-neighbour pass.
 use crate::error::{AttackError, Result};
@@ -96,7 +99,17 @@ fn residual_basis(t: &Target, d: usize, dp: usize) -> Result<DMatrix<f64>> {
     if d == dp {
         return Ok(DMatrix::identity(d, d));
     }
-    let e = t.obf_embed()?.to_dtype(DType::F64)?;
+    rows_basis(&t.obf_embed()?, d)
+}
+
+/// Orthonormal basis `[d', d]` of the span of `rows` (`[n, d']`, e.g. the input embeddings a
+/// split-mode server receives): the top `d` eigenvectors of `rows^T rows`.
+fn rows_basis(rows: &Tensor, d: usize) -> Result<DMatrix<f64>> {
+    let dp = rows.dims2()?.1;
+    if d == dp {
+        return Ok(DMatrix::identity(d, d));
+    }
+    let e = rows.to_dtype(DType::F64)?;
     let gram = to_dmatrix(&e.t()?.matmul(&e)?)?;
     Ok(eig_sorted(gram, d).1)
 }
@@ -136,6 +149,13 @@ fn resolve_signs(c: &DMatrix<f64>, d: &DMatrix<f64>) -> Vec<f64> {
 /// Recovers the unkeying map `K` (`d' x d`, as a tensor: `x = x~ K`) from the blocks and the
 /// span of the obfuscated embedding; see the module docs.
 pub fn recover_key(t: &Target, seed: u64) -> Result<(Tensor, BlockKeyReport)> {
+    let (d, dp) = (t.plain_cfg.hidden_size, t.obf_cfg.hidden_size);
+    let bs = residual_basis(t, d, dp.max(d))?;
+    recover_key_in(t, bs, seed)
+}
+
+/// [`recover_key`] in a given orthonormal basis `bs` (`[d', d]`) of the residual subspace.
+fn recover_key_in(t: &Target, bs: DMatrix<f64>, seed: u64) -> Result<(Tensor, BlockKeyReport)> {
     let t0 = std::time::Instant::now();
     let pc = &t.plain_cfg;
     let oc = &t.obf_cfg;
@@ -185,7 +205,12 @@ pub fn recover_key(t: &Target, seed: u64) -> Result<(Tensor, BlockKeyReport)> {
         let n = m.norm().max(1e-300);
         m / n
     };
-    let bs = residual_basis(t, d, dp)?;
+    if bs.shape() != (dp, d) {
+        return Err(AttackError::Input(format!(
+            "residual basis is {:?}, expected ({dp}, {d})",
+            bs.shape()
+        )));
+    }
     let plain: Vec<DMatrix<f64>> = plain.into_iter().map(unit).collect();
     let obf: Vec<DMatrix<f64>> = obf.iter().map(|m| unit(bs.transpose() * m * &bs)).collect();
     let (lp, vp) = eig_sorted(mix(&plain, &c1), d);
@@ -219,11 +244,17 @@ pub fn recover_key(t: &Target, seed: u64) -> Result<(Tensor, BlockKeyReport)> {
 /// nearest neighbours (`k` candidates per obfuscated id).
 pub fn run(t: &Target, k: usize, seed: u64) -> Result<(Recovery, BlockKeyReport)> {
     let (unkey, report) = recover_key(t, seed)?;
-    let pe = t.plain_embed()?;
     let back = t.obf_embed()?.matmul(&unkey)?; // [V, d]
-                                               // Global sign: +Q or -Q, whichever brings a sample of rows closer to plaintext rows.
-    let v = t.vocab();
-    let sample: Vec<u32> = (0..v as u32).step_by((v / 512).max(1)).collect();
+    let nn = match_rows(t, back, k)?;
+    Ok((from_lists(&nn), report))
+}
+
+/// Nearest plaintext embedding rows of unkeyed rows `back` (`[n, d]`) after fixing the key's
+/// global sign (+K or -K, whichever brings a sample of rows closer to plaintext rows).
+fn match_rows(t: &Target, back: Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>> {
+    let pe = t.plain_embed()?;
+    let n = back.dims2()?.0;
+    let sample: Vec<u32> = (0..n as u32).step_by((n / 512).max(1)).collect();
     let rows = crate::linalg::select_rows(&back, &sample)?;
     let mean_best = |x: &Tensor| -> Result<f64> {
         let nn = nearest_k(x, &pe, 1, &|_| {})?;
@@ -234,10 +265,43 @@ pub fn run(t: &Target, k: usize, seed: u64) -> Result<(Recovery, BlockKeyReport)
     } else {
         back
     };
-    let pb = bar(v, "block-key nn");
-    let nn = nearest_k(&back, &pe, k, &|n| pb.set_position(n as u64))?;
+    let pb = bar(n, "block-key nn");
+    let nn = nearest_k(&back, &pe, k, &|i| pb.set_position(i as u64))?;
     pb.finish_and_clear();
-    Ok((from_lists(&nn), report))
+    Ok(nn)
+}
+
+/// The split-mode server's attack: `t.obf` is the server part (blocks only) and `received` the
+/// input embeddings it was sent (`[n, d']`, `e~ = e P`). The residual subspace comes from the
+/// received rows, the key from the blocks, and each row is read back by nearest neighbours.
+/// Returns `k` candidate plaintext ids per received row.
+pub fn read_embeddings(
+    t: &Target,
+    received: &Tensor,
+    k: usize,
+    seed: u64,
+) -> Result<(Vec<Vec<u32>>, BlockKeyReport)> {
+    let (n, dp) = received.dims2()?;
+    let d = t.plain_cfg.hidden_size;
+    if dp != t.obf_cfg.hidden_size || dp < d {
+        return Err(AttackError::Input(format!(
+            "received rows are {dp} wide; the server part is {} and the plaintext model {d}",
+            t.obf_cfg.hidden_size
+        )));
+    }
+    if n == 0 {
+        return Err(AttackError::Input("no received embeddings to read".into()));
+    }
+    let received = received.to_dtype(DType::F32)?;
+    let bs = rows_basis(&received, d)?;
+    let (unkey, report) = recover_key_in(t, bs, seed)?;
+    let nn = match_rows(t, received.matmul(&unkey)?, k)?;
+    Ok((
+        nn.into_iter()
+            .map(|l| l.into_iter().map(|(id, _)| id).collect())
+            .collect(),
+        report,
+    ))
 }
 
 #[cfg(test)]
@@ -285,5 +349,44 @@ mod tests {
         let (r, rep) = run(&t, 1, 3).unwrap();
         assert!(rep.spectral_mismatch > 1e-3, "{rep:?}");
         assert!(recovered(&r, &tau) < 0.2, "{}", recovered(&r, &tau));
+    }
+
+    /// Split mode: the server holds only the blocks and the embeddings it is sent; it still reads
+    /// (nearly) every token, with and without expansion (subspace from the received rows).
+    #[test]
+    fn split_server_reads_the_embeddings_it_receives() {
+        for h in [0, 8] {
+            let (full, tau) = obfuscated(ObfuscationParams::exact(h));
+            let sent: Vec<u32> = (0..600u32).map(|i| (i * 7919) % 300).collect();
+            let obf_ids = Tensor::new(
+                sent.iter().map(|&p| tau[p as usize]).collect::<Vec<u32>>(),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let received = full.obf_embed().unwrap().index_select(&obf_ids, 0).unwrap();
+            // The attacker's view: blocks only (no embedding, no head).
+            let mut server = umbra_model::Weights::new();
+            for (n, w) in &full.obf {
+                if n.starts_with("model.layers.") {
+                    server.insert(n.clone(), w.clone());
+                }
+            }
+            let t = Target::from_parts(
+                full.plain_cfg.clone(),
+                full.plain.clone(),
+                full.obf_cfg.clone(),
+                server,
+            )
+            .unwrap();
+            assert!(t.obf_embed().is_err());
+            let (guesses, rep) = read_embeddings(&t, &received, 1, 3).unwrap();
+            let hit = guesses
+                .iter()
+                .zip(&sent)
+                .filter(|(g, &p)| g.first() == Some(&p))
+                .count();
+            let got = hit as f64 / sent.len() as f64;
+            assert!(got > 0.99, "h {h}: read {got} of the tokens ({rep:?})");
+        }
     }
 }

@@ -39,6 +39,9 @@ pub enum AttackCommand {
     Blockkey(AttackArgs),
     /// Every attack above, one after the other, printing each one's time.
     All(AttackArgs),
+    /// Split mode (`umbra obfuscate --split`): the server, holding only the blocks, recovers the
+    /// block key and reads the prompts from the input embeddings it is sent.
+    Split(SplitAttackArgs),
     /// Obfuscate over a parameter grid, attack and measure fidelity; Markdown report + figure.
     Sweep(SweepArgs),
 }
@@ -147,6 +150,37 @@ pub struct SweepArgs {
     pub keep: bool,
     #[command(flatten)]
     pub knobs: KnobArgs,
+}
+
+#[derive(Args, Clone)]
+pub struct SplitAttackArgs {
+    /// Public plaintext model folder (or `smollm2`).
+    #[arg(long)]
+    pub plain: String,
+    /// Output folder of `umbra obfuscate --split`: the attacker holds `server/`; `client/` is
+    /// read only to simulate the embeddings the client sends.
+    #[arg(long)]
+    pub split: PathBuf,
+    /// Client key: used only to simulate the traffic and score the attack, never by it.
+    #[arg(long)]
+    pub key: PathBuf,
+    /// Victim prompts, one per line; HaluEval QA passages when omitted.
+    #[arg(long)]
+    pub corpus: Option<PathBuf>,
+    /// Victim prompts sent to the server.
+    #[arg(long, default_value_t = 64)]
+    pub victims: usize,
+    /// Tokens kept per prompt.
+    #[arg(long, default_value_t = 128)]
+    pub max_len: usize,
+    /// Candidates kept per position (top-10 is reported).
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write `{"split": {ttrsr, top10, token_ttrsr, bleu4, seconds, ...}}` as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 fn parse_layers(s: &str, n: usize) -> Result<Vec<usize>> {
@@ -346,6 +380,85 @@ pub fn run_attacks(kinds: &[AttackKind], a: &AttackArgs) -> Result<Vec<(String, 
     Ok(results)
 }
 
+/// `umbra attack split`: simulates the client's traffic (harness, with the key) and runs the
+/// server's attack on it (no key).
+pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
+    use candle_core::{Device, Tensor};
+    use umbra_model::llama::Llama;
+    let plain = resolve_model(&a.plain)?;
+    let client_dir = a.split.join(umbra_aloepri::split::CLIENT_DIR);
+    let server_dir = a.split.join(umbra_aloepri::split::SERVER_DIR);
+    let key = umbra_aloepri::ClientKey::load(&a.key)?;
+    umbra_aloepri::compiler::check_key_for(&client_dir, &key)?;
+    let tau = key.permutation()?;
+    let tok = tokenizer(&plain)?;
+    let victims: Vec<Vec<u32>> = load_texts(a.corpus.as_deref(), a.victims)?
+        .iter()
+        .map(|t| {
+            let mut ids = tok.encode(t, false)?;
+            ids.truncate(a.max_len);
+            Ok(tau.apply(&ids)?)
+        })
+        .filter(|r: &Result<Vec<u32>>| r.as_ref().map_or(true, |v| !v.is_empty()))
+        .collect::<Result<_>>()?;
+    if victims.is_empty() {
+        return Err(AttackError::Input(
+            "no victim prompts (empty corpus)".into(),
+        ));
+    }
+    // Harness: what the client sends (its embedding rows of tau(ids)).
+    let client = Checkpoint::open(&client_dir)?;
+    let cm = Llama::new_part(&client.config, &client.weights, &Device::Cpu)?;
+    let mut rows = Vec::with_capacity(victims.len());
+    for v in &victims {
+        let ids = Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu)?;
+        rows.push(cm.embed(&ids)?.squeeze(0)?);
+    }
+    let received = Tensor::cat(&rows, 0)?;
+    drop((cm, client));
+    // The attacker: public plaintext weights, the server part, the received rows.
+    let p = Checkpoint::open(&plain)?;
+    let s = Checkpoint::open(&server_dir)?;
+    if s.config.part() != umbra_model::ModelPart::Server {
+        return Err(AttackError::Input(format!(
+            "{} is not the server part of a split model",
+            server_dir.display()
+        )));
+    }
+    let target = Target::from_parts(p.config, p.weights, s.config, s.weights)?;
+    eprintln!(
+        "split: {} prompts, {} received embedding rows of width {}",
+        victims.len(),
+        received.dims()[0],
+        received.dims()[1]
+    );
+    let start = std::time::Instant::now();
+    let (guesses, rep) = crate::blockkey::read_embeddings(&target, &received, a.k, a.seed)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let mut extra = BTreeMap::new();
+    let pii = crate::suite::pii_mask(target.vocab(), |i| tok.id_to_token(i));
+    let rec =
+        crate::suite::position_metrics(&victims, &guesses, &tau, &pii, target.vocab(), &mut extra);
+    extra.insert("spectral_mismatch".into(), rep.spectral_mismatch);
+    extra.insert("key_residual".into(), rep.key_residual);
+    extra.insert("key_seconds".into(), rep.key_seconds);
+    let r = AttackResult {
+        kind: None,
+        score: crate::score::score(&rec, tau.forward_table()),
+        seconds,
+        extra,
+    };
+    let results = vec![("split".to_string(), r.clone())];
+    print_table(&results);
+    if let Some(j) = &a.json {
+        let map: BTreeMap<&str, &AttackResult> = BTreeMap::from([("split", &r)]);
+        let json =
+            serde_json::to_vec_pretty(&map).map_err(|e| AttackError::Input(e.to_string()))?;
+        write_atomic(j, &json)?;
+    }
+    Ok(r)
+}
+
 /// Runs the sweep subcommand.
 pub fn run_sweep(a: &SweepArgs) -> Result<()> {
     let plain = resolve_model(&a.plain)?;
@@ -403,5 +516,6 @@ pub fn run(cmd: &AttackCommand) -> Result<()> {
         AttackCommand::Blockkey(a) => one(AttackKind::BlockKey, a),
         AttackCommand::All(a) => run_attacks(&AttackKind::ALL, a).map(|_| ()),
         AttackCommand::Sweep(a) => run_sweep(a),
+        AttackCommand::Split(a) => run_split(a).map(|_| ()),
     }
 }

@@ -257,35 +257,7 @@ pub fn run_one(
             } else {
                 crate::isa::run(target, &victims, &public, &cfg.isa)?
             };
-            let inv = tau.inverse_table();
-            let stream: Vec<u32> = victims.iter().flatten().copied().collect();
-            let truth: Vec<u32> = stream
-                .iter()
-                .map(|&t| inv.get(t as usize).copied().unwrap_or(u32::MAX))
-                .collect();
-            let rec = pool_positions(&stream, &guesses, target.vocab());
-            extra.insert("token_ttrsr".into(), position_recovery(&guesses, &truth, 1));
-            extra.insert(
-                "token_top10".into(),
-                position_recovery(&guesses, &truth, 10),
-            );
-            extra.insert("seen_ttrsr".into(), seen_recovery(&rec, &stream, inv));
-            let (mut hyp, mut refs, mut at) = (vec![], vec![], 0);
-            for v in &victims {
-                hyp.push(
-                    guesses[at..at + v.len()]
-                        .iter()
-                        .map(|g| g.first().copied().unwrap_or(u32::MAX))
-                        .collect(),
-                );
-                refs.push(truth[at..at + v.len()].to_vec());
-                at += v.len();
-            }
-            extra.insert("bleu4".into(), bleu4(&hyp, &refs));
-            let best: Vec<u32> = hyp.into_iter().flatten().collect();
-            pii_metrics(&best, &truth, &s.pii, &mut extra);
-            extra.insert("victim_tokens".into(), stream.len() as f64);
-            rec
+            position_metrics(&victims, &guesses, tau, &s.pii, target.vocab(), &mut extra)
         }
     };
     let seconds = start.elapsed().as_secs_f64();
@@ -297,6 +269,46 @@ pub fn run_one(
         seconds,
         extra,
     })
+}
+
+/// Token-level numbers of an attack that guesses every position of `victims` (obfuscated ids;
+/// `guesses[p]` = candidate plaintext ids, best first, for position `p` of the concatenation):
+/// `token_ttrsr`, `token_top10`, `seen_ttrsr`, `bleu4`, PII recovery and `victim_tokens`.
+/// Returns the guesses pooled per obfuscated id (for the vocabulary-level score).
+pub fn position_metrics(
+    victims: &[Vec<u32>],
+    guesses: &[Vec<u32>],
+    tau: &TokenPermutation,
+    pii: &[bool],
+    vocab: usize,
+    extra: &mut BTreeMap<String, f64>,
+) -> Recovery {
+    let inv = tau.inverse_table();
+    let stream: Vec<u32> = victims.iter().flatten().copied().collect();
+    let truth: Vec<u32> = stream
+        .iter()
+        .map(|&t| inv.get(t as usize).copied().unwrap_or(u32::MAX))
+        .collect();
+    let rec = pool_positions(&stream, guesses, vocab);
+    extra.insert("token_ttrsr".into(), position_recovery(guesses, &truth, 1));
+    extra.insert("token_top10".into(), position_recovery(guesses, &truth, 10));
+    extra.insert("seen_ttrsr".into(), seen_recovery(&rec, &stream, inv));
+    let (mut hyp, mut refs, mut at) = (vec![], vec![], 0);
+    for v in victims {
+        hyp.push(
+            guesses[at..at + v.len()]
+                .iter()
+                .map(|g| g.first().copied().unwrap_or(u32::MAX))
+                .collect(),
+        );
+        refs.push(truth[at..at + v.len()].to_vec());
+        at += v.len();
+    }
+    extra.insert("bleu4".into(), bleu4(&hyp, &refs));
+    let best: Vec<u32> = hyp.into_iter().flatten().collect();
+    pii_metrics(&best, &truth, pii, extra);
+    extra.insert("victim_tokens".into(), stream.len() as f64);
+    rec
 }
 
 /// Token-level numbers of a stream attack (TFMA, SDA) on the simulated traffic: `token_ttrsr`,

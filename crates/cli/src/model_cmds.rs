@@ -105,6 +105,14 @@ pub struct GenerateArgs {
     /// Write the generation and timings as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Split mode: `--model` is the client part (`umbra obfuscate --split` wrote <out>/client),
+    /// this is the URL of the `umbra serve` running the server part; the embedding and head run
+    /// here, the blocks there (needs --key).
+    #[arg(long, requires = "key")]
+    pub server: Option<String>,
+    /// Seconds to wait for each answer of the split-mode server.
+    #[arg(long, default_value_t = 60.0)]
+    pub server_timeout_s: f64,
 }
 
 /// Resolves `smollm2` to the cached default model; anything else is a path.
@@ -222,20 +230,17 @@ impl Session {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    if let Some(server) = &a.server {
+        return generate_split(a, server);
+    }
     let path = resolve_model(&a.model)?;
     let s = Session::open(&path, a.key.as_deref())?;
     let prompt = encode_prompt(&s.tokenizer, &a.prompt, a.chat)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_p: a.top_p,
-            top_k: a.top_k,
-            seed: a.seed,
-        },
+        sampling: sampling(a)?,
         stop_ids: s.stop_ids.clone(),
     };
-    params.sampling.validate()?;
     let mut stdout = std::io::stdout();
     let (ids, _, out) = s.generate(&prompt, &params, |t| {
         let _ = stdout.write_all(t.as_bytes());
@@ -267,4 +272,84 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+fn sampling(a: &GenerateArgs) -> Result<SamplingParams> {
+    let p = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    p.validate()?;
+    Ok(p)
+}
+
+/// `umbra generate --server`: the client side of split mode.
+fn generate_split(a: &GenerateArgs, server: &str) -> Result<()> {
+    let key = a.key.as_deref().context("--server needs --key")?;
+    if !(a.server_timeout_s.is_finite() && a.server_timeout_s > 0.0) {
+        bail!("--server-timeout-s must be a positive number of seconds");
+    }
+    let timeout = std::time::Duration::from_secs_f64(a.server_timeout_s);
+    let client = umbra_serve::split::SplitClient::open(Path::new(&a.model), key, server, timeout)?;
+    let prompt = encode_prompt(&client.tokenizer, &a.prompt, a.chat)?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: sampling(a)?,
+        stop_ids: client.stop_ids.clone(),
+    };
+    let rt = tokio_runtime()?;
+    rt.block_on(client.check_server())?;
+    let mut dec = client.tokenizer.incremental_decoder(true);
+    let mut stdout = std::io::stdout();
+    let (out, stats) = client.generate(rt.handle(), &prompt, &params, |id| {
+        if let Ok(piece) = dec.push(&client.tokenizer, id) {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
+    if let Ok(rest) = dec.flush(&client.tokenizer) {
+        print!("{rest}");
+    }
+    println!();
+    let text = client.tokenizer.decode(&out.ids, true)?;
+    let finish = if out.finish_reason == FinishReason::Stop {
+        "stop"
+    } else {
+        "length"
+    };
+    eprintln!(
+        "[{} prompt tokens, {} generated, finish {finish}, prefill {:.2}s, {:.1} tok/s, split mode: \
+         {} round trips, {:.1} KB sent, {:.1} KB received, client {:.2}s, server {:.2}s]",
+        prompt.len(),
+        out.ids.len(),
+        out.prefill_s,
+        out.decode_tok_per_s(),
+        stats.round_trips,
+        stats.bytes_sent as f64 / 1e3,
+        stats.bytes_received as f64 / 1e3,
+        stats.client_s,
+        stats.server_s
+    );
+    if let Some(j) = &a.json {
+        write_json(
+            j,
+            &serde_json::json!({
+                "text": text, "ids": out.ids, "prompt_tokens": prompt.len(),
+                "completion_tokens": out.ids.len(), "finish_reason": finish,
+                "prefill_s": out.prefill_s, "decode_s": out.decode_s,
+                "tok_s": out.decode_tok_per_s(), "split": stats,
+            }),
+        )?;
+    }
+    Ok(())
+}
+
+fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?)
 }

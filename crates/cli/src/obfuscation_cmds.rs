@@ -69,6 +69,12 @@ pub struct ObfuscateArgs {
     /// Where the transformed probe goes [default: <out>/halluc-probe.safetensors].
     #[arg(long, requires = "halluc_probe")]
     pub halluc_probe_out: Option<PathBuf>,
+    /// Split mode (exact keys only): write <out>/server (the transformer blocks, for `umbra
+    /// serve`) and <out>/client (embedding, final norm and head, for `umbra generate --server`)
+    /// instead of one checkpoint. The server then never holds the embedding or the head — but it
+    /// can still recover an exact key from the blocks (`umbra attack split`; README).
+    #[arg(long, conflicts_with = "halluc_probe")]
+    pub split: bool,
 }
 
 impl ObfuscateArgs {
@@ -115,6 +121,7 @@ impl ObfuscateArgs {
             json: None,
             halluc_probe: None,
             halluc_probe_out: None,
+            split: false,
         }
     }
 }
@@ -144,10 +151,37 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
         }
         None => None,
     };
+    if a.split {
+        if !params.is_exact() {
+            bail!(
+                "--split needs an exact key (lambda 0, no noise, no junk, beta 1): with the \
+                 embedding and head on the client the approximate knobs only cost fidelity"
+            );
+        }
+        if a.out.exists() {
+            bail!(
+                "{} already exists; remove it or choose another --out",
+                a.out.display()
+            );
+        }
+    }
+    // Split mode compiles into a hidden sibling first and cuts it into the two parts.
+    let compiled_dir = if a.split {
+        let name = a
+            .out
+            .file_name()
+            .context("--out has no folder name")?
+            .to_string_lossy()
+            .into_owned();
+        a.out
+            .with_file_name(format!(".{name}.whole-{}", std::process::id()))
+    } else {
+        a.out.clone()
+    };
     let pb = bar(0, "obfuscating");
     let report = compile_checkpoint(
         &input,
-        &a.out,
+        &compiled_dir,
         &a.key,
         &params,
         seed,
@@ -158,6 +192,19 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
+    let split_report = if a.split {
+        let r = umbra_aloepri::split::write_split(&compiled_dir, &a.out);
+        let _ = std::fs::remove_dir_all(&compiled_dir);
+        match r {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = std::fs::remove_file(&a.key);
+                return Err(anyhow::Error::from(e).context("splitting the obfuscated checkpoint"));
+            }
+        }
+    } else {
+        None
+    };
     println!("{}", a.out.display());
     eprintln!(
         "obfuscated {} -> {} (hidden {} -> {}, {}), key {} (fingerprint {}), load {:.1}s + transform {:.1}s",
@@ -171,6 +218,19 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
         report.load_s,
         report.transform_s
     );
+    if let Some(r) = &split_report {
+        eprintln!(
+            "split mode: {} ({} tensors, {:.1}M floats: the blocks, for `umbra serve`) and {} \
+             ({} tensors, {:.1}M floats: embedding, final norm and head, for `umbra generate \
+             --server`)",
+            r.server_dir.display(),
+            r.server_tensors,
+            r.server_params as f64 / 1e6,
+            r.client_dir.display(),
+            r.client_tensors,
+            r.client_params as f64 / 1e6
+        );
+    }
     let probe_report = match &probe_out {
         Some((p, out)) => {
             let (_, r) =
@@ -199,6 +259,9 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
         if let Some(r) = &probe_report {
             v["halluc_probe_inputs"] = r.inputs_obfuscated.into();
             v["halluc_probe_s"] = r.seconds.into();
+        }
+        if let Some(r) = &split_report {
+            v["split"] = serde_json::to_value(r)?;
         }
         v["peak_rss_mib"] = peak_rss_mib().into();
         v["params"] = serde_json::to_value(params)?;

@@ -36,7 +36,21 @@ pub struct Checkpoint {
 ///   `o_proj.weight` `[d, h*hd]` (+ q/k/v biases `[h*hd]`/`[kv*hd]` when
 ///   [`LlamaConfig::qkv_bias`], o bias `[d]` when [`LlamaConfig::o_bias`]),
 ///   `mlp.gate_proj`/`up_proj` `[f, d]`, `mlp.down_proj` `[d, f]`.
+///
+/// A split-mode part ([`LlamaConfig::part`]) expects only what it holds: a server part the
+/// layers, a client part the embedding, final norm and head.
 pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    use crate::config::ModelPart;
+    let all = full_shapes(cfg);
+    let is_layer = |n: &str| n.starts_with("model.layers.");
+    match cfg.part() {
+        ModelPart::Full => all,
+        ModelPart::Server => all.into_iter().filter(|(n, _)| is_layer(n)).collect(),
+        ModelPart::Client => all.into_iter().filter(|(n, _)| !is_layer(n)).collect(),
+    }
+}
+
+fn full_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
     let (h, kv, hd, f, v) = (
         cfg.num_attention_heads,

@@ -49,6 +49,45 @@ pub struct LlamaConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Which part of a split-mode model a checkpoint holds (`config.json`: `umbra.split`).
+///
+/// Split mode keeps the embedding, the final norm and the LM head with the client and serves only
+/// the transformer blocks: a `Server` checkpoint has the blocks and nothing else, a `Client` one
+/// the embedding, final norm and head and no blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelPart {
+    Full,
+    Server,
+    Client,
+}
+
+impl ModelPart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Server => "server",
+            Self::Client => "client",
+        }
+    }
+}
+
+impl LlamaConfig {
+    /// The part of a split-mode model this config describes ([`ModelPart::Full`] unless
+    /// `umbra.split` says `server` or `client`).
+    pub fn part(&self) -> ModelPart {
+        match self
+            .extra
+            .get("umbra")
+            .and_then(|u| u.get("split"))
+            .and_then(|s| s.as_str())
+        {
+            Some("server") => ModelPart::Server,
+            Some("client") => ModelPart::Client,
+            _ => ModelPart::Full,
+        }
+    }
+}
+
 fn default_model_type() -> String {
     "llama".into()
 }

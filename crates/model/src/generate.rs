@@ -48,10 +48,17 @@ impl GenerateOutput {
 }
 
 fn check_fits(model: &Llama, prompt_len: usize, max_tokens: usize) -> Result<()> {
+    check_fits_in(
+        model.config().max_position_embeddings,
+        prompt_len,
+        max_tokens,
+    )
+}
+
+fn check_fits_in(max_pos: usize, prompt_len: usize, max_tokens: usize) -> Result<()> {
     if prompt_len == 0 {
         return Err(ModelError::Input("empty prompt".into()));
     }
-    let max_pos = model.config().max_position_embeddings;
     if prompt_len + max_tokens > max_pos {
         return Err(ModelError::Input(format!(
             "prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds max_position_embeddings ({max_pos})"
@@ -66,15 +73,68 @@ pub fn generate(
     model: &Llama,
     prompt_ids: &[u32],
     params: &GenerateParams,
-    mut on_token: impl FnMut(u32) -> bool,
+    on_token: impl FnMut(u32) -> bool,
 ) -> Result<GenerateOutput> {
-    let mut outs = generate_batch(
-        model,
-        &[prompt_ids],
-        std::slice::from_ref(params),
-        |_, id| on_token(id),
-    )?;
-    Ok(outs.pop().expect("one output per prompt"))
+    let mut cache = model.new_cache_with_capacity(prompt_ids.len() + params.max_tokens);
+    let device = model.device().clone();
+    generate_with(
+        prompt_ids,
+        params,
+        model.config().max_position_embeddings,
+        |ids| -> Result<Vec<f32>> {
+            let ids = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
+            let logits = model.forward_last(&ids, &mut cache)?;
+            Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+        },
+        on_token,
+    )
+}
+
+/// The single-sequence generation loop over any next-token function: `step(ids)` appends `ids`
+/// (the prompt first, then one sampled id per call) to the sequence it keeps and returns the
+/// logits of the last position (`[V]`). [`generate`] steps a local model; split mode
+/// steps a remote server between a local embedding and head. `max_positions` bounds prompt +
+/// `max_tokens`.
+pub fn generate_with<E: From<ModelError>>(
+    prompt_ids: &[u32],
+    params: &GenerateParams,
+    max_positions: usize,
+    mut step: impl FnMut(&[u32]) -> std::result::Result<Vec<f32>, E>,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> std::result::Result<GenerateOutput, E> {
+    check_fits_in(max_positions, prompt_ids.len(), params.max_tokens)?;
+    let mut sampler = Sampler::new(params.sampling.clone())?;
+    let mut out = GenerateOutput {
+        ids: vec![],
+        finish_reason: FinishReason::Length,
+        prefill_s: 0.0,
+        decode_s: 0.0,
+    };
+    if params.max_tokens == 0 {
+        return Ok(out);
+    }
+    let t0 = Instant::now();
+    let mut logits = step(prompt_ids)?;
+    out.prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    loop {
+        let tok = sampler.sample(&logits);
+        if params.stop_ids.contains(&tok) {
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        out.ids.push(tok);
+        if !on_token(tok) {
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        if out.ids.len() >= params.max_tokens {
+            break;
+        }
+        logits = step(&[tok])?;
+    }
+    out.decode_s = t1.elapsed().as_secs_f64();
+    Ok(out)
 }
 
 /// Generates from `prompts` (all the same length) in one batch; `params[i]` (own sampler, stop

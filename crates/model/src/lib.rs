@@ -16,6 +16,6 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, ModelPart};
 pub use error::{ModelError, Result};
 pub use weights::Weights;

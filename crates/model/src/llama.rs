@@ -23,7 +23,7 @@
 //! least `UMBRA_PAR_MIN_WORK` (default 2^22 ≈ the LM head) multiply-adds, and one-position
 //! attention reads the cache buffers directly. [`Llama::forward_decode_groups`] batches the
 //! decode step of sequences of different lengths (each group with its own cache).
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, ModelPart};
 use crate::error::{ModelError, Result};
 use crate::weights::Weights;
 use candle_core::{DType, Device, Tensor};
@@ -416,12 +416,16 @@ impl KvCache {
 pub struct Llama {
     cfg: LlamaConfig,
     device: Device,
-    /// `[V, d]`.
-    embed: Tensor,
+    /// Which part of a split-mode model this is ([`ModelPart::Full`] for ordinary checkpoints).
+    part: ModelPart,
+    /// `[V, d]`; `None` in a split-mode server part.
+    embed: Option<Tensor>,
+    /// Empty in a split-mode client part.
     blocks: Vec<Block>,
-    norm: Tensor,
-    /// `[V, d]` (shares the embedding storage when tied).
-    lm_head: Lin,
+    /// Final RMSNorm weight `[d]`; `None` in a split-mode server part.
+    norm: Option<Tensor>,
+    /// `[V, d]` (shares the embedding storage when tied); `None` in a split-mode server part.
+    lm_head: Option<Lin>,
     rope: Rope,
     nh: usize,
     nkv: usize,
@@ -445,7 +449,25 @@ fn get<'a>(w: &'a Weights, name: &str, shape: &[usize]) -> Result<&'a Tensor> {
 
 impl Llama {
     /// Builds the model from HF-named weights, validating every tensor's presence and shape.
+    ///
+    /// A part of a split-mode model ([`LlamaConfig::part`]) is refused here, so that no caller
+    /// mistakes it for a whole model; load it with [`Llama::new_part`].
     pub fn new(cfg: &LlamaConfig, weights: &Weights, device: &Device) -> Result<Self> {
+        if cfg.part() != ModelPart::Full {
+            return Err(ModelError::Unsupported(format!(
+                "this checkpoint is the {} part of a split-mode model, not a whole model (serve \
+                 the server part with `umbra serve`; generate with the client part and \
+                 `umbra generate --server`)",
+                cfg.part().as_str()
+            )));
+        }
+        Self::new_part(cfg, weights, device)
+    }
+
+    /// [`Llama::new`] that also loads a part of a split-mode model, with only what it holds: a
+    /// server part the blocks (its [`Llama::embed`] and [`Llama::head`] are errors), a client part
+    /// the embedding, final norm and head (no blocks: [`Llama::forward_embeds`] is the identity).
+    pub fn new_part(cfg: &LlamaConfig, weights: &Weights, device: &Device) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.hidden_size;
         let nh = cfg.num_attention_heads;
@@ -463,10 +485,18 @@ impl Llama {
                 .to_dtype(DType::F32)?
                 .to_device(device)?)
         };
-        let embed = load("model.embed_tokens.weight", &[v, d])?.contiguous()?;
+        let part = cfg.part();
+        let embed = match part {
+            ModelPart::Server => None,
+            _ => Some(load("model.embed_tokens.weight", &[v, d])?.contiguous()?),
+        };
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut blocks = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let n_blocks = match part {
+            ModelPart::Client => 0,
+            _ => cfg.num_hidden_layers,
+        };
+        let mut blocks = Vec::with_capacity(n_blocks);
+        for i in 0..n_blocks {
             let p = format!("model.layers.{i}");
             let ln1 = load(&format!("{p}.input_layernorm.weight"), &[d])?;
             let ln2 = load(&format!("{p}.post_attention_layernorm.weight"), &[d])?;
@@ -510,19 +540,25 @@ impl Llama {
                 },
             });
         }
-        let norm = load("model.norm.weight", &[d])?;
-        let lm_head = Lin {
-            w: if cfg.tie_word_embeddings {
-                embed.clone()
-            } else {
-                load("lm_head.weight", &[v, d])?.contiguous()?
-            },
-            bias: None,
+        let (norm, lm_head) = match &embed {
+            None => (None, None),
+            Some(embed) => {
+                let w = if cfg.tie_word_embeddings {
+                    embed.clone()
+                } else {
+                    load("lm_head.weight", &[v, d])?.contiguous()?
+                };
+                (
+                    Some(load("model.norm.weight", &[d])?),
+                    Some(Lin { w, bias: None }),
+                )
+            }
         };
         let rope = Rope::new(cfg, device)?;
         Ok(Self {
             cfg: cfg.clone(),
             device: device.clone(),
+            part,
             embed,
             blocks,
             norm,
@@ -545,6 +581,18 @@ impl Llama {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Which part of a split-mode model this is.
+    pub fn part(&self) -> ModelPart {
+        self.part
+    }
+
+    fn missing(&self, what: &str) -> ModelError {
+        ModelError::Unsupported(format!(
+            "this is the {} part of a split-mode model: it has no {what} (the client holds it)",
+            self.part.as_str()
+        ))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -591,18 +639,29 @@ impl Llama {
                 "token id {bad} is out of range for vocab size {vocab}"
             )));
         }
-        let e = self.embed.index_select(&flat.to_device(&self.device)?, 0)?;
+        let table = self
+            .embed
+            .as_ref()
+            .ok_or_else(|| self.missing("embedding"))?;
+        let e = table.index_select(&flat.to_device(&self.device)?, 0)?;
         Ok(e.reshape((b, t, self.cfg.hidden_size))?)
     }
 
     /// Final norm and LM head: hidden `[b,t,d]` -> logits `[b,t,V]` (or `[b,d]` -> `[b,V]`).
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(&hidden.contiguous()?, &self.norm, self.eps)?;
+        let h = candle_nn::ops::rms_norm(&hidden.contiguous()?, self.final_norm()?, self.eps)?;
         self.lm_head(&h)
     }
 
+    fn final_norm(&self) -> Result<&Tensor> {
+        self.norm.as_ref().ok_or_else(|| self.missing("final norm"))
+    }
+
     fn lm_head(&self, normed: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(normed)
+        self.lm_head
+            .as_ref()
+            .ok_or_else(|| self.missing("LM head"))?
+            .forward(normed)
     }
 
     /// ids `[b,t]` -> logits `[b,t,V]`; appends `t` positions to `cache` (causal within the call).
@@ -685,7 +744,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let x = self.embed(ids)?;
         let h = self.run_blocks(&x, cache, Some(&mut *tap), TapOptions::NONE)?;
-        let normed = candle_nn::ops::rms_norm(&h, &self.norm, self.eps)?;
+        let normed = candle_nn::ops::rms_norm(&h, self.final_norm()?, self.eps)?;
         tap(TapPoint::FinalNorm, &normed);
         self.lm_head(&normed)
     }

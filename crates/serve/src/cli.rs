@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// `umbra obfuscate --halluc-probe` transformed).
     #[arg(long)]
     pub halluc_probe: Option<PathBuf>,
+    /// Split mode (`--model` is the server part of `umbra obfuscate --split`): seconds an open
+    /// session may idle before its KV cache is dropped. `--max-queue` bounds open sessions.
+    #[arg(long, default_value_t = 300.0)]
+    pub split_idle_s: f64,
 }
 
 /// `umbra proxy`: the customer's side, holding the key and the public tokenizer.
@@ -142,6 +146,7 @@ pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
     }
     cfg.batch_window = Duration::from_secs_f64(args.batch_window_ms / 1e3);
     cfg.halluc_probe = args.halluc_probe.clone();
+    cfg.split_idle = secs(args.split_idle_s, "--split-idle-s")?;
     runtime()?.block_on(async move {
         let (bound, fut) = serve(cfg, ctrl_c()).await?;
         eprintln!("umbra serve: listening on http://{bound}");

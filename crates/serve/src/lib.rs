@@ -5,6 +5,8 @@
 //! * [`server`]: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`,
 //!   `GET /health`, `GET /metrics`, on an engine thread fed through a bounded queue ([`engine`]).
 //! * [`proxy`]: plaintext OpenAI API in front of a server, mapping ids through tau.
+//! * [`split`]: split mode — a server of only the transformer blocks (`POST /v1/split/forward`,
+//!   input embeddings in, final hidden states out) and the client that holds embedding, head and key.
 //! * [`cli`]: `clap` argument structs and `run_*` entry points for the `umbra` binary.
 //! * [`mod@bench`]: `umbra bench serve` (plain vs obfuscated, 1/4/16 clients).
 //!
@@ -25,6 +27,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod respond;
 pub mod server;
+pub mod split;
 pub mod text;
 
 pub use error::ServeError;

@@ -23,6 +23,7 @@ use umbra_model::checkpoint::Checkpoint;
 use umbra_model::llama::Llama;
 use umbra_model::sampling::SamplingParams;
 use umbra_model::tokenizer::TextTokenizer;
+use umbra_model::ModelPart;
 
 /// Called with `(path, body)` for every request body the server reads (tests record them).
 pub type BodyHook = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
@@ -68,6 +69,9 @@ pub struct ServeConfig {
     /// `umbra obfuscate --halluc-probe` wrote): every completion then carries a
     /// `hallucination_score` computed from the taps of its own forward passes.
     pub halluc_probe: Option<PathBuf>,
+    /// Split mode (a server part): an open session idle this long is dropped. `max_queue` is the
+    /// most open sessions.
+    pub split_idle: Duration,
 }
 
 impl ServeConfig {
@@ -87,6 +91,7 @@ impl ServeConfig {
             step_delay: Duration::ZERO,
             batch_window: Duration::from_millis(5),
             halluc_probe: None,
+            split_idle: Duration::from_secs(300),
         }
     }
 }
@@ -127,6 +132,7 @@ pub async fn serve(
         step_delay,
         batch_window,
         halluc_probe,
+        split_idle,
     } = config;
     let (llama, tokenizer, eos_ids, default_name, probe) =
         tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
@@ -134,7 +140,7 @@ pub async fn serve(
                 ModelSource::Path(p) => {
                     let ck = Checkpoint::open(&p)?;
                     let eos = ck.eos_token_ids();
-                    let llama = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
+                    let llama = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
                     let name = p
                         .file_stem()
                         .map(|s| s.to_string_lossy().into_owned())
@@ -158,6 +164,37 @@ pub async fn serve(
         })
         .await
         .map_err(|e| ServeError::Other(format!("model loading panicked: {e}")))??;
+    match llama.part() {
+        ModelPart::Full => {}
+        ModelPart::Client => {
+            return Err(ServeError::Config(
+                "this is the client part of a split model (embedding and head stay with the \
+                 client): serve <out>/server and generate with `umbra generate --model \
+                 <out>/client --server URL`"
+                    .into(),
+            ))
+        }
+        ModelPart::Server => {
+            if probe.is_some() {
+                return Err(ServeError::Config(
+                    "--halluc-probe is not available in split mode (the server has no head and \
+                     no logits)"
+                        .into(),
+                ));
+            }
+            let app = crate::split::router(
+                llama,
+                model_name.unwrap_or(default_name),
+                crate::split::SplitLimits {
+                    max_sessions: max_queue,
+                    idle: split_idle,
+                    max_body: max_body_bytes,
+                    body_timeout,
+                },
+            )?;
+            return Ok(crate::http::bind(addr, app, header_timeout, shutdown).await?);
+        }
+    }
     let info = ModelInfo {
         vocab_size: llama.vocab_size(),
         max_positions: llama.config().max_position_embeddings,

@@ -1,0 +1,161 @@
+//! Split mode on the real SmolLM2-135M through the binary: `obfuscate --split`, `serve` on the
+//! server part, `generate --server` with the client part gives the plaintext model's greedy
+//! text; and `attack split` measures what that server can read (the block key falls, and with it
+//! every prompt token: this test pins that leak, so a change that alters it is noticed).
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+fn smollm2() -> PathBuf {
+    let dir = umbra_assets::Cache::from_env()
+        .unwrap()
+        .root()
+        .join("models/SmolLM2-135M-Instruct");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
+        dir.display()
+    );
+    dir
+}
+
+fn umbra(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(args)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "umbra {args:?} failed: {err}");
+    err
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+/// Kills the server when the test ends, pass or fail.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(dir: &Path) -> (Server, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_umbra"))
+        .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("umbra serve ended before listening")
+            .unwrap();
+        if let Some(u) = line.split("listening on ").nth(1) {
+            break u.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (server, url)
+}
+
+#[test]
+fn split_mode_generates_the_plaintext_text_and_its_server_reads_the_prompts() {
+    let plain = smollm2();
+    let plain_s = plain.to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let split = tmp.path().join("split");
+    let key = tmp.path().join("client.key");
+    let (split_s, key_s) = (split.to_str().unwrap(), key.to_str().unwrap());
+    umbra(&[
+        "obfuscate",
+        "--model",
+        plain_s,
+        "--out",
+        split_s,
+        "--key",
+        key_s,
+        "--split",
+        "--seed",
+        "3",
+    ]);
+    assert!(split.join("server/model.safetensors").is_file());
+    assert!(split.join("client/tokenizer.json").is_file());
+    assert!(!split.join("server/tokenizer.json").exists());
+    let (_server, url) = serve(&split.join("server"));
+    for (i, prompt) in ["What is the capital of France?", "Name three colours."]
+        .iter()
+        .enumerate()
+    {
+        let (a, b) = (
+            tmp.path().join(format!("split-{i}.json")),
+            tmp.path().join(format!("plain-{i}.json")),
+        );
+        let client = split.join("client");
+        umbra(&[
+            "generate",
+            "--model",
+            client.to_str().unwrap(),
+            "--key",
+            key_s,
+            "--server",
+            &url,
+            "--prompt",
+            prompt,
+            "--chat",
+            "--max-tokens",
+            "24",
+            "--json",
+            a.to_str().unwrap(),
+        ]);
+        umbra(&[
+            "generate",
+            "--model",
+            plain_s,
+            "--prompt",
+            prompt,
+            "--chat",
+            "--max-tokens",
+            "24",
+            "--json",
+            b.to_str().unwrap(),
+        ]);
+        let (a, b) = (json(&a), json(&b));
+        assert_eq!(a["text"], b["text"], "{prompt}");
+        assert_eq!(a["completion_tokens"], b["completion_tokens"]);
+        assert!(a["completion_tokens"].as_u64().unwrap() > 0);
+        assert_eq!(
+            a["split"]["round_trips"].as_u64(),
+            a["completion_tokens"].as_u64().map(|n| n.min(23) + 1),
+            "one round trip per token: {a}"
+        );
+    }
+    let out = tmp.path().join("attack.json");
+    umbra(&[
+        "attack",
+        "split",
+        "--plain",
+        plain_s,
+        "--split",
+        split_s,
+        "--key",
+        key_s,
+        "--victims",
+        "8",
+        "--max-len",
+        "64",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    let r = &json(&out)["split"];
+    assert!(r["spectral_mismatch"].as_f64().unwrap() < 1e-6, "{r}");
+    assert!(r["token_ttrsr"].as_f64().unwrap() > 0.99, "{r}");
+    assert!(r["victim_tokens"].as_f64().unwrap() > 100.0, "{r}");
+}

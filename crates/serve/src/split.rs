@@ -1,0 +1,596 @@
+//! Split-mode serving (beyond the paper): the server holds only the transformer blocks of an
+//! exact obfuscation ([`umbra_aloepri::split`]); the client holds the embedding, final norm, head
+//! and key, and generates by sending input embeddings and reading back final hidden states.
+//!
+//! Wire format (`POST /v1/split/forward`, JSON; tensors are little-endian F32, base64):
+//!
+//! ```text
+//! request  {"session": null | "split-..", "rows": n, "width": d', "embeddings": b64([n, d']),
+//!           "return": "last" | "all", "close": false}
+//! response {"session": "split-..", "position": L, "rows": m, "width": d', "hidden": b64([m, d'])}
+//! ```
+//!
+//! `session: null` opens a session (its KV cache stays on the server); later requests append
+//! to it. `close: true` drops it after the step (with no `embeddings`: only drops it). Sessions
+//! idle longer than the server's limit are dropped; at most `max_sessions` are open (429 beyond).
+//! `hidden` holds the residual stream after the last block (before the final norm) of the last
+//! row (`return: "last"`, the default) or of every row sent.
+//!
+//! [`SplitClient`] is the other side: ids -> tau -> embedding rows -> server -> head -> sample.
+use crate::api::{parse_body, ApiError};
+use crate::error::ServeError;
+use crate::server::read_body;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use umbra_model::checkpoint::Checkpoint;
+use umbra_model::generate::{generate_with, GenerateOutput, GenerateParams};
+use umbra_model::llama::{KvCache, Llama};
+use umbra_model::tokenizer::TextTokenizer;
+use umbra_model::ModelPart;
+
+/// The route split-mode clients call.
+pub const FORWARD_PATH: &str = "/v1/split/forward";
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// F32 little-endian, base64.
+pub fn encode_f32(v: &[f32]) -> String {
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    for x in v {
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    B64.encode(bytes)
+}
+
+/// Inverse of [`encode_f32`]; `expect` floats, every one finite.
+pub fn decode_f32(s: &str, expect: usize, what: &str) -> Result<Vec<f32>, String> {
+    let bytes = B64
+        .decode(s)
+        .map_err(|e| format!("`{what}` is not valid base64: {e}"))?;
+    if bytes.len() != expect * 4 {
+        return Err(format!(
+            "`{what}` holds {} bytes, rows x width needs {} (F32)",
+            bytes.len(),
+            expect * 4
+        ));
+    }
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if v.iter().any(|x| !x.is_finite()) {
+        return Err(format!("`{what}` has non-finite values"));
+    }
+    Ok(v)
+}
+
+/// `POST /v1/split/forward` body.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRequest {
+    #[serde(default)]
+    pub session: Option<String>,
+    #[serde(default)]
+    pub rows: usize,
+    #[serde(default)]
+    pub width: usize,
+    #[serde(default)]
+    pub embeddings: Option<String>,
+    /// `"last"` (default) or `"all"`.
+    #[serde(default, rename = "return")]
+    pub return_rows: Option<String>,
+    #[serde(default)]
+    pub close: bool,
+}
+
+/// `POST /v1/split/forward` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardResponse {
+    pub session: String,
+    /// Positions in the session's cache after this step.
+    pub position: usize,
+    pub rows: usize,
+    pub width: usize,
+    pub hidden: String,
+    #[serde(default)]
+    pub closed: bool,
+}
+
+/// Limits of the split-mode server.
+#[derive(Debug, Clone)]
+pub struct SplitLimits {
+    pub max_sessions: usize,
+    pub idle: Duration,
+    pub max_body: usize,
+    pub body_timeout: Duration,
+}
+
+/// A session's KV cache; `None` while a step runs on it.
+struct Slot {
+    cache: Option<KvCache>,
+    last: Instant,
+}
+
+struct SplitState {
+    model: Arc<Llama>,
+    name: String,
+    limits: SplitLimits,
+    sessions: Mutex<HashMap<String, Slot>>,
+    steps: std::sync::atomic::AtomicU64,
+}
+
+/// The router of a split-mode server over a server part (`model.part() == Server`).
+pub fn router(model: Llama, name: String, limits: SplitLimits) -> Result<Router, ServeError> {
+    if model.part() != ModelPart::Server {
+        return Err(ServeError::Config(format!(
+            "split-mode serving needs the server part of a split model, got a {} model",
+            model.part().as_str()
+        )));
+    }
+    let state = Arc::new(SplitState {
+        model: Arc::new(model),
+        name,
+        limits,
+        sessions: Mutex::new(HashMap::new()),
+        steps: Default::default(),
+    });
+    Ok(Router::new()
+        .route("/health", get(health))
+        .route(FORWARD_PATH, post(forward))
+        .fallback(wrong_route)
+        .with_state(state))
+}
+
+async fn health(State(s): State<Arc<SplitState>>) -> Response {
+    let open = s.sessions.lock().map(|m| m.len()).unwrap_or(0);
+    axum::Json(json!({
+        "status": "ok", "model": s.name, "mode": "split-server",
+        "width": s.model.config().hidden_size, "layers": s.model.num_layers(),
+        "max_positions": s.model.config().max_position_embeddings,
+        "sessions": open,
+        "steps": s.steps.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+async fn wrong_route(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!(
+            "no route for {} {}: this server holds only the transformer blocks of a split-mode \
+             model and answers POST {FORWARD_PATH} (the client runs `umbra generate --server`)",
+            req.method(),
+            req.uri().path()
+        ),
+    )
+    .into_response()
+}
+
+fn lock(s: &SplitState) -> std::sync::MutexGuard<'_, HashMap<String, Slot>> {
+    s.sessions.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn forward(State(s): State<Arc<SplitState>>, req: Request) -> Response {
+    match forward_inner(&s, req).await {
+        Ok(r) => axum::Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardResponse, ApiError> {
+    let (parts, body) = req.into_parts();
+    let bytes = read_body(
+        body,
+        &parts.headers,
+        s.limits.max_body,
+        s.limits.body_timeout,
+    )
+    .await?;
+    let r: ForwardRequest = parse_body(&bytes)?;
+    let width = s.model.config().hidden_size;
+    let all = match r.return_rows.as_deref() {
+        None | Some("last") => false,
+        Some("all") => true,
+        Some(o) => {
+            return Err(ApiError::bad_request(format!(
+                "`return` must be \"last\" or \"all\", got \"{o}\""
+            )))
+        }
+    };
+    let Some(emb) = r.embeddings.as_deref() else {
+        // Close only.
+        let id = r.session.clone().ok_or_else(|| {
+            ApiError::bad_request("`embeddings` is required (or `session` with `close: true`)")
+        })?;
+        if !r.close {
+            return Err(ApiError::bad_request(
+                "`embeddings` is required unless the request only closes its session",
+            ));
+        }
+        let removed = lock(s).remove(&id).is_some();
+        if !removed {
+            return Err(unknown_session(&id));
+        }
+        return Ok(ForwardResponse {
+            session: id,
+            position: 0,
+            rows: 0,
+            width,
+            hidden: String::new(),
+            closed: true,
+        });
+    };
+    if r.width != width {
+        return Err(ApiError::bad_request(format!(
+            "`width` is {}, this model's hidden size is {width}",
+            r.width
+        )));
+    }
+    if r.rows == 0 {
+        return Err(ApiError::bad_request("`rows` must be at least 1"));
+    }
+    let max_pos = s.model.config().max_position_embeddings;
+    if r.rows > max_pos {
+        return Err(ApiError::bad_request(format!(
+            "{} rows exceed the model's {max_pos} positions",
+            r.rows
+        )));
+    }
+    let data = decode_f32(emb, r.rows * width, "embeddings").map_err(ApiError::bad_request)?;
+    // Take the session's cache (or open one) under the lock; the step runs without it.
+    let (id, cache) = {
+        let mut m = lock(s);
+        let now = Instant::now();
+        let idle = s.limits.idle;
+        m.retain(|_, slot| slot.cache.is_none() || now.duration_since(slot.last) < idle);
+        match &r.session {
+            Some(id) => {
+                let slot = m.get_mut(id).ok_or_else(|| unknown_session(id))?;
+                let cache = slot.cache.take().ok_or_else(|| {
+                    ApiError::new(
+                        StatusCode::CONFLICT,
+                        "invalid_request_error",
+                        format!("session {id} is busy with another request"),
+                    )
+                })?;
+                (id.clone(), cache)
+            }
+            None => {
+                if m.len() >= s.limits.max_sessions {
+                    return Err(ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "rate_limit_error",
+                        format!(
+                            "{} split sessions are open (the limit); close one or retry later",
+                            m.len()
+                        ),
+                    ));
+                }
+                let id = session_id();
+                m.insert(
+                    id.clone(),
+                    Slot {
+                        cache: None,
+                        last: now,
+                    },
+                );
+                (id, s.model.new_cache())
+            }
+        }
+    };
+    if cache.len() + r.rows > max_pos {
+        let pos = cache.len();
+        put_back(s, &id, cache);
+        return Err(ApiError::bad_request(format!(
+            "session at {pos} positions + {} rows exceeds the model's {max_pos} positions",
+            r.rows
+        )));
+    }
+    let model = s.model.clone();
+    let rows = r.rows;
+    let joined = tokio::task::spawn_blocking(move || {
+        let mut cache = cache;
+        let out = (|| -> Result<Vec<f32>, umbra_model::ModelError> {
+            let x = Tensor::from_vec(data, (1, rows, width), &Device::Cpu)?;
+            let h = model.forward_embeds(&x, &mut cache)?;
+            let h = if all { h } else { h.narrow(1, rows - 1, 1)? };
+            Ok(h.flatten_all()?.to_vec1::<f32>()?)
+        })();
+        (cache, out)
+    })
+    .await;
+    let (cache, out) = match joined {
+        Ok(x) => x,
+        Err(e) => {
+            lock(s).remove(&id);
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("the forward step failed: {e}"),
+            ));
+        }
+    };
+    let position = cache.len();
+    match out {
+        Ok(hidden) => {
+            s.steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if r.close {
+                lock(s).remove(&id);
+            } else {
+                put_back(s, &id, cache);
+            }
+            Ok(ForwardResponse {
+                session: id,
+                position,
+                rows: if all { rows } else { 1 },
+                width,
+                hidden: encode_f32(&hidden),
+                closed: r.close,
+            })
+        }
+        Err(e) => {
+            // A failed step may have left the cache half-appended: drop the session.
+            lock(s).remove(&id);
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("the forward step failed (session dropped): {e}"),
+            ))
+        }
+    }
+}
+
+/// An unguessable session id (128 random bits), so that no other client can step or read a
+/// session it did not open.
+fn session_id() -> String {
+    use rand::Rng;
+    let v: u128 = rand::rng().random();
+    format!("split-{v:032x}")
+}
+
+fn put_back(s: &SplitState, id: &str, cache: KvCache) {
+    if let Some(slot) = lock(s).get_mut(id) {
+        slot.cache = Some(cache);
+        slot.last = Instant::now();
+    }
+}
+
+fn unknown_session(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no open split session {id} (closed, expired after idling, or never opened)"),
+    )
+}
+
+/// What one split-mode generation cost, measured on the client.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SplitStats {
+    pub round_trips: usize,
+    pub bytes_sent: usize,
+    pub bytes_received: usize,
+    /// Seconds in the client's embedding and head.
+    pub client_s: f64,
+    /// Seconds waiting for the server (network and blocks).
+    pub server_s: f64,
+}
+
+/// The client of split mode: the client part (embedding, final norm, head), the tokenizer and
+/// tau; the server runs the blocks.
+pub struct SplitClient {
+    model: Llama,
+    pub tokenizer: TextTokenizer,
+    tau: umbra_aloepri::TokenPermutation,
+    pub stop_ids: Vec<u32>,
+    http: reqwest::Client,
+    url: String,
+    timeout: Duration,
+}
+
+impl SplitClient {
+    /// Opens the client part at `dir` with its key and checks the server at `server` (its
+    /// `/health` must report a split server of the same width).
+    pub fn open(
+        dir: &Path,
+        key: &Path,
+        server: &str,
+        timeout: Duration,
+    ) -> Result<Self, ServeError> {
+        let key = umbra_aloepri::ClientKey::load(key)?;
+        umbra_aloepri::compiler::check_key_for(dir, &key)?;
+        let ck = Checkpoint::open(dir)?;
+        if ck.config.part() != ModelPart::Client {
+            return Err(ServeError::Config(format!(
+                "{} is not the client part of a split model (`umbra obfuscate --split` writes \
+                 <out>/client)",
+                dir.display()
+            )));
+        }
+        let tokenizer = ck
+            .tokenizer
+            .clone()
+            .ok_or_else(|| ServeError::Config(format!("{} has no tokenizer", dir.display())))?;
+        let model = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            tau: key.permutation()?,
+            stop_ids: ck.eos_token_ids(),
+            http: reqwest::Client::builder()
+                .timeout(timeout)
+                .build()
+                .map_err(|e| ServeError::Other(format!("http client: {e}")))?,
+            url: server.trim_end_matches('/').to_string(),
+            timeout,
+        })
+    }
+
+    pub fn width(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    /// Checks that the server is a split server of this width.
+    pub async fn check_server(&self) -> Result<(), ServeError> {
+        let url = format!("{}/health", self.url);
+        let v: serde_json::Value = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| ServeError::Other(format!("{url}: {e}")))?
+            .json()
+            .await
+            .map_err(|e| ServeError::Other(format!("{url}: not a JSON health answer: {e}")))?;
+        if v["mode"] != "split-server" {
+            return Err(ServeError::Config(format!(
+                "{} is not a split-mode server (serve the server part of `umbra obfuscate \
+                 --split` with `umbra serve`)",
+                self.url
+            )));
+        }
+        if v["width"].as_u64() != Some(self.width() as u64) {
+            return Err(ServeError::Config(format!(
+                "the server's width is {}, this client part's is {}: they are not parts of \
+                 the same model",
+                v["width"],
+                self.width()
+            )));
+        }
+        Ok(())
+    }
+
+    /// One step: sends `x` (`[n, d']` rows) and returns the server's hidden rows.
+    pub async fn step(
+        &self,
+        session: Option<&str>,
+        x: Vec<f32>,
+        rows: usize,
+        all: bool,
+        stats: &mut SplitStats,
+    ) -> Result<ForwardResponse, ServeError> {
+        let body = serde_json::to_vec(&ForwardRequest {
+            session: session.map(str::to_string),
+            rows,
+            width: self.width(),
+            embeddings: Some(encode_f32(&x)),
+            return_rows: Some(if all { "all" } else { "last" }.into()),
+            close: false,
+        })
+        .expect("json");
+        stats.bytes_sent += body.len();
+        stats.round_trips += 1;
+        let url = format!("{}{FORWARD_PATH}", self.url);
+        let t = Instant::now();
+        let resp = self
+            .http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+        stats.server_s += t.elapsed().as_secs_f64();
+        stats.bytes_received += bytes.len();
+        if !status.is_success() {
+            return Err(ServeError::Other(format!(
+                "{url}: {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| ServeError::Other(format!("{url}: malformed answer: {e}")))
+    }
+
+    /// Best effort: drops the session on the server.
+    pub async fn close(&self, session: &str) {
+        let body = json!({"session": session, "close": true});
+        let _ = self
+            .http
+            .post(format!("{}{FORWARD_PATH}", self.url))
+            .timeout(self.timeout.min(Duration::from_secs(5)))
+            .json(&body)
+            .send()
+            .await;
+    }
+
+    /// Embedding rows of plaintext ids, as the server receives them (`[n, d']`, flat).
+    pub fn embed_plain(&self, plain: &[u32]) -> Result<Vec<f32>, ServeError> {
+        let ids = self.tau.apply(plain)?;
+        let t = Tensor::from_vec(ids, (1, plain.len()), &Device::Cpu)
+            .map_err(umbra_model::ModelError::from)?;
+        let x = self.model.embed(&t)?;
+        Ok(x.flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .map_err(umbra_model::ModelError::from)?)
+    }
+
+    /// Final norm and head on one hidden row -> logits over *plaintext* ids.
+    fn logits(&self, h: &[f32]) -> Result<Vec<f32>, ServeError> {
+        let t = Tensor::from_slice(h, (1, h.len()), &Device::Cpu)
+            .map_err(umbra_model::ModelError::from)?;
+        let obf = self
+            .model
+            .head(&t)?
+            .squeeze(0)
+            .and_then(|l| l.to_vec1::<f32>())
+            .map_err(umbra_model::ModelError::from)?;
+        // logits over obfuscated ids: plain id i sits at tau(i).
+        let tau = self.tau.forward_table();
+        Ok((0..obf.len()).map(|i| obf[tau[i] as usize]).collect())
+    }
+
+    /// Generates from plaintext prompt ids; `on_token` sees each plaintext id. Runs the
+    /// embedding and head here and the blocks on the server, one round trip per token. Call
+    /// from a thread that may block (not a runtime worker): HTTP runs on `rt`.
+    pub fn generate(
+        &self,
+        rt: &tokio::runtime::Handle,
+        prompt: &[u32],
+        params: &GenerateParams,
+        on_token: impl FnMut(u32) -> bool,
+    ) -> Result<(GenerateOutput, SplitStats), ServeError> {
+        let mut stats = SplitStats::default();
+        let mut session: Option<String> = None;
+        let max_pos = self.model.config().max_position_embeddings;
+        let out = generate_with(
+            prompt,
+            params,
+            max_pos,
+            |ids| -> Result<Vec<f32>, ServeError> {
+                let t = Instant::now();
+                let x = self.embed_plain(ids)?;
+                stats.client_s += t.elapsed().as_secs_f64();
+                let r =
+                    rt.block_on(self.step(session.as_deref(), x, ids.len(), false, &mut stats))?;
+                session = Some(r.session.clone());
+                let h = decode_f32(&r.hidden, self.width(), "hidden").map_err(ServeError::Other)?;
+                let t = Instant::now();
+                let l = self.logits(&h)?;
+                stats.client_s += t.elapsed().as_secs_f64();
+                Ok(l)
+            },
+            on_token,
+        );
+        if let Some(s) = &session {
+            rt.block_on(self.close(s));
+        }
+        Ok((out?, stats))
+    }
+}

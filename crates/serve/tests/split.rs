@@ -1,0 +1,302 @@
+//! Split mode end to end on a tiny model: the client (embedding, head, key) and the server
+//! (blocks only, `POST /v1/split/forward`) generate exactly what the plaintext model generates,
+//! the server's hidden states equal the whole obfuscated model's, and hostile or malformed
+//! requests get clear 4xx answers without disturbing other sessions.
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{loopback, tiny_model_dir};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use umbra_aloepri::compiler::compile_checkpoint;
+use umbra_aloepri::ObfuscationParams;
+use umbra_model::checkpoint::Checkpoint;
+use umbra_model::generate::{generate_greedy, GenerateParams};
+use umbra_model::llama::Llama;
+use umbra_model::sampling::SamplingParams;
+use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
+use umbra_serve::split::{decode_f32, encode_f32, SplitClient, FORWARD_PATH};
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    plain: PathBuf,
+    whole: PathBuf,
+    split: PathBuf,
+    key: PathBuf,
+}
+
+fn setup(h: usize, seed: u64) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = tiny_model_dir(tmp.path());
+    let whole = tmp.path().join("obf");
+    let key = tmp.path().join("client.key");
+    compile_checkpoint(
+        &plain,
+        &whole,
+        &key,
+        &ObfuscationParams::exact(h),
+        seed,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let split = tmp.path().join("split");
+    umbra_aloepri::split::write_split(&whole, &split).unwrap();
+    Setup {
+        _tmp: tmp,
+        plain,
+        whole,
+        split,
+        key,
+    }
+}
+
+async fn serve_server_part(dir: &Path, tweak: impl FnOnce(&mut ServeConfig)) -> ServerHandle {
+    let mut cfg = ServeConfig::new(ModelSource::Path(dir.join("server")), loopback());
+    tweak(&mut cfg);
+    start(cfg).await.unwrap()
+}
+
+fn load(dir: &Path) -> Llama {
+    let ck = Checkpoint::open(dir).unwrap();
+    Llama::new(&ck.config, &ck.weights, &Device::Cpu).unwrap()
+}
+
+async fn post(url: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(format!("{url}{FORWARD_PATH}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_generation_equals_the_plaintext_model() {
+    for h in [0, 4] {
+        let s = setup(h, 21);
+        let server = serve_server_part(&s.split, |_| {}).await;
+        let client = std::sync::Arc::new(
+            SplitClient::open(
+                &s.split.join("client"),
+                &s.key,
+                &server.url(),
+                Duration::from_secs(30),
+            )
+            .unwrap(),
+        );
+        client.check_server().await.unwrap();
+        let plain = load(&s.plain);
+        let prompts: [&[u32]; 3] = [&[1, 2, 3], &[72, 101, 108, 108, 111], &[200; 9]];
+        for prompt in prompts {
+            let want = generate_greedy(&plain, prompt, 12).unwrap();
+            let rt = tokio::runtime::Handle::current();
+            let (c, prompt_v) = (client.clone(), prompt.to_vec());
+            let (out, stats) = tokio::task::spawn_blocking(move || {
+                let params = GenerateParams {
+                    max_tokens: 12,
+                    sampling: SamplingParams::greedy(),
+                    stop_ids: vec![],
+                };
+                c.generate(&rt, &prompt_v, &params, |_| true).unwrap()
+            })
+            .await
+            .unwrap();
+            assert_eq!(out.ids, want, "h {h}, prompt {prompt:?}");
+            // One round trip per token: the prompt, then 11 decode steps.
+            assert_eq!(stats.round_trips, 12);
+            assert!(stats.bytes_sent > 0 && stats.bytes_received > 0);
+            // The generation closed its session on the server.
+            let health: Value = reqwest::get(format!("{}/health", server.url()))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(health["sessions"], 0, "{health}");
+        }
+        // Hidden states of every row equal the whole obfuscated model's blocks.
+        let whole = load(&s.whole);
+        let ck = Checkpoint::open(&s.split.join("client")).unwrap();
+        let client = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&[[5u32, 77, 140, 3]], &Device::Cpu).unwrap();
+        let x = client.embed(&ids).unwrap();
+        let want = whole.forward_embeds(&x, &mut whole.new_cache()).unwrap();
+        let d = x.dims()[2];
+        let (st, v) = post(
+            &server.url(),
+            &json!({"rows": 4, "width": d, "return": "all", "close": true,
+                    "embeddings": encode_f32(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap())}),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["closed"], true);
+        let got = decode_f32(v["hidden"].as_str().unwrap(), 4 * d, "hidden").unwrap();
+        let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff < 1e-5, "h {h}: max |diff| {diff}");
+        server.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_and_malformed_requests_are_refused() {
+    let s = setup(0, 21);
+    let server = serve_server_part(&s.split, |c| {
+        c.max_queue = 2; // at most 2 open sessions
+        c.max_body_bytes = 64 << 10;
+        c.split_idle = Duration::from_millis(300);
+    })
+    .await;
+    let url = server.url();
+    let d = 32;
+    let row = encode_f32(&vec![0.1f32; d]);
+    let ok = |v: &Value| json!({"rows": 1, "width": d, "embeddings": row, "session": v});
+    // A session opens, steps and keeps its position.
+    let (st, v) = post(&url, &ok(&Value::Null)).await;
+    assert_eq!(st, 200, "{v}");
+    let sid = v["session"].as_str().unwrap().to_string();
+    assert!(sid.len() > 30, "session ids must be unguessable: {sid}");
+    let (st, v) = post(&url, &ok(&json!(sid))).await;
+    assert_eq!((st, v["position"].as_u64()), (200, Some(2)), "{v}");
+    let cases: Vec<(Value, u16, &str)> = vec![
+        (
+            json!({"rows": 1, "width": d + 1, "embeddings": row}),
+            400,
+            "hidden size",
+        ),
+        (
+            json!({"rows": 2, "width": d, "embeddings": row}),
+            400,
+            "bytes",
+        ),
+        (
+            json!({"rows": 1, "width": d, "embeddings": "%%%"}),
+            400,
+            "base64",
+        ),
+        (
+            json!({"rows": 1, "width": d, "embeddings": encode_f32(&[f32::NAN; 32])}),
+            400,
+            "non-finite",
+        ),
+        (
+            json!({"rows": 0, "width": d, "embeddings": ""}),
+            400,
+            "at least 1",
+        ),
+        (
+            json!({"rows": 1, "width": d, "embeddings": row, "session": "split-nope"}),
+            404,
+            "no open split session",
+        ),
+        (
+            json!({"rows": 1, "width": d, "embeddings": row, "return": "everything"}),
+            400,
+            "`return`",
+        ),
+        (
+            json!({"rows": 1, "width": d, "embeddings": row, "junk": 1}),
+            400,
+            "junk",
+        ),
+        (json!({"session": sid}), 400, "required"),
+        (
+            json!({"rows": 100000, "width": d, "embeddings": row}),
+            400,
+            "positions",
+        ),
+    ];
+    for (body, want, needle) in cases {
+        let (st, v) = post(&url, &body).await;
+        let msg = v["error"]["message"].as_str().unwrap_or("").to_string();
+        assert_eq!(st, want, "{body}: {v}");
+        assert!(msg.contains(needle), "{body}: `{msg}` lacks `{needle}`");
+    }
+    // The good session is unharmed by all of that.
+    let (st, v) = post(&url, &ok(&json!(sid))).await;
+    assert_eq!((st, v["position"].as_u64()), (200, Some(3)), "{v}");
+    // Oversized body: 413.
+    let big = encode_f32(&vec![0.5f32; 40 * d * 16]);
+    let (st, _) = post(&url, &json!({"rows": 640, "width": d, "embeddings": big})).await;
+    assert_eq!(st, 413);
+    // Session limit: a second opens, a third is 429.
+    let (st, _) = post(&url, &ok(&Value::Null)).await;
+    assert_eq!(st, 200);
+    let (st, v) = post(&url, &ok(&Value::Null)).await;
+    assert_eq!(st, 429, "{v}");
+    // OpenAI routes are not served here, with a message saying why.
+    let r = reqwest::Client::new()
+        .post(format!("{url}/v1/completions"))
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    assert!(r.text().await.unwrap().contains("split-mode"));
+    // Idle sessions expire; then new ones can open again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (st, v) = post(&url, &ok(&json!(sid))).await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = post(&url, &ok(&Value::Null)).await;
+    assert_eq!(st, 200, "{v}");
+    // Close-only request.
+    let sid2 = v["session"].as_str().unwrap();
+    let (st, v) = post(&url, &json!({"session": sid2, "close": true})).await;
+    assert_eq!((st, &v["closed"]), (200, &json!(true)), "{v}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_are_refused_where_they_do_not_belong() {
+    let s = setup(0, 21);
+    // The client part is not servable.
+    let cfg = ServeConfig::new(ModelSource::Path(s.split.join("client")), loopback());
+    let err = match start(cfg).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("the client part must not be served"),
+    };
+    assert!(err.contains("client part"), "{err}");
+    // Neither part is a whole model for local generation.
+    for part in ["client", "server"] {
+        let ck = Checkpoint::open(&s.split.join(part)).unwrap();
+        let err = Llama::new(&ck.config, &ck.weights, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("split-mode"), "{part}: {err}");
+    }
+    // A split client refuses a plain OpenAI server (not a split server).
+    let plain = start(ServeConfig::new(
+        ModelSource::Path(s.plain.clone()),
+        loopback(),
+    ))
+    .await
+    .unwrap();
+    let client = SplitClient::open(
+        &s.split.join("client"),
+        &s.key,
+        &plain.url(),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    let err = client.check_server().await.unwrap_err().to_string();
+    assert!(err.contains("not a split-mode server"), "{err}");
+    plain.stop().await;
+    // The client part refuses a key of another model.
+    let other = setup(0, 22);
+    let err = SplitClient::open(
+        &s.split.join("client"),
+        &other.key,
+        "http://127.0.0.1:1",
+        Duration::from_secs(1),
+    )
+    .err()
+    .expect("a foreign key must be refused")
+    .to_string();
+    assert!(err.contains("does not match"), "{err}");
+}
