@@ -40,6 +40,8 @@ pub fn free_port() -> u16 {
 pub struct NatsServer {
     child: Child,
     port: u16,
+    /// HTTP monitoring port (`-m`), when started with [`NatsServer::start_monitored`].
+    monitor: Option<u16>,
 }
 
 impl NatsServer {
@@ -50,8 +52,49 @@ impl NatsServer {
 
     /// Starts a server on `port` (e.g. to restart one) and waits until it accepts connections.
     pub fn start_on(port: u16) -> NatsServer {
-        let child = Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        Self::spawn(port, None)
+    }
+
+    /// [`NatsServer::start_on`] with HTTP monitoring on a free port, so that a test can watch
+    /// the traffic ([`NatsServer::messages_in`]).
+    pub fn start_monitored(port: u16) -> NatsServer {
+        Self::spawn(port, Some(free_port()))
+    }
+
+    /// Messages the server has received so far (`in_msgs` of `/varz`); `None` without
+    /// monitoring or when the endpoint does not answer.
+    pub fn messages_in(&self) -> Option<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.monitor?)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        s.write_all(b"GET /varz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let json = &body[body.find('{')?..];
+        let v: serde_json::Value = serde_json::from_str(json).ok()?;
+        v["in_msgs"].as_u64()
+    }
+
+    /// Waits up to `limit` until the server has received `n` messages.
+    pub fn wait_for_messages(&self, n: u64, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if self.messages_in().is_some_and(|m| m >= n) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn spawn(port: u16, monitor: Option<u16>) -> NatsServer {
+        let mut cmd = Command::new(nats_binary());
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some(m) = monitor {
+            cmd.args(["-m", &m.to_string()]);
+        }
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -64,7 +107,11 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        NatsServer { child, port }
+        NatsServer {
+            child,
+            port,
+            monitor,
+        }
     }
 
     pub fn port(&self) -> u16 {

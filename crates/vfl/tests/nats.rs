@@ -55,7 +55,7 @@ fn two_processes_over_nats() {
 #[test]
 fn nats_restart_during_training_does_not_lose_the_run() {
     let port = free_port();
-    let server = NatsServer::start_on(port);
+    let server = NatsServer::start_monitored(port);
     let dir = tempfile::tempdir().unwrap();
     let job = write_job(dir.path(), "ci-restart", 8, "deadline_s = 1.0\n");
     let (ja, jp) = (
@@ -64,7 +64,12 @@ fn nats_restart_during_training_does_not_lose_the_run() {
     );
     let a = party("active", port, &job, &ja);
     let p = party("passive", port, &job, &jp);
-    std::thread::sleep(Duration::from_millis(2500));
+    // Restart once training is under way (about one epoch of embeddings and gradients has
+    // passed: 134 batches, 2+ messages each), not at a fixed time that a slow start may miss.
+    assert!(
+        server.wait_for_messages(300, Duration::from_secs(120)),
+        "no training traffic reached the broker"
+    );
     drop(server);
     std::thread::sleep(Duration::from_millis(500));
     let _server = NatsServer::start_on(port);
