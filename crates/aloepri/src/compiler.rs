@@ -332,21 +332,7 @@ pub fn compile_checkpoint(
         ..
     } = ck;
 
-    let name = out
-        .file_name()
-        .ok_or_else(|| {
-            AloeError::Input(format!("{}: output path has no folder name", out.display()))
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| AloeError::io(&parent, e))?;
-    let staging = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir(&staging).map_err(|e| AloeError::io(&staging, e))?;
+    let staging = staging_dir(out, "tmp")?;
 
     let t1 = Instant::now();
     let result = (|| -> Result<CompileReport> {
@@ -398,6 +384,28 @@ pub fn compile_checkpoint(
         let _ = std::fs::remove_dir_all(&staging);
     }
     result
+}
+
+/// Creates the empty sibling folder `.{name}.{tag}-{pid}` of `out` (and `out`'s parent), in which
+/// an output is written before it is renamed to `out`; a stale one from an earlier crash of
+/// the same pid is removed first.
+pub(crate) fn staging_dir(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
+    let name = out
+        .file_name()
+        .ok_or_else(|| {
+            AloeError::Input(format!("{}: output path has no folder name", out.display()))
+        })?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| AloeError::io(&parent, e))?;
+    let staging = parent.join(format!(".{name}.{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir(&staging).map_err(|e| AloeError::io(&staging, e))?;
+    Ok(staging)
 }
 
 /// Opens an obfuscated checkpoint's config and checks that `key` belongs to it.

@@ -114,21 +114,7 @@ pub fn write_split(obfuscated: &Path, out: &Path) -> Result<SplitReport> {
         return Err(AloeError::OutputExists(out.into()));
     }
     let (server, client) = split_parts(Checkpoint::open(obfuscated)?)?;
-    let name = out
-        .file_name()
-        .ok_or_else(|| {
-            AloeError::Input(format!("{}: output path has no folder name", out.display()))
-        })?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| AloeError::io(&parent, e))?;
-    let staging = parent.join(format!(".{name}.split-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir(&staging).map_err(|e| AloeError::io(&staging, e))?;
+    let staging = crate::compiler::staging_dir(out, "split")?;
     let res = (|| -> Result<()> {
         server.save_hf(&staging.join(SERVER_DIR), false)?;
         client.save_hf(&staging.join(CLIENT_DIR), false)?;

@@ -21,9 +21,7 @@ pub enum AssetError {
     Command { cmd: String, msg: String },
     #[error("{path}: not a valid wheel/zip: {msg}")]
     Archive { path: PathBuf, msg: String },
-    #[error(
-        "asset `{asset}` is not in the cache and fetching is disabled; fetch it with `{hint}`"
-    )]
+    #[error("asset `{asset}` is not in the cache; fetch it with `{hint}`")]
     Missing { asset: &'static str, hint: String },
     #[error("cannot find a cache folder: set UMBRA_CACHE or HOME")]
     NoCacheDir,
@@ -160,6 +158,9 @@ impl Asset {
     }
 }
 
+/// Folder under the cache that `umbra fetch smollm2` converts SmolLM2-135M-Instruct into.
+pub const SMOLLM2_HF_DIR: &str = "models/SmolLM2-135M-Instruct";
+
 /// The on-disk asset cache.
 #[derive(Debug, Clone)]
 pub struct Cache {
@@ -188,6 +189,24 @@ impl Cache {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Where the HF folder converted from the SmolLM2 GGUF lives (it may not exist yet).
+    pub fn smollm2_hf_dir(&self) -> PathBuf {
+        self.root.join(SMOLLM2_HF_DIR)
+    }
+
+    /// The converted SmolLM2 HF folder, or [`AssetError::Missing`] with the fetch command.
+    pub fn require_smollm2_hf(&self) -> Result<PathBuf> {
+        let dir = self.smollm2_hf_dir();
+        if dir.join("model.safetensors").is_file() {
+            Ok(dir)
+        } else {
+            Err(AssetError::Missing {
+                asset: Asset::SmolLM2Gguf.name(),
+                hint: Asset::SmolLM2Gguf.fetch_hint(),
+            })
+        }
     }
 
     /// Where the asset will live once fetched.

@@ -270,14 +270,7 @@ impl KnobArgs {
 /// `smollm2` -> the cached HF folder; anything else must exist.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if spec == "smollm2" {
-        let cache = umbra_assets::Cache::from_env()?;
-        let dir = cache.root().join("models/SmolLM2-135M-Instruct");
-        if dir.join("model.safetensors").is_file() {
-            return Ok(dir);
-        }
-        return Err(AttackError::Input(
-            "SmolLM2 is not in the cache; run `umbra fetch smollm2` first".into(),
-        ));
+        return Ok(umbra_assets::Cache::from_env()?.require_smollm2_hf()?);
     }
     let p = PathBuf::from(spec);
     if !p.exists() {

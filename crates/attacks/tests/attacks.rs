@@ -372,12 +372,9 @@ fn ima_recovers_tokens_when_the_attacker_holds_the_victims_key() {
 
 /// SmolLM2-135M's first `v` tokens and first 2 layers.
 fn smollm2_slice(v: usize) -> (LlamaConfig, Weights) {
-    let cache = umbra_assets::Cache::from_env().unwrap();
-    let dir = cache.root().join("models/SmolLM2-135M-Instruct");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "SmolLM2 missing: run `umbra fetch smollm2`"
-    );
+    let dir = umbra_assets::Cache::from_env()
+        .and_then(|c| c.require_smollm2_hf())
+        .unwrap_or_else(|e| panic!("{e}"));
     let ck = umbra_model::checkpoint::Checkpoint::open(&dir).unwrap();
     let mut cfg = ck.config.clone();
     cfg.vocab_size = v;

@@ -14,7 +14,6 @@ use umbra_model::sampling::SamplingParams;
 use umbra_model::tokenizer::{ChatMessage, TextTokenizer};
 
 /// Folder (under the cache) of the converted default model.
-pub const SMOLLM2_DIR: &str = "models/SmolLM2-135M-Instruct";
 
 #[derive(Args)]
 pub struct FetchArgs {
@@ -25,7 +24,7 @@ pub struct FetchArgs {
 
 /// Fetches SmolLM2 and converts it once; returns the HF folder.
 pub fn smollm2_dir(cache: &Cache) -> Result<PathBuf> {
-    let dir = cache.root().join(SMOLLM2_DIR);
+    let dir = cache.smollm2_hf_dir();
     if dir.join("model.safetensors").is_file() {
         return Ok(dir);
     }

@@ -14,16 +14,9 @@ use umbra_model::generate::{generate_batch, GenerateParams};
 use umbra_model::llama::Llama;
 
 fn smollm2() -> PathBuf {
-    let dir = Cache::from_env()
-        .unwrap()
-        .root()
-        .join("models/SmolLM2-135M-Instruct");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
-        dir.display()
-    );
-    dir
+    umbra_assets::Cache::from_env()
+        .and_then(|c| c.require_smollm2_hf())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn passages(n: usize) -> Vec<String> {

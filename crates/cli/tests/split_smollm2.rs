@@ -7,16 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 fn smollm2() -> PathBuf {
-    let dir = umbra_assets::Cache::from_env()
-        .unwrap()
-        .root()
-        .join("models/SmolLM2-135M-Instruct");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
-        dir.display()
-    );
-    dir
+    umbra_assets::Cache::from_env()
+        .and_then(|c| c.require_smollm2_hf())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn umbra(args: &[&str]) -> String {

@@ -15,20 +15,10 @@ use umbra_model::checkpoint::Checkpoint;
 use umbra_model::llama::Llama;
 use umbra_model::tokenizer::TextTokenizer;
 
-/// Folder (under the cache) that `umbra fetch smollm2` converts SmolLM2 into.
-const SMOLLM2_DIR: &str = "models/SmolLM2-135M-Instruct";
-
 /// `smollm2` -> the cached HF folder (must have been fetched); anything else is a path.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
     if spec == "smollm2" {
-        let dir = Cache::from_env()?.root().join(SMOLLM2_DIR);
-        if !dir.join("model.safetensors").is_file() {
-            return Err(HaluError::Input(format!(
-                "{} is missing; run `umbra fetch smollm2` first",
-                dir.display()
-            )));
-        }
-        return Ok(dir);
+        return Ok(Cache::from_env()?.require_smollm2_hf()?);
     }
     let p = PathBuf::from(spec);
     if !p.exists() {

@@ -322,19 +322,9 @@ fn print_table(report: &serde_json::Value) {
 pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
     let model = match &args.model {
         Some(m) => m.clone(),
-        None => {
-            let dir = umbra_assets::Cache::from_env()
-                .map_err(|e| ServeError::Other(e.to_string()))?
-                .root()
-                .join("models/SmolLM2-135M-Instruct");
-            if !dir.join("model.safetensors").is_file() {
-                return Err(ServeError::Config(format!(
-                    "SmolLM2 is not in the cache ({}): run `umbra fetch smollm2` or pass --model",
-                    dir.display()
-                )));
-            }
-            dir
-        }
+        None => umbra_assets::Cache::from_env()
+            .and_then(|c| c.require_smollm2_hf())
+            .map_err(|e| ServeError::Config(format!("{e} (or pass --model)")))?,
     };
     if args.clients.is_empty()
         || args.clients.contains(&0)

@@ -140,14 +140,7 @@ pub fn ids_of(v: &Value) -> Vec<u32> {
 
 /// The cached SmolLM2-135M-Instruct folder; panics with the fetch command when absent.
 pub fn smollm2() -> PathBuf {
-    let dir = umbra_assets::Cache::from_env()
-        .unwrap()
-        .root()
-        .join("models/SmolLM2-135M-Instruct");
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "SmolLM2 is not in the cache ({}): run `cargo run --release -p umbra-cli -- fetch smollm2`",
-        dir.display()
-    );
-    dir
+    umbra_assets::Cache::from_env()
+        .and_then(|c| c.require_smollm2_hf())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
