@@ -193,6 +193,23 @@ pub struct VflPartyArgs {
     pub json: Option<PathBuf>,
 }
 
+/// The `main` of a stand-alone party binary (`vfl_party`, `sap_party`, `r3elu_party`): logs at
+/// `warn` unless `RUST_LOG` says otherwise, runs `run`, and on failure prints `error: ...` and
+/// exits with status 1.
+pub fn party_main<E: std::fmt::Display>(run: impl FnOnce() -> std::result::Result<(), E>) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// `umbra vfl party`: run one party as its own process over NATS.
 pub fn run_party(args: &VflPartyArgs) -> Result<TrainReport> {
     let mut cfg = JobConfig::from_toml_file(&args.job)?;

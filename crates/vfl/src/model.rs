@@ -211,17 +211,45 @@ impl FlatAdam {
         let bc1 = (1.0 - self.beta1.powi(self.t)) as f32;
         let bc2 = (1.0 - self.beta2.powi(self.t)) as f32;
         let (lr, eps) = (self.lr as f32, self.eps as f32);
+        // One Adam update `u_j` per element, from the moments `(m, v)`.
+        let update = |m: &mut f32, v: &mut f32, g: f32| -> f32 {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            lr * (*m / bc1) / ((*v / bc2).sqrt() + eps)
+        };
         for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
             let (m, v) = (&mut self.m[i], &mut self.v[i]);
-            let mut a = also.as_deref_mut().and_then(|a| a.get_mut(i));
-            for j in 0..p.len().min(g.len()) {
-                let gj = g[j];
-                m[j] = b1 * m[j] + (1.0 - b1) * gj;
-                v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                let u = lr * (m[j] / bc1) / ((v[j] / bc2).sqrt() + eps);
-                p[j] -= u;
-                if let Some(x) = a.as_deref_mut().and_then(|a| a.get_mut(j)) {
-                    *x -= u;
+            match also.as_deref_mut().and_then(|a| a.get_mut(i)) {
+                // The plain step: no per-element check for a second buffer.
+                None => {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut())
+                    {
+                        *p -= update(m, v, g);
+                    }
+                }
+                Some(a) => {
+                    let n = a.len().min(p.len());
+                    for ((((p, &g), m), v), a) in p
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .zip(a[..n].iter_mut())
+                    {
+                        let u = update(m, v, g);
+                        *p -= u;
+                        *a -= u;
+                    }
+                    // `also` shorter than `p` (never in practice): the rest of `p` still steps.
+                    for (((p, &g), m), v) in p
+                        .iter_mut()
+                        .zip(g)
+                        .zip(m.iter_mut())
+                        .zip(v.iter_mut())
+                        .skip(n)
+                    {
+                        *p -= update(m, v, g);
+                    }
                 }
             }
         }

@@ -11,14 +11,5 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = umbra_r3elu::cli::run_party(&cli.args) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    umbra_vfl::cli::party_main(|| umbra_r3elu::cli::run_party(&cli.args).map(|_| ()));
 }

@@ -23,21 +23,10 @@ enum Cmd {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let r = match Cli::parse().cmd {
+    umbra_vfl::cli::party_main(|| match Cli::parse().cmd {
         Cmd::Party(a) => cli::run_party(&a).map(|_| ()),
         Cmd::Finetune(a) => cli::run_finetune(&a).map(|_| ()),
         Cmd::Attack(a) => cli::run_attack(&a).map(|_| ()),
         Cmd::Bench(a) => cli::run_bench(&a).map(|_| ()),
-    };
-    if let Err(e) = r {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    });
 }
