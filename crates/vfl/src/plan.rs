@@ -157,60 +157,58 @@ fn machines_note(a: Option<PartyMachine>, p: Option<PartyMachine>) -> String {
     }
 }
 
-/// Predicted epoch time of a setting; `ps` = per-batch parameter-server seconds (active, passive).
-#[allow(clippy::too_many_arguments)]
-pub fn epoch_time(
-    a: &PowerLaw,
-    p: &PowerLaw,
-    ps: (f64, f64),
-    bw: f64,
-    emb: usize,
-    n: usize,
-    cores: usize,
-    wa: usize,
-    wp: usize,
-    b: usize,
-) -> f64 {
-    epoch_time_on(a, p, ps, bw, emb, n, cores, (None, None), wa, wp, b)
+/// The planner's time model of one job on one host: both parties' fitted compute laws and the
+/// costs around them. [`TimeModel::epoch_time`] predicts an epoch for `(w_a, w_p, B)`.
+#[derive(Debug, Clone, Copy)]
+pub struct TimeModel {
+    /// `T_a(B)`: the active party's forward + backward seconds for a batch of `B`.
+    pub active: PowerLaw,
+    /// `T_p(B)`: the passive party's.
+    pub passive: PowerLaw,
+    /// Per-batch parameter-server seconds (active, passive).
+    pub ps: (f64, f64),
+    /// Transport bytes per second (encode + decode of one message).
+    pub bandwidth: f64,
+    /// Embedding width of the cut layer.
+    pub emb: usize,
+    /// Training rows per epoch.
+    pub rows: usize,
+    /// Cores of the shared host (used for a party without a machine of its own).
+    pub cores: usize,
+    /// Optional per-party machines (cores, slowdown) instead of shared cores.
+    pub machines: (Option<PartyMachine>, Option<PartyMachine>),
 }
 
-/// [`epoch_time`] with optional per-party machines (cores, slowdown) instead of shared cores.
-#[allow(clippy::too_many_arguments)]
-pub fn epoch_time_on(
-    a: &PowerLaw,
-    p: &PowerLaw,
-    ps: (f64, f64),
-    bw: f64,
-    emb: usize,
-    n: usize,
-    cores: usize,
-    machines: (Option<PartyMachine>, Option<PartyMachine>),
-    wa: usize,
-    wp: usize,
-    b: usize,
-) -> f64 {
-    let c = cores as f64;
-    let (wa_f, wp_f) = (wa as f64, wp as f64);
-    let (ca, sa) = match machines.0 {
-        Some(m) => (m.cores as f64, m.slowdown),
-        None => (c * wa_f / (wa_f + wp_f), 1.0),
-    };
-    let (cp, sp) = match machines.1 {
-        Some(m) => (m.cores as f64, m.slowdown),
-        None => (c * wp_f / (wa_f + wp_f), 1.0),
-    };
-    // A worker spends `s T(B)` on a core and the parameter-server step `ps` off it: a party
-    // finishes a batch every max(s T / min(w, c), (s T + ps) / w, ps) seconds (its cores, its
-    // workers, and the server's lock are each a bound), so a second worker on one core still
-    // hides the other's server step.
-    let (one_a, one_p) = (sa * a.eval(b as f64), sp * p.eval(b as f64));
-    let per_batch =
-        |one: f64, w: f64, c: f64, ps: f64| (one / w.min(c).max(1.0)).max((one + ps) / w).max(ps);
-    let ta = per_batch(one_a, wa_f, ca, ps.0);
-    let tp = per_batch(one_p, wp_f, cp, ps.1);
-    let comm = (2 * b * emb * 4) as f64 / bw;
-    // steady state, plus one batch's latency to fill and drain the pipeline
-    (n.div_ceil(b)) as f64 * (ta.max(tp) + comm) + one_a + one_p + comm
+impl TimeModel {
+    /// Predicted seconds of one epoch with `wa` active and `wp` passive workers and batch `b`.
+    pub fn epoch_time(&self, wa: usize, wp: usize, b: usize) -> f64 {
+        let c = self.cores as f64;
+        let (wa_f, wp_f) = (wa as f64, wp as f64);
+        let (ca, sa) = match self.machines.0 {
+            Some(m) => (m.cores as f64, m.slowdown),
+            None => (c * wa_f / (wa_f + wp_f), 1.0),
+        };
+        let (cp, sp) = match self.machines.1 {
+            Some(m) => (m.cores as f64, m.slowdown),
+            None => (c * wp_f / (wa_f + wp_f), 1.0),
+        };
+        // A worker spends `s T(B)` on a core and the parameter-server step `ps` off it: a party
+        // finishes a batch every max(s T / min(w, c), (s T + ps) / w, ps) seconds (its cores,
+        // its workers, and the server's lock are each a bound), so a second worker on one core
+        // still hides the other's server step.
+        let (one_a, one_p) = (
+            sa * self.active.eval(b as f64),
+            sp * self.passive.eval(b as f64),
+        );
+        let per_batch = |one: f64, w: f64, c: f64, ps: f64| {
+            (one / w.min(c).max(1.0)).max((one + ps) / w).max(ps)
+        };
+        let ta = per_batch(one_a, wa_f, ca, self.ps.0);
+        let tp = per_batch(one_p, wp_f, cp, self.ps.1);
+        let comm = (2 * b * self.emb * 4) as f64 / self.bandwidth;
+        // steady state, plus one batch's latency to fill and drain the pipeline
+        (self.rows.div_ceil(b)) as f64 * (ta.max(tp) + comm) + one_a + one_p + comm
+    }
 }
 
 /// Most workers per party the search tries: twice the party's cores (its own machine's, or
@@ -335,22 +333,17 @@ pub fn plan_on(
         t * dp.n_test as f64 / rows.max(1) as f64
     };
     let n = da.n_train;
-    let predict = |wa: usize, wp: usize, b: usize| {
-        t_eval
-            + epoch_time_on(
-                &a,
-                &p,
-                (ps_a, ps_p),
-                bw,
-                m.emb,
-                n,
-                cores,
-                machines,
-                wa,
-                wp,
-                b,
-            )
+    let tm = TimeModel {
+        active: a,
+        passive: p,
+        ps: (ps_a, ps_p),
+        bandwidth: bw,
+        emb: m.emb,
+        rows: n,
+        cores,
+        machines,
     };
+    let predict = |wa: usize, wp: usize, b: usize| t_eval + tm.epoch_time(wa, wp, b);
     let mut grid = Vec::new();
     for wa in 1..=max_workers(machines.0, cores) {
         for wp in 1..=max_workers(machines.1, cores) {
@@ -477,12 +470,21 @@ mod tests {
         let f = PowerLaw::fit(&pts);
         assert!((f.gamma - 0.8).abs() < 1e-9 && (f.lambda - 2e-5).abs() < 1e-12);
         // more workers than cores does not help; balanced workers beat one worker
-        let one = epoch_time(&f, &f, (0.0, 0.0), 1e9, 32, 10000, 2, 1, 1, 256);
-        let two = epoch_time(&f, &f, (0.0, 0.0), 1e9, 32, 10000, 2, 2, 2, 256);
+        let tm = |ps: f64| TimeModel {
+            active: f,
+            passive: f,
+            ps: (ps, ps),
+            bandwidth: 1e9,
+            emb: 32,
+            rows: 10000,
+            cores: 2,
+            machines: (None, None),
+        };
+        let (one, two) = (tm(0.0).epoch_time(1, 1, 256), tm(0.0).epoch_time(2, 2, 256));
         assert!(two <= one + 1e-12);
         // a fixed per-batch cost favours larger batches
-        let small = epoch_time(&f, &f, (1e-3, 1e-3), 1e9, 32, 10000, 2, 2, 2, 32);
-        let large = epoch_time(&f, &f, (1e-3, 1e-3), 1e9, 32, 10000, 2, 2, 2, 256);
+        let small = tm(1e-3).epoch_time(2, 2, 32);
+        let large = tm(1e-3).epoch_time(2, 2, 256);
         assert!(large < small);
     }
 }

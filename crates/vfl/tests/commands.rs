@@ -108,18 +108,17 @@ fn plan_on_unequal_machines_models_the_slow_party_and_measures_the_default() {
     };
     assert!(trial(r.workers_active, r.workers_passive, r.batch) <= trial(2, 2, 256));
     // A 4x slower passive party makes its side the bottleneck of the model.
-    let shared = umbra_vfl::plan::epoch_time(
-        &r.active,
-        &r.passive,
-        (r.ps_active_s, r.ps_passive_s),
-        r.bandwidth_bytes_per_s,
-        16,
-        4200,
-        2,
-        r.workers_active,
-        r.workers_passive,
-        r.batch,
-    );
+    let model = umbra_vfl::plan::TimeModel {
+        active: r.active,
+        passive: r.passive,
+        ps: (r.ps_active_s, r.ps_passive_s),
+        bandwidth: r.bandwidth_bytes_per_s,
+        emb: 16,
+        rows: 4200,
+        cores: 2,
+        machines: (None, None),
+    };
+    let shared = model.epoch_time(r.workers_active, r.workers_passive, r.batch);
     assert!(
         r.predicted_epoch_s >= shared - 1e-12,
         "{} vs {shared}",
@@ -129,19 +128,11 @@ fn plan_on_unequal_machines_models_the_slow_party_and_measures_the_default() {
         cores: 1,
         slowdown: 1000.0,
     };
-    let slowest = umbra_vfl::plan::epoch_time_on(
-        &r.active,
-        &r.passive,
-        (r.ps_active_s, r.ps_passive_s),
-        r.bandwidth_bytes_per_s,
-        16,
-        4200,
-        2,
-        (Some(fast), Some(crawling)),
-        r.workers_active,
-        r.workers_passive,
-        r.batch,
-    );
+    let slowest = umbra_vfl::plan::TimeModel {
+        machines: (Some(fast), Some(crawling)),
+        ..model
+    }
+    .epoch_time(r.workers_active, r.workers_passive, r.batch);
     assert!(slowest > 10.0 * shared, "{slowest} vs {shared}");
     assert!(r.human().contains("simulated machines"));
     // Bad machines are refused up front.
