@@ -831,27 +831,24 @@ impl Llama {
     ) -> Result<Tensor> {
         let (q, k, v) = self.qkv(blk, x)?;
         let Some((opts, tap)) = taps else {
-            let y = self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?;
+            let (y, _) = self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache, false)?;
             return self.block_out(blk, x, &y, None);
         };
-        let y = if opts.attention {
-            // Always through `attention` (never the one-position fast path), so the
-            // probabilities exist.
-            let (b, _, t, _) = q.dims4()?;
-            let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-            let (k_all, v_all) = cache.append(layer, start, &k, &v)?;
-            let l = start + t;
-            let (y, att) = self.attention(&q, &k_all, &v_all, mask, b, t, l)?;
-            // [b,nkv,rep*t,L] -> [b,nh,t,L]: head h = g*rep + r, as in `attention`'s grouping.
-            tap(
-                TapPoint::Attention(layer),
-                &att.reshape((b, self.nh, t, l))?,
-            );
-            y
-        } else {
-            self.attend(&q, &k, &v, layer, start, cos, sin, mask, cache)?
-        };
+        let (y, probs) = self.attend(
+            &q,
+            &k,
+            &v,
+            layer,
+            start,
+            cos,
+            sin,
+            mask,
+            cache,
+            opts.attention,
+        )?;
+        if let Some(p) = probs {
+            tap(TapPoint::Attention(layer), &p);
+        }
         self.block_out(blk, x, &y, opts.ffn.then_some((layer, tap)))
     }
 
@@ -874,7 +871,8 @@ impl Llama {
     }
 
     /// RoPE at `start`, cache append and attention for one batch that shares `cache`:
-    /// q `[b,nh,t,hd]`, k/v `[b,nkv,t,hd]` -> `[b,t,nh*hd]`.
+    /// q `[b,nh,t,hd]`, k/v `[b,nkv,t,hd]` -> `[b,t,nh*hd]`, and with `probs` the attention
+    /// probabilities `[b,nh,t,L]`.
     #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
@@ -887,13 +885,15 @@ impl Llama {
         sin: &Tensor,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
-    ) -> Result<Tensor> {
+        probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let q = candle_nn::rotary_emb::rope(q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(k, cos, sin)?;
-        self.attend_roped(&q, &k, v, layer, start, mask, cache)
+        self.attend_roped(&q, &k, v, layer, start, mask, cache, probs)
     }
 
-    /// [`Llama::attend`] after RoPE: cache append and attention.
+    /// [`Llama::attend`] after RoPE: cache append and attention. With `probs` it never takes the
+    /// one-position fast path, so that the probabilities exist.
     #[allow(clippy::too_many_arguments)]
     fn attend_roped(
         &self,
@@ -904,19 +904,24 @@ impl Llama {
         start: usize,
         mask: Option<&Tensor>,
         cache: &mut KvCache,
-    ) -> Result<Tensor> {
+        probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, _, t, _) = q.dims4()?;
         let (k_all, v_all) = cache.append(layer, start, k, v)?; // [b,nkv,L,hd] views
         let l = start + t;
-        let fast = if t == 1 {
-            self.decode_attention(q, cache, layer, b, l)?
+        if t == 1 && !probs {
+            if let Some(y) = self.decode_attention(q, cache, layer, b, l)? {
+                return Ok((y, None));
+            }
+        }
+        let (y, att) = self.attention(q, &k_all, &v_all, mask, b, t, l)?;
+        // [b,nkv,rep*t,L] -> [b,nh,t,L]: head h = g*rep + r, as in `attention`'s grouping.
+        let att = if probs {
+            Some(att.reshape((b, self.nh, t, l))?)
         } else {
             None
         };
-        match fast {
-            Some(y) => Ok(y),
-            None => Ok(self.attention(q, &k_all, &v_all, mask, b, t, l)?.0),
-        }
+        Ok((y, att))
     }
 
     /// Output projection, residual, and the SwiGLU FFN with its residual; `ffn_tap`
@@ -1039,7 +1044,7 @@ impl Llama {
             for (g, (_, cache)) in groups.iter_mut().enumerate() {
                 let (r0, n, start) = spans[g];
                 // Row ranges of contiguous `[B, H, 1, hd]` tensors are contiguous views.
-                ys.push(self.attend_roped(
+                let (y, _) = self.attend_roped(
                     &q.narrow(0, r0, n)?,
                     &k.narrow(0, r0, n)?,
                     &v.narrow(0, r0, n)?,
@@ -1047,7 +1052,9 @@ impl Llama {
                     start,
                     None,
                     cache,
-                )?);
+                    false,
+                )?;
+                ys.push(y);
             }
             let y = if ys.len() == 1 {
                 ys.pop().expect("one group")
