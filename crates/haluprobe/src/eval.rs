@@ -465,16 +465,7 @@ pub fn run_grid(
         .next()
         .ok_or_else(|| HaluError::Empty("no candidate probe".into()))?;
     let x = load_refs(store, &refs)?;
-    let stage = refs
-        .iter()
-        .filter_map(|r| key_stage(&r.key))
-        .max()
-        .unwrap_or(Stage::Generation);
-    let name = refs
-        .iter()
-        .map(FeatureRef::label)
-        .collect::<Vec<_>>()
-        .join("+");
+    let (stage, name) = stage_and_name(&refs);
     let family = refs
         .iter()
         .map(|r| r.key.split('.').next().unwrap_or(""))
@@ -490,19 +481,14 @@ pub fn run_grid(
         stage.name(),
         refs[0].layer,
     )?;
-    let probe = ProbeFile {
-        meta: ProbeMeta {
-            format: PROBE_FORMAT.into(),
-            kind,
-            features: best.refs.clone(),
-            stage,
-            model: dims.clone(),
-            extract: store.manifest.extract.clone(),
-            threshold: best.threshold,
-            obfuscated: None,
-        },
-        net: best.net,
-    };
+    let probe = probe_file(
+        store,
+        kind,
+        stage,
+        best.refs.clone(),
+        best.threshold,
+        best.net,
+    );
     let baselines: Vec<CellResult> = [
         Some(perplexity),
         llmcheck.map(|x| x.1),
@@ -540,6 +526,16 @@ pub fn train_selected(
     }
     let ev = Evaluator::new(store, cfg)?;
     let x = load_refs(store, &refs)?;
+    let (stage, name) = stage_and_name(&refs);
+    let kind = ev.cfg.kind;
+    let f = ev.fit_matrix(&x, refs, kind, &name, "selected", stage.name(), None)?;
+    let probe = probe_file(store, kind, stage, f.refs.clone(), f.threshold, f.net);
+    Ok((f.result, probe))
+}
+
+/// The stage a probe on `refs` reads up to (the latest stage among its features; generation
+/// when none says) and its name (`label+label+...`).
+fn stage_and_name(refs: &[FeatureRef]) -> (Stage, String) {
     let stage = refs
         .iter()
         .filter_map(|r| key_stage(&r.key))
@@ -550,22 +546,31 @@ pub fn train_selected(
         .map(FeatureRef::label)
         .collect::<Vec<_>>()
         .join("+");
-    let kind = ev.cfg.kind;
-    let f = ev.fit_matrix(&x, refs, kind, &name, "selected", stage.name(), None)?;
-    let probe = ProbeFile {
+    (stage, name)
+}
+
+/// The probe file of a fitted probe on `store`'s model and extraction settings.
+fn probe_file(
+    store: &FeatureStore,
+    kind: ProbeKind,
+    stage: Stage,
+    features: Vec<FeatureRef>,
+    threshold: f32,
+    net: Net,
+) -> ProbeFile {
+    ProbeFile {
         meta: ProbeMeta {
             format: PROBE_FORMAT.into(),
             kind,
-            features: f.refs.clone(),
+            features,
             stage,
             model: store.manifest.model.clone(),
             extract: store.manifest.extract.clone(),
-            threshold: f.threshold,
+            threshold,
             obfuscated: None,
         },
-        net: f.net,
-    };
-    Ok((f.result, probe))
+        net,
+    }
 }
 
 /// The matrix of `refs` side by side, `[n, Σ widths]`.
