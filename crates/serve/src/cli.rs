@@ -49,7 +49,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub halluc_probe: Option<PathBuf>,
     /// Split mode (`--model` is the server part of `umbra obfuscate --split`): seconds an open
-    /// session may idle before its KV cache is dropped. `--max-queue` bounds open sessions.
+    /// session may idle before its KV cache is dropped. `--max-batch` bounds open sessions.
     #[arg(long, default_value_t = 300.0)]
     pub split_idle_s: f64,
 }

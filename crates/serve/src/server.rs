@@ -69,8 +69,8 @@ pub struct ServeConfig {
     /// `umbra obfuscate --halluc-probe` wrote): every completion then carries a
     /// `hallucination_score` computed from the taps of its own forward passes.
     pub halluc_probe: Option<PathBuf>,
-    /// Split mode (a server part): an open session idle this long is dropped. `max_queue` is the
-    /// most open sessions.
+    /// Split mode (a server part): an open session idle this long is dropped. `max_batch` is the
+    /// most open sessions (each holds a KV cache of up to the model's context).
     pub split_idle: Duration,
 }
 
@@ -186,7 +186,7 @@ pub async fn serve(
                 llama,
                 model_name.unwrap_or(default_name),
                 crate::split::SplitLimits {
-                    max_sessions: max_queue,
+                    max_sessions: max_batch,
                     idle: split_idle,
                     max_body: max_body_bytes,
                     body_timeout,

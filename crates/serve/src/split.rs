@@ -12,7 +12,8 @@
 //!
 //! `session: null` opens a session (its KV cache stays on the server); later requests append
 //! to it. `close: true` drops it after the step (with no `embeddings`: only drops it). Sessions
-//! idle longer than the server's limit are dropped; at most `max_sessions` are open (429 beyond).
+//! idle longer than the server's limit are dropped; at most `max_sessions` are open (429 beyond),
+//! each with a KV cache of at most the model's context, which bounds the server's memory.
 //! `hidden` holds the residual stream after the last block (before the final norm) of the last
 //! row (`return: "last"`, the default) or of every row sent.
 //!
@@ -471,6 +472,10 @@ impl SplitClient {
         Ok(())
     }
 
+    /// Rows per request when a prompt is sent (longer prompts go in several requests, so a
+    /// request stays far below the server's body limit).
+    pub const ROWS_PER_REQUEST: usize = 256;
+
     /// One step: sends `x` (`[n, d']` rows) and returns the server's hidden rows.
     pub async fn step(
         &self,
@@ -574,12 +579,22 @@ impl SplitClient {
             params,
             max_pos,
             |ids| -> Result<Vec<f32>, ServeError> {
-                let t = Instant::now();
-                let x = self.embed_plain(ids)?;
-                stats.client_s += t.elapsed().as_secs_f64();
-                let r =
-                    rt.block_on(self.step(session.as_deref(), x, ids.len(), false, &mut stats))?;
-                session = Some(r.session.clone());
+                let mut last = None;
+                for chunk in ids.chunks(Self::ROWS_PER_REQUEST) {
+                    let t = Instant::now();
+                    let x = self.embed_plain(chunk)?;
+                    stats.client_s += t.elapsed().as_secs_f64();
+                    let r = rt.block_on(self.step(
+                        session.as_deref(),
+                        x,
+                        chunk.len(),
+                        false,
+                        &mut stats,
+                    ))?;
+                    session = Some(r.session.clone());
+                    last = Some(r);
+                }
+                let r = last.ok_or_else(|| ServeError::Other("empty step".into()))?;
                 let h = decode_f32(&r.hidden, self.width(), "hidden").map_err(ServeError::Other)?;
                 let t = Instant::now();
                 let l = self.logits(&h)?;
