@@ -168,6 +168,8 @@ impl Session {
             }
         };
         let ck = Checkpoint::open(path)?;
+        // First, so that a split-mode part is named as such (not as a folder without a tokenizer).
+        let model = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
         let stop_ids = ck.eos_token_ids();
         let tokenizer = ck.tokenizer.clone().with_context(|| {
             format!(
@@ -175,7 +177,6 @@ impl Session {
                 path.display()
             )
         })?;
-        let model = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
         Ok(Self {
             model,
             tokenizer,

@@ -201,3 +201,72 @@ fn bad_parameters_are_refused() {
         "no such",
     );
 }
+
+/// Split mode: approximate keys are refused before anything is written, the parts are not
+/// whole models for `generate`, and an unreachable server is a clear error.
+#[test]
+fn split_mode_misuse_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny_model(dir.path());
+    let (ms, out, key) = (
+        m.to_str().unwrap(),
+        dir.path().join("split"),
+        dir.path().join("s.key"),
+    );
+    let (outs, keys) = (out.to_str().unwrap(), key.to_str().unwrap());
+    assert_fails(
+        &[
+            "obfuscate",
+            "--model",
+            ms,
+            "--out",
+            outs,
+            "--key",
+            keys,
+            "--split",
+            "--paper",
+        ],
+        "exact key",
+    );
+    assert!(!out.exists() && !key.exists());
+    let (ok, _, err) = umbra(&[
+        "obfuscate",
+        "--model",
+        ms,
+        "--out",
+        outs,
+        "--key",
+        keys,
+        "--split",
+        "--seed",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    for part in ["client", "server"] {
+        let p = out.join(part);
+        assert_fails(&generate_with_key(&p, &key), &format!("{part} part"));
+    }
+    let client = out.join("client");
+    assert_fails(
+        &[
+            "generate",
+            "--model",
+            client.to_str().unwrap(),
+            "--key",
+            keys,
+            "--server",
+            "http://127.0.0.1:1",
+            "--prompt",
+            "x",
+        ],
+        // no tokenizer in this tiny model: refused before any request
+        "tokenizer",
+    );
+    // No staging folders are left next to the output.
+    let hidden: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+}
