@@ -92,34 +92,24 @@ fn split_mode_generates_the_plaintext_text_and_its_server_reads_the_prompts() {
             tmp.path().join(format!("plain-{i}.json")),
         );
         let client = split.join("client");
-        umbra(&[
-            "generate",
-            "--model",
-            client.to_str().unwrap(),
-            "--key",
-            key_s,
-            "--server",
-            &url,
-            "--prompt",
-            prompt,
-            "--chat",
-            "--max-tokens",
-            "24",
-            "--json",
-            a.to_str().unwrap(),
-        ]);
-        umbra(&[
-            "generate",
-            "--model",
-            plain_s,
-            "--prompt",
-            prompt,
-            "--chat",
-            "--max-tokens",
-            "24",
-            "--json",
-            b.to_str().unwrap(),
-        ]);
+        let generate = |model: &[&str], out: &Path| {
+            let mut args = vec!["generate"];
+            args.extend_from_slice(model);
+            let out = out.to_str().unwrap();
+            args.extend([
+                "--prompt",
+                prompt,
+                "--chat",
+                "--max-tokens",
+                "24",
+                "--json",
+                out,
+            ]);
+            umbra(&args);
+        };
+        let client_s = client.to_str().unwrap();
+        generate(&["--model", client_s, "--key", key_s, "--server", &url], &a);
+        generate(&["--model", plain_s], &b);
         let (a, b) = (json(&a), json(&b));
         assert_eq!(a["text"], b["text"], "{prompt}");
         assert_eq!(a["completion_tokens"], b["completion_tokens"]);
