@@ -56,6 +56,15 @@ pub struct BlockKeyReport {
     pub key_seconds: f64,
 }
 
+impl BlockKeyReport {
+    /// Adds `spectral_mismatch`, `key_residual` and `key_seconds` to an attack's extra numbers.
+    pub fn record(&self, extra: &mut std::collections::BTreeMap<String, f64>) {
+        extra.insert("spectral_mismatch".into(), self.spectral_mismatch);
+        extra.insert("key_residual".into(), self.key_residual);
+        extra.insert("key_seconds".into(), self.key_seconds);
+    }
+}
+
 /// `[q, k, v, o]` -> (`sym(A_qk)`, `sym(A_vo)`), f64.
 fn products(p: &[Tensor; 4], nh: usize, nkv: usize, hd: usize) -> Result<[DMatrix<f64>; 2]> {
     let [q, k, v, o] = p;
@@ -106,6 +115,11 @@ fn residual_basis(t: &Target, d: usize, dp: usize) -> Result<DMatrix<f64>> {
 /// split-mode server receives): the top `d` eigenvectors of `rows^T rows`.
 fn rows_basis(rows: &Tensor, d: usize) -> Result<DMatrix<f64>> {
     let dp = rows.dims2()?.1;
+    if dp < d {
+        return Err(AttackError::Input(format!(
+            "obfuscated width {dp} below plaintext {d}"
+        )));
+    }
     if d == dp {
         return Ok(DMatrix::identity(d, d));
     }
@@ -150,8 +164,7 @@ fn resolve_signs(c: &DMatrix<f64>, d: &DMatrix<f64>) -> Vec<f64> {
 /// span of the obfuscated embedding; see the module docs.
 pub fn recover_key(t: &Target, seed: u64) -> Result<(Tensor, BlockKeyReport)> {
     let (d, dp) = (t.plain_cfg.hidden_size, t.obf_cfg.hidden_size);
-    let bs = residual_basis(t, d, dp.max(d))?;
-    recover_key_in(t, bs, seed)
+    recover_key_in(t, residual_basis(t, d, dp)?, seed)
 }
 
 /// [`recover_key`] in a given orthonormal basis `bs` (`[d', d]`) of the residual subspace.

@@ -362,15 +362,21 @@ pub fn run_attacks(kinds: &[AttackKind], a: &AttackArgs) -> Result<Vec<(String, 
         );
         results.push((k.name().to_string(), r));
     }
-    print_table(&results);
-    if let Some(j) = &a.json {
+    report(&results, a.json.as_deref())?;
+    Ok(results)
+}
+
+/// Prints the results table and writes `{attack: result}` to `json` when given.
+fn report(results: &[(String, AttackResult)], json: Option<&Path>) -> Result<()> {
+    print_table(results);
+    if let Some(j) = json {
         let map: BTreeMap<&str, &AttackResult> =
             results.iter().map(|(n, r)| (n.as_str(), r)).collect();
-        let json =
+        let bytes =
             serde_json::to_vec_pretty(&map).map_err(|e| AttackError::Input(e.to_string()))?;
-        write_atomic(j, &json)?;
+        write_atomic(j, &bytes)?;
     }
-    Ok(results)
+    Ok(())
 }
 
 /// `umbra attack split`: simulates the client's traffic (harness, with the key) and runs the
@@ -402,12 +408,11 @@ pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
     // Harness: what the client sends (its embedding rows of tau(ids)).
     let client = Checkpoint::open(&client_dir)?;
     let cm = Llama::new_part(&client.config, &client.weights, &Device::Cpu)?;
-    let mut rows = Vec::with_capacity(victims.len());
-    for v in &victims {
-        let ids = Tensor::from_vec(v.clone(), (1, v.len()), &Device::Cpu)?;
-        rows.push(cm.embed(&ids)?.squeeze(0)?);
-    }
-    let received = Tensor::cat(&rows, 0)?;
+    let sent = victims.concat();
+    let n = sent.len();
+    let received = cm
+        .embed(&Tensor::from_vec(sent, (1, n), &Device::Cpu)?)?
+        .squeeze(0)?;
     drop((cm, client));
     // The attacker: public plaintext weights, the server part, the received rows.
     let p = Checkpoint::open(&plain)?;
@@ -432,24 +437,16 @@ pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
     let pii = crate::suite::pii_mask(target.vocab(), |i| tok.id_to_token(i));
     let rec =
         crate::suite::position_metrics(&victims, &guesses, &tau, &pii, target.vocab(), &mut extra);
-    extra.insert("spectral_mismatch".into(), rep.spectral_mismatch);
-    extra.insert("key_residual".into(), rep.key_residual);
-    extra.insert("key_seconds".into(), rep.key_seconds);
+    rep.record(&mut extra);
     let r = AttackResult {
         kind: None,
         score: crate::score::score(&rec, tau.forward_table()),
         seconds,
         extra,
     };
-    let results = vec![("split".to_string(), r.clone())];
-    print_table(&results);
-    if let Some(j) = &a.json {
-        let map: BTreeMap<&str, &AttackResult> = BTreeMap::from([("split", &r)]);
-        let json =
-            serde_json::to_vec_pretty(&map).map_err(|e| AttackError::Input(e.to_string()))?;
-        write_atomic(j, &json)?;
-    }
-    Ok(r)
+    let results = vec![("split".to_string(), r)];
+    report(&results, a.json.as_deref())?;
+    Ok(results.into_iter().next().expect("one result").1)
 }
 
 /// Runs the sweep subcommand.

@@ -196,9 +196,7 @@ pub fn run_one(
         AttackKind::Ia => crate::ia::run(target, &cfg.ia)?,
         AttackKind::BlockKey => {
             let (rec, rep) = crate::blockkey::run(target, cfg.k, cfg.seed)?;
-            extra.insert("spectral_mismatch".into(), rep.spectral_mismatch);
-            extra.insert("key_residual".into(), rep.key_residual);
-            extra.insert("key_seconds".into(), rep.key_seconds);
+            rep.record(&mut extra);
             rec
         }
         AttackKind::Hat => {
