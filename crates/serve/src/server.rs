@@ -153,6 +153,26 @@ pub async fn serve(
                     eos_ids,
                 } => (*model, tokenizer.map(|t| *t), eos_ids, "model".to_string()),
             };
+            // Split-mode parts are checked before any probe is read.
+            match llama.part() {
+                ModelPart::Full => {}
+                ModelPart::Client => {
+                    return Err(ServeError::Config(
+                        "this is the client part of a split model (embedding and head stay \
+                         with the client): serve <out>/server and generate with `umbra \
+                         generate --model <out>/client --server URL`"
+                            .into(),
+                    ))
+                }
+                ModelPart::Server if halluc_probe.is_some() => {
+                    return Err(ServeError::Config(
+                        "--halluc-probe is not available in split mode (the server has no \
+                         head and no logits)"
+                            .into(),
+                    ))
+                }
+                ModelPart::Server => {}
+            }
             let probe = halluc_probe
                 .map(|p| {
                     engine::HalluProbe::load(&p, &llama).map_err(|e| {
@@ -164,36 +184,18 @@ pub async fn serve(
         })
         .await
         .map_err(|e| ServeError::Other(format!("model loading panicked: {e}")))??;
-    match llama.part() {
-        ModelPart::Full => {}
-        ModelPart::Client => {
-            return Err(ServeError::Config(
-                "this is the client part of a split model (embedding and head stay with the \
-                 client): serve <out>/server and generate with `umbra generate --model \
-                 <out>/client --server URL`"
-                    .into(),
-            ))
-        }
-        ModelPart::Server => {
-            if probe.is_some() {
-                return Err(ServeError::Config(
-                    "--halluc-probe is not available in split mode (the server has no head and \
-                     no logits)"
-                        .into(),
-                ));
-            }
-            let app = crate::split::router(
-                llama,
-                model_name.unwrap_or(default_name),
-                crate::split::SplitLimits {
-                    max_sessions: max_batch,
-                    idle: split_idle,
-                    max_body: max_body_bytes,
-                    body_timeout,
-                },
-            )?;
-            return Ok(crate::http::bind(addr, app, header_timeout, shutdown).await?);
-        }
+    if llama.part() == ModelPart::Server {
+        let app = crate::split::router(
+            llama,
+            model_name.unwrap_or(default_name),
+            crate::split::SplitLimits {
+                max_sessions: max_batch,
+                idle: split_idle,
+                max_body: max_body_bytes,
+                body_timeout,
+            },
+        )?;
+        return Ok(crate::http::bind(addr, app, header_timeout, shutdown).await?);
     }
     let info = ModelInfo {
         vocab_size: llama.vocab_size(),

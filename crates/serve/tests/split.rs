@@ -265,6 +265,14 @@ async fn parts_are_refused_where_they_do_not_belong() {
         Ok(_) => panic!("the client part must not be served"),
     };
     assert!(err.contains("client part"), "{err}");
+    // A probe is refused on the server part before it is read (this file does not exist).
+    let mut cfg = ServeConfig::new(ModelSource::Path(s.split.join("server")), loopback());
+    cfg.halluc_probe = Some(s.split.join("no-such-probe.safetensors"));
+    let err = match start(cfg).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a probe must not be served in split mode"),
+    };
+    assert!(err.contains("not available in split mode"), "{err}");
     // Neither part is a whole model for local generation.
     for part in ["client", "server"] {
         let ck = Checkpoint::open(&s.split.join(part)).unwrap();
