@@ -476,13 +476,12 @@ impl SplitClient {
     /// request stays far below the server's body limit).
     pub const ROWS_PER_REQUEST: usize = 256;
 
-    /// One step: sends `x` (`[n, d']` rows) and returns the server's hidden rows.
+    /// One step: sends `x` (`[n, d']` rows) and returns the server's hidden state of the last.
     pub async fn step(
         &self,
         session: Option<&str>,
         x: Vec<f32>,
         rows: usize,
-        all: bool,
         stats: &mut SplitStats,
     ) -> Result<ForwardResponse, ServeError> {
         let body = serde_json::to_vec(&ForwardRequest {
@@ -490,7 +489,7 @@ impl SplitClient {
             rows,
             width: self.width(),
             embeddings: Some(encode_f32(&x)),
-            return_rows: Some(if all { "all" } else { "last" }.into()),
+            return_rows: None,
             close: false,
         })
         .expect("json");
@@ -584,13 +583,8 @@ impl SplitClient {
                     let t = Instant::now();
                     let x = self.embed_plain(chunk)?;
                     stats.client_s += t.elapsed().as_secs_f64();
-                    let r = rt.block_on(self.step(
-                        session.as_deref(),
-                        x,
-                        chunk.len(),
-                        false,
-                        &mut stats,
-                    ))?;
+                    let r =
+                        rt.block_on(self.step(session.as_deref(), x, chunk.len(), &mut stats))?;
                     session = Some(r.session.clone());
                     last = Some(r);
                 }
