@@ -101,8 +101,16 @@ impl Batches {
     }
 }
 
+/// One hand-out of a batch: `id` tells this attempt from a later one of the same batch after
+/// its lease expired, so that a late release cannot cancel someone else's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Lease {
+    b: u64,
+    id: u64,
+}
+
 enum Take {
-    Batch(u64),
+    Batch(Lease),
     Wait,
     Finished,
 }
@@ -116,9 +124,11 @@ struct Scheduler {
 
 struct SchedState {
     queue: VecDeque<u64>,
-    leased: HashMap<u64, Instant>,
+    /// batch -> (expiry, lease id)
+    leased: HashMap<u64, (Instant, u64)>,
     done: HashSet<u64>,
     reassigned: u64,
+    next_lease: u64,
 }
 
 impl Scheduler {
@@ -129,6 +139,7 @@ impl Scheduler {
                 leased: HashMap::new(),
                 done: HashSet::new(),
                 reassigned: 0,
+                next_lease: 0,
             }),
             lease,
         }
@@ -139,7 +150,7 @@ impl Scheduler {
         let expired: Vec<u64> = st
             .leased
             .iter()
-            .filter(|(_, &t)| t <= now)
+            .filter(|(_, &(t, _))| t <= now)
             .map(|(&b, _)| b)
             .collect();
         for b in expired {
@@ -152,8 +163,10 @@ impl Scheduler {
             if st.done.contains(&b) {
                 continue;
             }
-            st.leased.insert(b, now + self.lease);
-            return Take::Batch(b);
+            let id = st.next_lease;
+            st.next_lease += 1;
+            st.leased.insert(b, (now + self.lease, id));
+            return Take::Batch(Lease { b, id });
         }
         if st.leased.is_empty() {
             Take::Finished
@@ -166,11 +179,16 @@ impl Scheduler {
         st.leased.remove(&b);
         st.done.insert(b);
     }
-    fn release(&self, b: u64) {
+    /// Gives a batch back for another attempt, unless its lease already expired (the batch
+    /// then is queued again or held by a later lease, which this must not cancel).
+    fn release(&self, l: Lease) {
         let mut st = lock(&self.st);
-        if st.leased.remove(&b).is_some() && !st.done.contains(&b) {
-            st.reassigned += 1;
-            st.queue.push_back(b);
+        if st.leased.get(&l.b).is_some_and(|&(_, id)| id == l.id) {
+            st.leased.remove(&l.b);
+            if !st.done.contains(&l.b) {
+                st.reassigned += 1;
+                st.queue.push_back(l.b);
+            }
         }
     }
     fn reassigned(&self) -> u64 {
@@ -577,6 +595,7 @@ pub struct PassiveSummary {
 struct Pending {
     epoch: usize,
     b: u64,
+    lease: Lease,
     seq: u64,
     sub: Box<dyn Subscription>,
     out: Tensor,
@@ -683,14 +702,17 @@ pub fn run_passive(
             c.dropped.load(Ordering::Relaxed),
         )
     };
-    // An epoch's numbers over the window from `start` (counters) and `meter` to now.
+    // An epoch's numbers over the window from `start` (counters) and `meter` to now, and the
+    // counters now: the next window starts exactly there, so that no batch completed between
+    // two snapshots falls between two windows.
     let measure_epoch = |epoch: usize,
                          meter: &CpuMeter,
                          start: (u64, u64, u64, u64, u64),
                          reassigned: u64|
-     -> PassiveEpoch {
+     -> (PassiveEpoch, (u64, u64, u64, u64, u64)) {
         let (w0, s0, r0, b0, d0) = start;
-        let (w1, s1, r1, b1, d1) = snapshot(&counters);
+        let end = snapshot(&counters);
+        let (w1, s1, r1, b1, d1) = end;
         let (wall, _, util) = meter.read();
         let e = PassiveEpoch {
             epoch,
@@ -710,7 +732,7 @@ pub fn run_passive(
             wait_s = e.wait_s,
             "passive epoch done"
         );
-        e
+        (e, end)
     };
     if cfg.fixed_pairs() {
         // The baselines: worker i owns batches i, i + w, ... of an epoch; every epoch ends with
@@ -732,7 +754,7 @@ pub fn run_passive(
             // a worker that died leaves its batches leased: finish them with the survivors
             let reassigned: u64 = scheds.iter().map(|s| s.reassigned()).sum();
             evaluate_epoch(&sh, &master, epoch)?;
-            per_epoch.push(measure_epoch(epoch, &em, start, reassigned));
+            per_epoch.push(measure_epoch(epoch, &em, start, reassigned).0);
         }
     } else {
         // PubSub-VFL: one shared batch-id queue per epoch and no barrier between epochs. A
@@ -761,9 +783,10 @@ pub fn run_passive(
                 if !sched.finished() {
                     break; // every worker stopped: join_workers reports why
                 }
-                per_epoch.push(measure_epoch(epoch, &em, start, sched.reassigned()));
+                let (e, end) = measure_epoch(epoch, &em, start, sched.reassigned());
+                per_epoch.push(e);
                 em = CpuMeter::start(cfg.cores());
-                start = snapshot(&counters);
+                start = end;
                 if let Err(e) = evaluate_epoch(&sh, &master, epoch) {
                     closed = Err(e);
                     break;
@@ -885,7 +908,7 @@ fn take_any(scheds: &[Scheduler], first: usize) -> (usize, Take) {
             break;
         }
         match s.take() {
-            Take::Batch(b) => return (first + k, Take::Batch(b)),
+            Take::Batch(l) => return (first + k, Take::Batch(l)),
             Take::Wait => {
                 oldest_open.get_or_insert(k);
             }
@@ -929,8 +952,8 @@ fn passive_worker(
         let mut finished = false;
         while pending.len() < inflight {
             match take_any(scheds, first) {
-                (epoch, Take::Batch(b)) => {
-                    pending.push_back(start_batch(sh, epoch, b, replica, &emb_topic, deadline)?)
+                (epoch, Take::Batch(l)) => {
+                    pending.push_back(start_batch(sh, epoch, l, replica, &emb_topic, deadline)?)
                 }
                 (_, Take::Wait) => break,
                 (_, Take::Finished) => {
@@ -962,7 +985,7 @@ fn passive_worker(
                 &Envelope::control(Kind::Dropped, &cfg.job, p.epoch as u32, p.b, ""),
             );
             sh.c.dropped.fetch_add(1, Ordering::Relaxed);
-            sched_of(p.epoch).release(p.b);
+            sched_of(p.epoch).release(p.lease);
             pending.pop_front();
             continue;
         }
@@ -1029,12 +1052,13 @@ fn passive_worker(
 fn start_batch(
     sh: &PassiveShared<'_>,
     epoch: usize,
-    b: u64,
+    lease: Lease,
     replica: &Mlp,
     topic: &str,
     deadline: Duration,
 ) -> Result<Pending> {
     let cfg = sh.cfg;
+    let b = lease.b;
     let rows = sh
         .batches
         .rows(epoch as u32, b)
@@ -1065,6 +1089,7 @@ fn start_batch(
     Ok(Pending {
         epoch,
         b,
+        lease,
         seq,
         sub,
         out,
@@ -1097,12 +1122,16 @@ mod tests {
         let s = Scheduler::new(0..2, Duration::from_millis(30));
         let Take::Batch(a) = s.take() else { panic!() };
         let Take::Batch(b) = s.take() else { panic!() };
-        s.complete(b);
+        s.complete(b.b);
         assert!(matches!(s.take(), Take::Wait));
         std::thread::sleep(Duration::from_millis(40));
         let Take::Batch(a2) = s.take() else { panic!() };
-        assert_eq!(a, a2);
-        s.complete(a2);
+        assert_eq!(a.b, a2.b);
+        assert_ne!(a.id, a2.id, "a new attempt gets a new lease");
+        // the first attempt gives up late: that must not cancel the second attempt's lease
+        s.release(a);
+        assert!(matches!(s.take(), Take::Wait), "batch handed out twice");
+        s.complete(a2.b);
         assert!(matches!(s.take(), Take::Finished));
         assert_eq!(s.reassigned(), 1);
     }
