@@ -1,7 +1,8 @@
 //! Split mode on the real SmolLM2-135M through the binary: `obfuscate --split`, `serve` on the
 //! server part, `generate --server` with the client part gives the plaintext model's greedy
 //! text; and `attack split` measures what that server can read (the block key falls, and with it
-//! every prompt token: this test pins that leak, so a change that alters it is noticed).
+//! every prompt token: this test pins that leak, so a change that alters it is noticed). An app
+//! speaking the OpenAI API to `umbra proxy --split-client` gets the same text.
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,9 +37,11 @@ impl Drop for Server {
     }
 }
 
-fn serve(dir: &Path) -> (Server, String) {
+/// Starts `umbra <args> --port 0` and returns it with the URL it prints once listening.
+fn start_listening(args: &[&str]) -> (Server, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_umbra"))
-        .args(["serve", "--model", dir.to_str().unwrap(), "--port", "0"])
+        .args(args)
+        .args(["--port", "0"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -52,7 +55,7 @@ fn serve(dir: &Path) -> (Server, String) {
             .expect("umbra serve ended before listening")
             .unwrap();
         if let Some(u) = line.split("listening on ").nth(1) {
-            break u.trim().to_string();
+            break u.split([',', ' ']).next().unwrap_or_default().to_string();
         }
     };
     std::thread::spawn(move || for _ in lines {});
@@ -82,7 +85,9 @@ fn split_mode_generates_the_plaintext_text_and_its_server_reads_the_prompts() {
     assert!(split.join("server/model.safetensors").is_file());
     assert!(split.join("client/tokenizer.json").is_file());
     assert!(!split.join("server/tokenizer.json").exists());
-    let (_server, url) = serve(&split.join("server"));
+    let server_dir = split.join("server");
+    let (_server, url) = start_listening(&["serve", "--model", server_dir.to_str().unwrap()]);
+    let mut plain_texts = vec![];
     for (i, prompt) in ["What is the capital of France?", "Name three colours."]
         .iter()
         .enumerate()
@@ -112,6 +117,7 @@ fn split_mode_generates_the_plaintext_text_and_its_server_reads_the_prompts() {
         generate(&["--model", plain_s], &b);
         let (a, b) = (json(&a), json(&b));
         assert_eq!(a["text"], b["text"], "{prompt}");
+        plain_texts.push(b["text"].as_str().unwrap().to_string());
         assert_eq!(a["completion_tokens"], b["completion_tokens"]);
         assert!(a["completion_tokens"].as_u64().unwrap() > 0);
         assert_eq!(
@@ -120,6 +126,40 @@ fn split_mode_generates_the_plaintext_text_and_its_server_reads_the_prompts() {
             "one round trip per token: {a}"
         );
     }
+    // The OpenAI API in front of split mode: the proxy runs the client part.
+    let client = split.join("client");
+    let (_proxy, proxy_url) = start_listening(&[
+        "proxy",
+        "--split-client",
+        client.to_str().unwrap(),
+        "--key",
+        key_s,
+        "--upstream",
+        &url,
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let v: serde_json::Value = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{proxy_url}/v1/chat/completions"))
+            .json(&serde_json::json!({
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "max_tokens": 24, "temperature": 0
+            }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        v["choices"][0]["message"]["content"].as_str(),
+        Some(plain_texts[0].as_str()),
+        "split proxy vs plaintext generate: {v}"
+    );
     let out = tmp.path().join("attack.json");
     umbra(&[
         "attack",

@@ -61,8 +61,17 @@ pub struct ProxyArgs {
     #[arg(long)]
     pub key: PathBuf,
     /// The plaintext model folder (its tokenizer and config are used; weights are not read).
+    #[arg(
+        long,
+        required_unless_present = "split_client",
+        conflicts_with = "split_client"
+    )]
+    pub tokenizer: Option<PathBuf>,
+    /// Split mode: the client part of `umbra obfuscate --split` (`<out>/client`). The proxy
+    /// then runs the embedding, head and sampling itself and `--upstream` is the `umbra serve`
+    /// of the server part.
     #[arg(long)]
-    pub tokenizer: PathBuf,
+    pub split_client: Option<PathBuf>,
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     pub upstream: String,
     #[arg(long, default_value = "127.0.0.1")]
@@ -159,10 +168,11 @@ pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
 pub fn run_proxy(args: &ProxyArgs) -> Result<(), ServeError> {
     let mut cfg = ProxyConfig::new(
         args.key.clone(),
-        args.tokenizer.clone(),
+        args.tokenizer.clone().unwrap_or_default(),
         args.upstream.clone(),
         addr(&args.host, args.port)?,
     );
+    cfg.split_client = args.split_client.clone();
     cfg.upstream_timeout = secs(args.upstream_timeout_s, "--upstream-timeout-s")?;
     runtime()?.block_on(async move {
         let (bound, fut) = crate::proxy::run_proxy(cfg, ctrl_c()).await?;

@@ -6,11 +6,17 @@
 //! tau^-1 and detokenized here (incrementally, never splitting a UTF-8 character), with stop
 //! sequences applied on the plaintext and usage counted here. Dropping the upstream stream
 //! (stop sequence hit, client gone) makes the server free the slot.
+//!
+//! With [`ProxyConfig::split_client`] the proxy is the client of split mode instead: it holds
+//! the client part (embedding, final norm, head) and runs generation itself through
+//! [`SplitClient`], the upstream (a split-mode `umbra serve`) running only the blocks. Apps see
+//! the same OpenAI API either way.
 use crate::api::{self, parse_body, ApiError, ChatRequest, CompletionRequest, GenOptions, Prompt};
 use crate::engine::{Event, Finish, TokenLogprob};
 use crate::error::ServeError;
 use crate::respond::{respond, RespondCtx};
 use crate::server::{not_found, read_body};
+use crate::split::SplitClient;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -28,6 +34,8 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use umbra_aloepri::{ClientKey, TokenPermutation};
 use umbra_model::checkpoint::Checkpoint;
+use umbra_model::generate::{FinishReason, GenerateParams};
+use umbra_model::sampling::SamplingParams;
 use umbra_model::tokenizer::TextTokenizer;
 
 /// Proxy settings.
@@ -35,8 +43,12 @@ use umbra_model::tokenizer::TextTokenizer;
 pub struct ProxyConfig {
     /// `client.key` written by the obfuscation compiler.
     pub key: PathBuf,
-    /// The plaintext model folder (or `.gguf`) whose public tokenizer and config are used.
+    /// The plaintext model folder (or `.gguf`) whose public tokenizer and config are used
+    /// (ignored with `split_client`, whose folder has both).
     pub tokenizer: PathBuf,
+    /// Split mode: the client part written by `umbra obfuscate --split` (`<out>/client`); the
+    /// upstream is then a split-mode server.
+    pub split_client: Option<PathBuf>,
     /// Base URL of `umbra serve`, e.g. `http://127.0.0.1:8000`.
     pub upstream: String,
     pub addr: SocketAddr,
@@ -59,6 +71,7 @@ impl ProxyConfig {
         Self {
             key,
             tokenizer,
+            split_client: None,
             upstream: upstream.into(),
             addr,
             upstream_timeout: Duration::from_secs(60),
@@ -70,8 +83,17 @@ impl ProxyConfig {
     }
 }
 
+/// How the proxy gets its tokens.
+enum Backend {
+    /// An OpenAI-compatible `umbra serve` of the obfuscated checkpoint: tau-permuted ids in
+    /// and out.
+    Tokens(TokenPermutation),
+    /// A split-mode server: the proxy runs the client part and generation itself.
+    Split(Arc<SplitClient>),
+}
+
 struct ProxyState {
-    tau: TokenPermutation,
+    backend: Backend,
     tok: Arc<TextTokenizer>,
     max_positions: usize,
     upstream: String,
@@ -106,29 +128,51 @@ pub async fn run_proxy(
     cfg: ProxyConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(SocketAddr, impl Future<Output = ()> + Send + 'static), ServeError> {
-    let key = ClientKey::load(&cfg.key)?;
-    let tau = key.permutation()?;
-    let (mcfg, tok) = Checkpoint::open_config_and_tokenizer(&cfg.tokenizer)?;
-    let tok = tok.ok_or_else(|| {
-        ServeError::Config(format!("{}: no tokenizer found", cfg.tokenizer.display()))
-    })?;
-    if tau.vocab_size() != mcfg.vocab_size {
-        return Err(ServeError::Config(format!(
-            "the key's permutation covers {} tokens but {} has a vocabulary of {}; wrong key or tokenizer",
-            tau.vocab_size(),
-            cfg.tokenizer.display(),
-            mcfg.vocab_size
-        )));
-    }
+    let (backend, tok, max_positions) = match &cfg.split_client {
+        Some(dir) => {
+            let (dir, key, up, timeout) = (
+                dir.clone(),
+                cfg.key.clone(),
+                cfg.upstream.clone(),
+                cfg.upstream_timeout,
+            );
+            // loading the client part reads ~230 MB of weights: off the runtime's workers
+            let split =
+                tokio::task::spawn_blocking(move || SplitClient::open(&dir, &key, &up, timeout))
+                    .await
+                    .map_err(|e| ServeError::Other(format!("loading the client part: {e}")))??;
+            split.check_server().await?;
+            let tok = split.tokenizer.clone();
+            let max_positions = split.max_positions();
+            (Backend::Split(Arc::new(split)), tok, max_positions)
+        }
+        None => {
+            let key = ClientKey::load(&cfg.key)?;
+            let tau = key.permutation()?;
+            let (mcfg, tok) = Checkpoint::open_config_and_tokenizer(&cfg.tokenizer)?;
+            let tok = tok.ok_or_else(|| {
+                ServeError::Config(format!("{}: no tokenizer found", cfg.tokenizer.display()))
+            })?;
+            if tau.vocab_size() != mcfg.vocab_size {
+                return Err(ServeError::Config(format!(
+                    "the key's permutation covers {} tokens but {} has a vocabulary of {}; wrong key or tokenizer",
+                    tau.vocab_size(),
+                    cfg.tokenizer.display(),
+                    mcfg.vocab_size
+                )));
+            }
+            (Backend::Tokens(tau), tok, mcfg.max_position_embeddings)
+        }
+    };
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ServeError::Other(format!("http client: {e}")))?;
     let state = Arc::new(ProxyState {
-        tau,
+        backend,
         tok: Arc::new(tok),
-        max_positions: mcfg.max_position_embeddings,
+        max_positions,
         upstream: cfg.upstream.trim_end_matches('/').to_string(),
         client,
         cfg: cfg.clone(),
@@ -208,7 +252,11 @@ async fn relay_error(resp: reqwest::Response) -> ApiError {
 }
 
 async fn health(State(s): State<Arc<ProxyState>>) -> Response {
-    axum::Json(json!({"status": "ok", "upstream": s.upstream})).into_response()
+    let mode = match s.backend {
+        Backend::Tokens(_) => "tokens",
+        Backend::Split(_) => "split-client",
+    };
+    axum::Json(json!({"status": "ok", "upstream": s.upstream, "mode": mode})).into_response()
 }
 
 async fn metrics(State(s): State<Arc<ProxyState>>) -> Response {
@@ -231,6 +279,14 @@ async fn metrics(State(s): State<Arc<ProxyState>>) -> Response {
 }
 
 async fn models(State(s): State<Arc<ProxyState>>) -> Response {
+    if let Backend::Split(_) = s.backend {
+        // a split server has no model list; the model is the client part's
+        let id = split_model_name(&s);
+        return axum::Json(json!({"object": "list", "data": [
+            {"id": id, "object": "model", "created": 0, "owned_by": "umbra"}
+        ]}))
+        .into_response();
+    }
     let fut = s.client.get(format!("{}/v1/models", s.upstream)).send();
     let r = match tokio::time::timeout(s.cfg.upstream_timeout, fut).await {
         Err(_) => return timeout_error(&s).into_response(),
@@ -320,8 +376,11 @@ async fn forward(
     if ids.is_empty() {
         return Err(ApiError::bad_request("the prompt is empty"));
     }
-    let obf = s
-        .tau
+    let tau = match &s.backend {
+        Backend::Tokens(tau) => tau,
+        Backend::Split(split) => return forward_split(s, split, chat, model, ids, opts).await,
+    };
+    let obf = tau
         .apply(&ids)
         .map_err(|e| ApiError::bad_request(format!("prompt: {e}")))?;
     let mut body = json!({
@@ -362,7 +421,7 @@ async fn forward(
         return Err(relay_error(resp).await);
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let tau = s.tau.clone();
+    let tau = tau.clone();
     let idle = s.cfg.upstream_timeout;
     let up = s.upstream.clone();
     tokio::spawn(async move {
@@ -422,6 +481,89 @@ async fn forward(
     let ctx = RespondCtx {
         chat,
         model: model.unwrap_or_else(|| "umbra".into()),
+        tokenizer: Some(s.tok.clone()),
+        return_text: true,
+        prompt_tokens: ids.len(),
+        opts,
+    };
+    Ok(respond(ctx, rx).await)
+}
+
+/// The name split mode answers with: the client part's folder's parent (the `--split` output).
+fn split_model_name(s: &ProxyState) -> String {
+    s.cfg
+        .split_client
+        .as_deref()
+        .and_then(|p| p.canonicalize().ok())
+        .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "umbra-split".into())
+}
+
+/// Split mode: generates here (embedding, head and sampling local, the blocks on the upstream,
+/// one round trip per token) and answers from the generated ids.
+async fn forward_split(
+    s: &ProxyState,
+    split: &Arc<SplitClient>,
+    chat: bool,
+    model: Option<String>,
+    ids: Vec<u32>,
+    opts: GenOptions,
+) -> Result<Response, ApiError> {
+    if opts.logprobs.is_some() {
+        return Err(ApiError::bad_request(
+            "`logprobs` is not available in split mode",
+        ));
+    }
+    let room = s.max_positions.saturating_sub(ids.len());
+    let max_tokens = match opts.max_tokens {
+        Some(m) if m > room => {
+            return Err(ApiError::bad_request(format!(
+                "the prompt ({} tokens) plus `max_tokens` ({m}) exceeds the context of {} tokens",
+                ids.len(),
+                s.max_positions
+            ))
+            .with_code("context_length_exceeded"))
+        }
+        Some(m) => m,
+        None if room == 0 => {
+            return Err(ApiError::bad_request("the prompt fills the whole context")
+                .with_code("context_length_exceeded"))
+        }
+        None => room.min(s.cfg.default_max_tokens_limit),
+    };
+    let params = GenerateParams {
+        max_tokens,
+        sampling: SamplingParams {
+            temperature: opts.temperature,
+            top_k: opts.top_k,
+            top_p: opts.top_p,
+            seed: opts.seed.unwrap_or_else(crate::server::rand_seed),
+        },
+        stop_ids: split.stop_ids.clone(),
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (split, rt, prompt) = (
+        split.clone(),
+        tokio::runtime::Handle::current(),
+        ids.clone(),
+    );
+    tokio::task::spawn_blocking(move || {
+        // a closed channel (stop sequence hit, client gone) ends generation and its session
+        let r = split.generate(&rt, &prompt, &params, |id| {
+            tx.send(Event::Token { id, logprob: None }).is_ok()
+        });
+        let last = match r {
+            Ok((out, _)) => Event::Done(match out.finish_reason {
+                FinishReason::Length => Finish::Length,
+                FinishReason::Stop => Finish::Stop,
+            }),
+            Err(e) => Event::Error(format!("split mode: {e}")),
+        };
+        let _ = tx.send(last);
+    });
+    let ctx = RespondCtx {
+        chat,
+        model: model.unwrap_or_else(|| split_model_name(s)),
         tokenizer: Some(s.tok.clone()),
         return_text: true,
         prompt_tokens: ids.len(),

@@ -146,6 +146,7 @@ pub fn router(model: Llama, name: String, limits: SplitLimits) -> Result<Router,
         sessions: Mutex::new(HashMap::new()),
         steps: Default::default(),
     });
+    spawn_sweeper(&state);
     Ok(Router::new()
         .route("/health", get(health))
         .route(FORWARD_PATH, post(forward))
@@ -254,8 +255,7 @@ async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardRespo
     let (id, cache) = {
         let mut m = lock(s);
         let now = Instant::now();
-        let idle = s.limits.idle;
-        m.retain(|_, slot| slot.cache.is_none() || now.duration_since(slot.last) < idle);
+        drop_idle(&mut m, s.limits.idle, now);
         match &r.session {
             Some(id) => {
                 let slot = m.get_mut(id).ok_or_else(|| unknown_session(id))?;
@@ -353,6 +353,32 @@ async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardRespo
     }
 }
 
+/// Drops the sessions idle for `idle` or longer (a session whose step is running is not idle).
+fn drop_idle(m: &mut HashMap<String, Slot>, idle: Duration, now: Instant) {
+    m.retain(|_, slot| slot.cache.is_none() || now.duration_since(slot.last) < idle);
+}
+
+/// Frees idle sessions' caches on a timer too, not only when the next request comes: a server
+/// nobody calls any more would otherwise hold them. The task ends with the router's state.
+/// Outside a tokio runtime (no server to run) there is nothing to sweep for.
+fn spawn_sweeper(state: &Arc<SplitState>) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(state);
+    let idle = state.limits.idle;
+    let period = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(30));
+    rt.spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(s) = weak.upgrade() else { break };
+            drop_idle(&mut lock(&s), idle, Instant::now());
+        }
+    });
+}
+
 /// An unguessable session id (128 random bits), so that no other client can step or read a
 /// session it did not open.
 fn session_id() -> String {
@@ -440,6 +466,11 @@ impl SplitClient {
 
     pub fn width(&self) -> usize {
         self.model.config().hidden_size
+    }
+
+    /// The model's context in tokens.
+    pub fn max_positions(&self) -> usize {
+        self.model.config().max_position_embeddings
     }
 
     /// Checks that the server is a split server of this width.

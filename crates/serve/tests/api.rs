@@ -21,16 +21,6 @@ async fn post(url: &str, body: Value) -> (u16, Value) {
     (st, r.json().await.unwrap())
 }
 
-async fn post_text(url: &str, body: Value) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
 fn reference(dir: &std::path::Path, prompt: &[u32], n: usize) -> Vec<u32> {
     let ck = Checkpoint::open(dir).unwrap();
     let m = Llama::new(&ck.config, &ck.weights, &candle_core::Device::Cpu).unwrap();
@@ -61,7 +51,7 @@ async fn completions_ids_and_text_stream_and_not() {
     // Streaming gives the same ids and text, chunk by chunk, ending in [DONE].
     let body = json!({"prompt": [prompt.clone()], "max_tokens": 12, "temperature": 0, "stream": true,
                       "stream_options": {"include_usage": true}});
-    let (st, s) = post_text(&url, body).await;
+    let (st, s) = post_text(&url, &body).await;
     assert_eq!(st, 200, "{s}");
     let (stext, sids, finish) = join_stream(&s);
     assert_eq!(sids, ids);
@@ -142,7 +132,7 @@ async fn chat_models_health_metrics() {
         .to_string();
     let (st, s) = post_text(
         &url,
-        json!({"messages": msgs, "max_tokens": 10, "temperature": 0, "stream": true}),
+        &json!({"messages": msgs, "max_tokens": 10, "temperature": 0, "stream": true}),
     )
     .await;
     assert_eq!(st, 200);
@@ -188,7 +178,7 @@ async fn concurrent_requests_match_sequential_generation() {
         let body =
             json!({"prompt": p, "max_tokens": 10 + p.len(), "temperature": 0, "stream": stream});
         async move {
-            let (st, s) = post_text(&url, body).await;
+            let (st, s) = post_text(&url, &body).await;
             assert_eq!(st, 200, "{s}");
             if stream {
                 join_stream(&s).1
@@ -244,7 +234,7 @@ async fn hostile_input_gets_4xx_while_others_are_served() {
         async move {
             post_text(
                 &url,
-                json!({"prompt": [1, 2, 3], "max_tokens": 200, "temperature": 0, "stream": true}),
+                &json!({"prompt": [1, 2, 3], "max_tokens": 200, "temperature": 0, "stream": true}),
             )
             .await
         }

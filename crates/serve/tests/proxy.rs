@@ -63,37 +63,6 @@ async fn stack(plain_dir: &Path, work: &Path, h: usize, name: &str) -> Stack {
     }
 }
 
-async fn post_text(url: &str, body: &Value) -> (u16, String) {
-    let r = reqwest::Client::new()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap())
-}
-
-/// Text, ids and finish reason of a (streamed or not) completion or chat answer.
-fn answer(s: &str, stream: bool) -> (String, Vec<u32>, String) {
-    if stream {
-        let (t, i, f) = join_stream(s);
-        (t, i, f.unwrap())
-    } else {
-        let v: Value = serde_json::from_str(s).unwrap();
-        let c = &v["choices"][0];
-        let t = c["text"]
-            .as_str()
-            .or(c["message"]["content"].as_str())
-            .unwrap()
-            .to_string();
-        (
-            t,
-            ids_of(&v),
-            c["finish_reason"].as_str().unwrap().to_string(),
-        )
-    }
-}
-
 /// Sends each request to the plaintext server and through the proxy; both must agree.
 async fn compare(st: &Stack, requests: &[(&str, Value)]) {
     for (path, body) in requests {

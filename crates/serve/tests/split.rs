@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::{loopback, tiny_model_dir};
+use common::{answer, loopback, post_text, tiny_model_dir};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,6 +15,7 @@ use umbra_model::checkpoint::Checkpoint;
 use umbra_model::generate::{generate_greedy, GenerateParams};
 use umbra_model::llama::Llama;
 use umbra_model::sampling::SamplingParams;
+use umbra_serve::proxy::{start_proxy, ProxyConfig};
 use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
 use umbra_serve::split::{decode_f32, encode_f32, SplitClient, FORWARD_PATH};
 
@@ -147,6 +148,85 @@ async fn split_generation_equals_the_plaintext_model() {
     }
 }
 
+/// `umbra proxy --split-client`: apps speak the OpenAI API to the proxy, which runs the client
+/// part and sends the split server only embedding rows; the answers equal the plaintext server's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_proxy_in_split_mode_answers_like_the_plaintext_server() {
+    let s = setup(4, 33);
+    let server = serve_server_part(&s.split, |_| {}).await;
+    let mut pcfg = ServeConfig::new(ModelSource::Path(s.plain.clone()), loopback());
+    pcfg.model_name = Some("tiny".into());
+    let plain = start(pcfg).await.unwrap();
+    let mut cfg = ProxyConfig::new(s.key.clone(), PathBuf::new(), server.url(), loopback());
+    cfg.split_client = Some(s.split.join("client"));
+    let proxy = start_proxy(cfg).await.unwrap();
+    let requests = [
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "Hello there", "max_tokens": 10, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "Hi!"}],
+                   "max_tokens": 8, "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "abcabc", "max_tokens": 12, "temperature": 0.8,
+                   "top_k": 20, "seed": 5}),
+        ),
+    ];
+    for (path, body) in &requests {
+        for stream in [false, true] {
+            let mut b = body.clone();
+            b["stream"] = json!(stream);
+            let (sa, a) = post_text(&format!("{}{path}", plain.url()), &b).await;
+            let (sb, bb) = post_text(&format!("{}{path}", proxy.url()), &b).await;
+            assert_eq!(
+                (sa, sb),
+                (200, 200),
+                "{path} {b}: plain {a} / split proxy {bb}"
+            );
+            assert_eq!(
+                answer(&a, stream),
+                answer(&bb, stream),
+                "{path} stream={stream}: plaintext server vs split proxy"
+            );
+        }
+    }
+    // What split mode cannot do is refused with the reason, and leaves no session open.
+    let (st, e) = post_text(
+        &format!("{}/v1/completions", proxy.url()),
+        &json!({"prompt": "Hi", "max_tokens": 2, "logprobs": 2}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e.contains("split mode"), "{e}");
+    let (st, e) = post_text(
+        &format!("{}/v1/completions", proxy.url()),
+        &json!({"prompt": "Hi", "max_tokens": 100000}),
+    )
+    .await;
+    assert_eq!(st, 400, "{e}");
+    assert!(e.contains("context_length_exceeded"), "{e}");
+    let health: Value = reqwest::get(format!("{}/health", server.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["sessions"], 0, "{health}");
+    assert!(health["steps"].as_u64().unwrap() > 0, "{health}");
+    // A proxy pointed at a server that is not a split server refuses to start.
+    let mut wrong = ProxyConfig::new(s.key.clone(), PathBuf::new(), plain.url(), loopback());
+    wrong.split_client = Some(s.split.join("client"));
+    let e = start_proxy(wrong).await.err().expect("must refuse");
+    assert!(e.to_string().contains("not a split-mode server"), "{e}");
+    proxy.stop().await;
+    plain.stop().await;
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_and_malformed_requests_are_refused() {
     let s = setup(0, 21);
@@ -242,8 +322,15 @@ async fn hostile_and_malformed_requests_are_refused() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
     assert!(r.text().await.unwrap().contains("split-mode"));
-    // Idle sessions expire; then new ones can open again.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Idle sessions expire, with no request needed to free them; then new ones can open again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let health: Value = reqwest::get(format!("{url}/health"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["sessions"], 0, "idle sessions still held: {health}");
     let (st, v) = post(&url, &ok(&json!(sid))).await;
     assert_eq!(st, 404, "{v}");
     let (st, v) = post(&url, &ok(&Value::Null)).await;

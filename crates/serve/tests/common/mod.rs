@@ -144,3 +144,35 @@ pub fn smollm2() -> PathBuf {
         .and_then(|c| c.require_smollm2_hf())
         .unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// POSTs `body` as JSON; the status and the body text.
+pub async fn post_text(url: &str, body: &Value) -> (u16, String) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Text, ids and finish reason of a (streamed or not) completion or chat answer.
+pub fn answer(s: &str, stream: bool) -> (String, Vec<u32>, String) {
+    if stream {
+        let (t, i, f) = join_stream(s);
+        (t, i, f.unwrap())
+    } else {
+        let v: Value = serde_json::from_str(s).unwrap();
+        let c = &v["choices"][0];
+        let t = c["text"]
+            .as_str()
+            .or(c["message"]["content"].as_str())
+            .unwrap()
+            .to_string();
+        (
+            t,
+            ids_of(&v),
+            c["finish_reason"].as_str().unwrap().to_string(),
+        )
+    }
+}
