@@ -386,10 +386,10 @@ pub fn compile_checkpoint(
     result
 }
 
-/// Creates the empty sibling folder `.{name}.{tag}-{pid}` of `out` (and `out`'s parent), in which
-/// an output is written before it is renamed to `out`; a stale one from an earlier crash of
-/// the same pid is removed first.
-pub(crate) fn staging_dir(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
+/// The sibling path `.{name}.{tag}-{pid}` of `out` in which an output is written before it is
+/// renamed to `out`; creates `out`'s parent and removes a stale one from an earlier crash of
+/// this process id. Nothing is created at the path itself.
+pub(crate) fn staging_path(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
     let name = out
         .file_name()
         .ok_or_else(|| {
@@ -404,6 +404,12 @@ pub(crate) fn staging_dir(out: &std::path::Path, tag: &str) -> Result<std::path:
     std::fs::create_dir_all(&parent).map_err(|e| AloeError::io(&parent, e))?;
     let staging = parent.join(format!(".{name}.{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
+    Ok(staging)
+}
+
+/// [`staging_path`], created empty.
+pub(crate) fn staging_dir(out: &std::path::Path, tag: &str) -> Result<std::path::PathBuf> {
+    let staging = staging_path(out, tag)?;
     std::fs::create_dir(&staging).map_err(|e| AloeError::io(&staging, e))?;
     Ok(staging)
 }

@@ -134,6 +134,41 @@ pub fn write_split(obfuscated: &Path, out: &Path) -> Result<SplitReport> {
     })
 }
 
+/// `umbra obfuscate --split`: compiles `input` under an exact key (`params.is_exact()`) into a
+/// hidden sibling of `out`, cuts that into `out/server` and `out/client` ([`write_split`]) and
+/// removes the sibling. On failure nothing is left: no `out`, no sibling, no key file.
+pub fn compile_split(
+    input: &Path,
+    out: &Path,
+    key_path: &Path,
+    params: &crate::ObfuscationParams,
+    seed: u64,
+    progress: &mut dyn FnMut(usize, usize, &str),
+) -> Result<(crate::compiler::CompileReport, SplitReport)> {
+    if !params.is_exact() {
+        return Err(AloeError::Params(
+            "split mode needs an exact key (lambda 0, no noise, no junk, beta 1): with the \
+             embedding and head on the client the approximate knobs only cost fidelity"
+                .into(),
+        ));
+    }
+    if out.exists() {
+        return Err(AloeError::OutputExists(out.into()));
+    }
+    let whole = crate::compiler::staging_path(out, "whole")?;
+    let report =
+        crate::compiler::compile_checkpoint(input, &whole, key_path, params, seed, progress)?;
+    let split = write_split(&whole, out);
+    let _ = std::fs::remove_dir_all(&whole);
+    match split {
+        Ok(r) => Ok((report, r)),
+        Err(e) => {
+            let _ = std::fs::remove_file(key_path);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,60 +151,27 @@ pub fn obfuscate(a: &ObfuscateArgs) -> Result<()> {
         }
         None => None,
     };
-    if a.split {
-        if !params.is_exact() {
-            bail!(
-                "--split needs an exact key (lambda 0, no noise, no junk, beta 1): with the \
-                 embedding and head on the client the approximate knobs only cost fidelity"
-            );
-        }
-        if a.out.exists() {
-            bail!(
-                "{} already exists; remove it or choose another --out",
-                a.out.display()
-            );
-        }
-    }
-    // Split mode compiles into a hidden sibling first and cuts it into the two parts.
-    let compiled_dir = if a.split {
-        let name = a
-            .out
-            .file_name()
-            .context("--out has no folder name")?
-            .to_string_lossy()
-            .into_owned();
-        a.out
-            .with_file_name(format!(".{name}.whole-{}", std::process::id()))
-    } else {
-        a.out.clone()
-    };
     let pb = bar(0, "obfuscating");
-    let report = compile_checkpoint(
-        &input,
-        &compiled_dir,
-        &a.key,
-        &params,
-        seed,
-        &mut |done, total, name| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-            pb.set_prefix(name.to_string());
-        },
-    )?;
-    pb.finish_and_clear();
-    let split_report = if a.split {
-        let r = umbra_aloepri::split::write_split(&compiled_dir, &a.out);
-        let _ = std::fs::remove_dir_all(&compiled_dir);
-        match r {
-            Ok(r) => Some(r),
-            Err(e) => {
-                let _ = std::fs::remove_file(&a.key);
-                return Err(anyhow::Error::from(e).context("splitting the obfuscated checkpoint"));
-            }
-        }
-    } else {
-        None
+    let mut progress = |done: usize, total: usize, name: &str| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+        pb.set_prefix(name.to_string());
     };
+    let (report, split_report) = if a.split {
+        let (report, split) = umbra_aloepri::split::compile_split(
+            &input,
+            &a.out,
+            &a.key,
+            &params,
+            seed,
+            &mut progress,
+        )?;
+        (report, Some(split))
+    } else {
+        let report = compile_checkpoint(&input, &a.out, &a.key, &params, seed, &mut progress)?;
+        (report, None)
+    };
+    pb.finish_and_clear();
     println!("{}", a.out.display());
     eprintln!(
         "obfuscated {} -> {} (hidden {} -> {}, {}), key {} (fingerprint {}), load {:.1}s + transform {:.1}s",
