@@ -541,12 +541,15 @@ async fn forward_split(
         },
         stop_ids: split.stop_ids.clone(),
     };
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    // The error that ended generation, as the answer to give when it came before any token.
+    let failed: Arc<std::sync::Mutex<Option<ApiError>>> = Arc::default();
     let (split, rt, prompt) = (
         split.clone(),
         tokio::runtime::Handle::current(),
         ids.clone(),
     );
+    let failed_w = failed.clone();
     tokio::task::spawn_blocking(move || {
         // a closed channel (stop sequence hit, client gone) ends generation and its session
         let r = split.generate(&rt, &prompt, &params, |id| {
@@ -557,10 +560,49 @@ async fn forward_split(
                 FinishReason::Length => Finish::Length,
                 FinishReason::Stop => Finish::Stop,
             }),
-            Err(e) => Event::Error(format!("split mode: {e}")),
+            Err(e) => {
+                let api = split_error(&e);
+                let msg = api.message.clone();
+                *failed_w.lock().unwrap_or_else(|p| p.into_inner()) = Some(api);
+                Event::Error(msg)
+            }
         };
         let _ = tx.send(last);
     });
+    // Wait for the prompt's step: a split server that is full (429), unreachable (502) or
+    // refuses the request gets its own status, as in token mode, before any answer starts.
+    let first = match rx.recv().await {
+        Some(Event::Error(msg)) => {
+            let e = failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+            return Err(e.unwrap_or_else(|| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg)
+            }));
+        }
+        Some(e) => e,
+        None => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "split mode: generation ended without an answer",
+            ))
+        }
+    };
+    // The rest is relayed behind the first event; a client that leaves closes `out`, which
+    // drops `rx`, which stops the generation.
+    let (out, out_rx) = mpsc::unbounded_channel();
+    let _ = out.send(first);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                e = rx.recv() => match e {
+                    Some(e) => if out.send(e).is_err() { return },
+                    None => return,
+                },
+                _ = out.closed() => return,
+            }
+        }
+    });
+    let rx = out_rx;
     let ctx = RespondCtx {
         chat,
         model: model.unwrap_or_else(|| split_model_name(s)),
@@ -570,6 +612,25 @@ async fn forward_split(
         opts,
     };
     Ok(respond(ctx, rx).await)
+}
+
+/// The answer for a split-mode generation that failed: an upstream status is passed on.
+fn split_error(e: &ServeError) -> ApiError {
+    match e {
+        ServeError::Upstream { status, message } => {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let kind = match status.as_u16() {
+                429 => "rate_limit_error",
+                _ => "upstream_error",
+            };
+            ApiError::new(status, kind, format!("split server: {message}"))
+        }
+        e => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("split mode: {e}"),
+        ),
+    }
 }
 
 /// `(end of event, separator length)` of the first complete SSE event in `buf`.

@@ -535,19 +535,24 @@ impl SplitClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+            .map_err(|e| ServeError::unreachable(&url, &e))?;
         let status = resp.status();
         let bytes = resp
             .bytes()
             .await
-            .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
+            .map_err(|e| ServeError::unreachable(&url, &e))?;
         stats.server_s += t.elapsed().as_secs_f64();
         stats.bytes_received += bytes.len();
         if !status.is_success() {
-            return Err(ServeError::Other(format!(
-                "{url}: {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            )));
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let msg = v["error"]["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ServeError::Upstream {
+                status: status.as_u16(),
+                message: format!("{url}: {status}: {msg}"),
+            });
         }
         serde_json::from_slice(&bytes)
             .map_err(|e| ServeError::Other(format!("{url}: malformed answer: {e}")))

@@ -175,6 +175,11 @@ async fn openai_proxy_in_split_mode_answers_like_the_plaintext_server() {
             json!({"model": "tiny", "prompt": "abcabc", "max_tokens": 12, "temperature": 0.8,
                    "top_k": 20, "seed": 5}),
         ),
+        (
+            "/v1/completions",
+            json!({"model": "tiny", "prompt": "stop here", "max_tokens": 40, "temperature": 0,
+                   "stop": ["O"]}),
+        ),
     ];
     for (path, body) in &requests {
         for stream in [false, true] {
@@ -192,6 +197,13 @@ async fn openai_proxy_in_split_mode_answers_like_the_plaintext_server() {
                 answer(&bb, stream),
                 "{path} stream={stream}: plaintext server vs split proxy"
             );
+            if b.get("stop").is_some() {
+                assert_eq!(
+                    answer(&a, stream).2,
+                    "stop",
+                    "the stop sequence is hit: {a}"
+                );
+            }
         }
     }
     // What split mode cannot do is refused with the reason, and leaves no session open.
@@ -222,6 +234,36 @@ async fn openai_proxy_in_split_mode_answers_like_the_plaintext_server() {
     wrong.split_client = Some(s.split.join("client"));
     let e = start_proxy(wrong).await.err().expect("must refuse");
     assert!(e.to_string().contains("not a split-mode server"), "{e}");
+    // The split server's own refusals reach the app with their status: full (429) ...
+    let full = serve_server_part(&s.split, |c| c.max_batch = 1).await;
+    let mut fcfg = ProxyConfig::new(s.key.clone(), PathBuf::new(), full.url(), loopback());
+    fcfg.split_client = Some(s.split.join("client"));
+    let fproxy = start_proxy(fcfg).await.unwrap();
+    let d = 32 + 2 * 4;
+    let (st, v) = post(
+        &full.url(),
+        &json!({"rows": 1, "width": d, "embeddings": encode_f32(&vec![0.1; d])}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}"); // holds the only session
+    for stream in [false, true] {
+        let (st, e) = post_text(
+            &format!("{}/v1/completions", fproxy.url()),
+            &json!({"prompt": "Hi", "max_tokens": 3, "stream": stream}),
+        )
+        .await;
+        assert_eq!(st, 429, "stream={stream}: {e}");
+        assert!(e.contains("rate_limit_error"), "{e}");
+    }
+    // ... and gone (502).
+    full.stop().await;
+    let (st, e) = post_text(
+        &format!("{}/v1/completions", fproxy.url()),
+        &json!({"prompt": "Hi", "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(st, 502, "{e}");
+    fproxy.stop().await;
     proxy.stop().await;
     plain.stop().await;
     server.stop().await;
