@@ -261,6 +261,32 @@ pub struct GenOptions {
     pub logprobs: Option<usize>,
 }
 
+/// The number of tokens to generate for a prompt of `prompt_len` tokens: the request's
+/// `max_tokens`, which must be at most `limit` and fit the context of `max_positions`, or (when
+/// unset) what room the context leaves, at most `limit`.
+pub fn resolve_max_tokens(
+    requested: Option<usize>,
+    prompt_len: usize,
+    max_positions: usize,
+    limit: usize,
+) -> Result<usize, ApiError> {
+    let room = max_positions.saturating_sub(prompt_len);
+    match requested {
+        Some(m) if m > limit => Err(ApiError::bad_request(format!(
+            "`max_tokens` is {m}; the limit is {limit}"
+        ))),
+        Some(m) if m > room => Err(ApiError::bad_request(format!(
+            "the prompt ({prompt_len} tokens) plus `max_tokens` ({m}) exceeds the context of \
+             {max_positions} tokens"
+        ))
+        .with_code("context_length_exceeded")),
+        Some(m) => Ok(m),
+        None if room == 0 => Err(ApiError::bad_request("the prompt fills the whole context")
+            .with_code("context_length_exceeded")),
+        None => Ok(room.min(limit)),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn gen_options(
     max_tokens: Option<i64>,

@@ -514,23 +514,12 @@ async fn forward_split(
             "`logprobs` is not available in split mode",
         ));
     }
-    let room = s.max_positions.saturating_sub(ids.len());
-    let max_tokens = match opts.max_tokens {
-        Some(m) if m > room => {
-            return Err(ApiError::bad_request(format!(
-                "the prompt ({} tokens) plus `max_tokens` ({m}) exceeds the context of {} tokens",
-                ids.len(),
-                s.max_positions
-            ))
-            .with_code("context_length_exceeded"))
-        }
-        Some(m) => m,
-        None if room == 0 => {
-            return Err(ApiError::bad_request("the prompt fills the whole context")
-                .with_code("context_length_exceeded"))
-        }
-        None => room.min(s.cfg.default_max_tokens_limit),
-    };
+    let max_tokens = api::resolve_max_tokens(
+        opts.max_tokens,
+        ids.len(),
+        s.max_positions,
+        s.cfg.default_max_tokens_limit,
+    )?;
     let params = GenerateParams {
         max_tokens,
         sampling: SamplingParams {

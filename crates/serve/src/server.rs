@@ -425,29 +425,12 @@ async fn generate(
         ))
         .with_code("context_length_exceeded"));
     }
-    let room = info.max_positions.saturating_sub(ids.len());
-    let max_tokens = match opts.max_tokens {
-        Some(m) if m > s.max_tokens_limit => {
-            return Err(ApiError::bad_request(format!(
-                "`max_tokens` is {m}; the limit is {}",
-                s.max_tokens_limit
-            )))
-        }
-        Some(m) if m > room => {
-            return Err(ApiError::bad_request(format!(
-                "the prompt ({} tokens) plus `max_tokens` ({m}) exceeds the context of {} tokens",
-                ids.len(),
-                info.max_positions
-            ))
-            .with_code("context_length_exceeded"))
-        }
-        Some(m) => m,
-        None if room == 0 => {
-            return Err(ApiError::bad_request("the prompt fills the whole context")
-                .with_code("context_length_exceeded"))
-        }
-        None => room.min(s.max_tokens_limit),
-    };
+    let max_tokens = crate::api::resolve_max_tokens(
+        opts.max_tokens,
+        ids.len(),
+        info.max_positions,
+        s.max_tokens_limit,
+    )?;
     let tokenizer = if return_text {
         s.tokenizer.clone()
     } else {
