@@ -971,6 +971,41 @@ impl Llama {
         self.decode_groups(groups, Some(tap))
     }
 
+    /// One decode position for several independent sequences given as input embeddings, the
+    /// blocks only (split mode's server: no embedding, no head). `groups[g]` is `(x, cache)`
+    /// with `x` `[b_g, 1, d]` for the `b_g` rows sharing `cache`. Returns the residual stream
+    /// `[b_g, 1, d]` per group (no final norm), equal to what [`Llama::forward_embeds`] gives
+    /// each group alone; every projection and the FFN run once over all rows.
+    pub fn forward_decode_groups_embeds(
+        &self,
+        groups: &mut [(&Tensor, &mut KvCache)],
+    ) -> Result<Vec<Tensor>> {
+        if groups.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut rows = Vec::with_capacity(groups.len());
+        for (x, _) in groups.iter() {
+            let (n, t, d) = x.dims3()?;
+            if t != 1 || d != self.cfg.hidden_size {
+                return Err(ModelError::Input(format!(
+                    "decode embeddings must be [rows, 1, {}], got {:?}",
+                    self.cfg.hidden_size,
+                    x.dims()
+                )));
+            }
+            rows.push(n);
+        }
+        let spans = self.decode_spans(groups.iter().map(|(_, c)| &**c).zip(rows))?;
+        let xs: Vec<Tensor> = groups.iter().map(|(x, _)| (*x).clone()).collect();
+        let x = Tensor::cat(&xs, 0)?;
+        let mut caches: Vec<&mut KvCache> = groups.iter_mut().map(|(_, c)| &mut **c).collect();
+        let x = self.decode_blocks(x, &spans, &mut caches, &mut None)?;
+        spans
+            .iter()
+            .map(|&(r0, n, _)| Ok(x.narrow(0, r0, n)?))
+            .collect()
+    }
+
     fn decode_groups(
         &self,
         groups: &mut [(&[u32], &mut KvCache)],
@@ -979,11 +1014,37 @@ impl Llama {
         if groups.is_empty() {
             return Ok(vec![]);
         }
+        let spans = self.decode_spans(groups.iter().map(|(ids, c)| (&**c, ids.len())))?;
+        let flat: Vec<u32> = groups
+            .iter()
+            .flat_map(|(ids, _)| ids.iter().copied())
+            .collect();
+        let total = flat.len();
+        let ids = Tensor::from_vec(flat, (total, 1), &self.device)?;
+        let x = self.embed(&ids)?;
+        if let Some(tap) = tap.as_mut() {
+            tap(TapPoint::Embeddings, &x);
+        }
+        let mut caches: Vec<&mut KvCache> = groups.iter_mut().map(|(_, c)| &mut **c).collect();
+        let x = self.decode_blocks(x, &spans, &mut caches, &mut tap)?;
+        let logits = self.head(&x.squeeze(1)?)?; // [B,V]
+        spans
+            .iter()
+            .map(|&(r0, n, _)| Ok(logits.narrow(0, r0, n)?))
+            .collect()
+    }
+
+    /// Checks each decode group (`rows` rows on a prefilled `cache` of that batch, room for one
+    /// more position) and returns its `(first row, rows, position)`.
+    fn decode_spans<'c>(
+        &self,
+        groups: impl Iterator<Item = (&'c KvCache, usize)>,
+    ) -> Result<Vec<(usize, usize, usize)>> {
         let max_pos = self.cfg.max_position_embeddings;
-        let mut flat = vec![];
-        let mut spans = Vec::with_capacity(groups.len());
-        for (ids, cache) in groups.iter() {
-            if ids.is_empty() {
+        let mut spans = vec![];
+        let mut r0 = 0;
+        for (cache, rows) in groups {
+            if rows == 0 {
                 return Err(ModelError::Input("decode group with no rows".into()));
             }
             if cache.num_layers() != self.blocks.len() {
@@ -993,10 +1054,9 @@ impl Llama {
                     self.blocks.len()
                 )));
             }
-            if cache.is_empty() || cache.batch != ids.len() {
+            if cache.is_empty() || cache.batch != rows {
                 return Err(ModelError::Input(format!(
-                    "decode group of {} rows needs a prefilled cache of that batch (cache: batch {}, {} positions)",
-                    ids.len(),
+                    "decode group of {rows} rows needs a prefilled cache of that batch (cache: batch {}, {} positions)",
                     cache.batch_size(),
                     cache.len()
                 )));
@@ -1007,15 +1067,23 @@ impl Llama {
                     cache.len() + 1
                 )));
             }
-            spans.push((flat.len(), ids.len(), cache.len()));
-            flat.extend_from_slice(ids);
+            spans.push((r0, rows, cache.len()));
+            r0 += rows;
         }
-        let total = flat.len();
-        let ids = Tensor::from_vec(flat, (total, 1), &self.device)?;
-        let mut x = self.embed(&ids)?;
-        if let Some(tap) = tap.as_mut() {
-            tap(TapPoint::Embeddings, &x);
-        }
+        Ok(spans)
+    }
+
+    /// The blocks over all decode rows `x` `[B, 1, d]` (groups laid out as `spans`), one GEMM
+    /// per weight; RoPE, the cache append and attention per group. Advances every cache by one
+    /// position and returns the residual stream `[B, 1, d]`.
+    fn decode_blocks(
+        &self,
+        mut x: Tensor,
+        spans: &[(usize, usize, usize)],
+        caches: &mut [&mut KvCache],
+        tap: &mut Option<Tap<'_>>,
+    ) -> Result<Tensor> {
+        let total: usize = spans.iter().map(|s| s.1).sum();
         // Per-row RoPE tables `[B, 1, hd/2]`, so q and k are rotated once per layer for all rows.
         let (cos, sin) = {
             let per_group = spans
@@ -1040,8 +1108,8 @@ impl Llama {
             let (q, k, v) = self.qkv(blk, &x)?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
-            let mut ys = Vec::with_capacity(groups.len());
-            for (g, (_, cache)) in groups.iter_mut().enumerate() {
+            let mut ys = Vec::with_capacity(spans.len());
+            for (g, cache) in caches.iter_mut().enumerate() {
                 let (r0, n, start) = spans[g];
                 // Row ranges of contiguous `[B, H, 1, hd]` tensors are contiguous views.
                 let (y, _) = self.attend_roped(
@@ -1066,14 +1134,10 @@ impl Llama {
                 tap(TapPoint::Layer(layer), &x);
             }
         }
-        for (g, (_, cache)) in groups.iter_mut().enumerate() {
+        for (g, cache) in caches.iter_mut().enumerate() {
             cache.len = spans[g].2 + 1;
         }
-        let logits = self.head(&x.squeeze(1)?)?; // [B,V]
-        spans
-            .iter()
-            .map(|&(r0, n, _)| Ok(logits.narrow(0, r0, n)?))
-            .collect()
+        Ok(x)
     }
 
     /// Attention with candle ops: q `[b,nh,t,hd]` (scaled), k/v `[b,nkv,L,hd]` -> `[b,t,nh*hd]`,

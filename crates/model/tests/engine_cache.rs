@@ -358,3 +358,56 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
         .forward_decode_groups(&mut [(&one[..], &mut empty)])
         .is_err());
 }
+
+/// Split mode's batched server step: decode rows given as embeddings, blocks only, for groups at
+/// different positions, equal each group's own `forward_embeds` step.
+#[test]
+fn engine_decode_groups_from_embeddings_equal_separate_steps() {
+    let m = model(&gqa(), 4);
+    let lens = [2usize, 6, 9];
+    let embed = |v: &[u32]| m.embed(&ids(v)).unwrap();
+    let mut caches = vec![];
+    let mut refs = vec![];
+    for (g, &len) in lens.iter().enumerate() {
+        let x = embed(&seq(len, g as u32));
+        let mut c = m.new_cache();
+        m.forward_embeds(&x, &mut c).unwrap();
+        let mut r = m.new_cache();
+        m.forward_embeds(&x, &mut r).unwrap();
+        caches.push(c);
+        refs.push(r);
+    }
+    for step in 0..3u32 {
+        let xs: Vec<Tensor> = (0..lens.len() as u32)
+            .map(|g| embed(&[(g * 7 + step * 13) % 64]))
+            .collect();
+        let mut groups: Vec<(&Tensor, &mut KvCache)> = xs.iter().zip(caches.iter_mut()).collect();
+        let got = m.forward_decode_groups_embeds(&mut groups).unwrap();
+        assert_eq!(got.len(), lens.len());
+        for (g, h) in got.iter().enumerate() {
+            assert_eq!(h.dims(), &[1, 1, m.config().hidden_size]);
+            let want = m.forward_embeds(&xs[g], &mut refs[g]).unwrap();
+            let (a, b) = (
+                h.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(rel(&a, &b) < 1e-5, "group {g} step {step}: {}", rel(&a, &b));
+            assert_eq!(caches[g].len(), refs[g].len());
+        }
+    }
+    // Wrong shapes and empty caches are refused.
+    let bad = Tensor::zeros(
+        (1, 2, m.config().hidden_size),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(m
+        .forward_decode_groups_embeds(&mut [(&bad, &mut caches[0])])
+        .is_err());
+    let one = embed(&[1]);
+    let mut empty = m.new_cache();
+    assert!(m
+        .forward_decode_groups_embeds(&mut [(&one, &mut empty)])
+        .is_err());
+}

@@ -4,7 +4,10 @@
 //! greedy completions of the same prompt:
 //! * plain: to `umbra serve` on the plaintext model (text prompt);
 //! * obf: to `umbra proxy` in front of `umbra serve` on the exact-mode obfuscated model;
-//! * direct: to the obfuscated server with pre-mapped ids (no proxy), to isolate the proxy.
+//! * direct: to the obfuscated server with pre-mapped ids (no proxy), to isolate the proxy;
+//! * split: to `umbra proxy --split-client` in front of `umbra serve` on the server part of the
+//!   same exact key's split (`umbra obfuscate --split`): one round trip per token, and no
+//!   batching across sessions on the server.
 //!
 //! `tok_s_*` = generated tokens / wall time of the wave, `ttft_ms_*` = mean time to the first
 //! token, `tpot_ms_*` = mean time per output token after the first, `proxy_overhead_ms` = the
@@ -184,6 +187,21 @@ pub async fn bench(
     })
     .await
     .map_err(|e| ServeError::Other(e.to_string()))??;
+    let (split_dir, split_key) = (tmp.join("split"), tmp.join("split.key"));
+    let (m, o, k) = (model.to_path_buf(), split_dir.clone(), split_key.clone());
+    eprintln!("bench serve: compiling the split-mode parts");
+    tokio::task::spawn_blocking(move || {
+        umbra_aloepri::split::compile_split(
+            &m,
+            &o,
+            &k,
+            &umbra_aloepri::ObfuscationParams::exact(h),
+            1,
+            &mut |_, _, _| {},
+        )
+    })
+    .await
+    .map_err(|e| ServeError::Other(e.to_string()))??;
     let max_batch = clients.iter().copied().max().unwrap_or(1).max(1);
     let mk = |dir: &Path| {
         let mut c = ServeConfig::new(ModelSource::Path(dir.into()), loopback());
@@ -200,6 +218,15 @@ pub async fn bench(
         loopback(),
     ))
     .await?;
+    let split_server = start(mk(&split_dir.join(umbra_aloepri::split::SERVER_DIR))).await?;
+    let mut split_cfg = ProxyConfig::new(
+        split_key,
+        Default::default(),
+        split_server.url(),
+        loopback(),
+    );
+    split_cfg.split_client = Some(split_dir.join(umbra_aloepri::split::CLIENT_DIR));
+    let split_proxy = start_proxy(split_cfg).await?;
     let (_, tok) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model)?;
     let tok = tok.ok_or_else(|| ServeError::Config("the model has no tokenizer".into()))?;
     let tau = umbra_aloepri::ClientKey::load(&key)?.permutation()?;
@@ -219,6 +246,8 @@ pub async fn bench(
     // Warm-up.
     wave(&format!("{}/v1/completions", plain.url()), &text_body, 1, 1).await?;
     wave(&format!("{}/v1/completions", proxy.url()), &text_body, 1, 1).await?;
+    let split_url = format!("{}/v1/completions", split_proxy.url());
+    wave(&split_url, &text_body, 1, 1).await?;
     let mut rows = vec![];
     for &c in clients {
         eprintln!("bench serve: {c} client(s)");
@@ -249,6 +278,7 @@ pub async fn bench(
             reqs,
         )
         .await?;
+        let sp = wave(&split_url, &text_body, c, reqs).await?;
         rows.push(json!({
             "clients": c,
             "mean_decode_batch_plain": mean_batch,
@@ -259,8 +289,12 @@ pub async fn bench(
             "proxy_overhead_ms": overhead_ms,
             "latency_diff_ms_obf_proxy_vs_direct": o.latency_ms - d.latency_ms,
             "obf_over_plain": o.tok_s / p.tok_s,
+            "tok_s_split": sp.tok_s, "ttft_ms_split": sp.ttft_ms, "tpot_ms_split": sp.tpot_ms,
+            "split_over_plain": sp.tok_s / p.tok_s,
         }));
     }
+    split_proxy.stop().await;
+    split_server.stop().await;
     proxy.stop().await;
     obf.stop().await;
     plain.stop().await;
@@ -296,19 +330,23 @@ fn tempfile_dir() -> Result<std::path::PathBuf, ServeError> {
 /// Prints the report as a Markdown table (one row per client count).
 fn print_table(report: &serde_json::Value) {
     let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("| clients | tok/s plain | tok/s obf | obf/plain | TTFT ms plain / obf | TPOT ms plain / obf | proxy overhead ms |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| clients | tok/s plain | tok/s obf | obf/plain | tok/s split | split/plain | TTFT ms plain / obf / split | TPOT ms plain / obf / split | proxy overhead ms |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in report["results"].as_array().into_iter().flatten() {
         println!(
-            "| {} | {:.1} | {:.1} | {:.2} | {:.0} / {:.0} | {:.1} / {:.1} | {:.2} |",
+            "| {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {:.2} |",
             r["clients"],
             f(r, "tok_s_plain"),
             f(r, "tok_s_obf"),
             f(r, "obf_over_plain"),
+            f(r, "tok_s_split"),
+            f(r, "split_over_plain"),
             f(r, "ttft_ms_plain"),
             f(r, "ttft_ms_obf"),
+            f(r, "ttft_ms_split"),
             f(r, "tpot_ms_plain"),
             f(r, "tpot_ms_obf"),
+            f(r, "tpot_ms_split"),
             f(r, "proxy_overhead_ms"),
         );
     }

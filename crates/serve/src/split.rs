@@ -17,6 +17,11 @@
 //! `hidden` holds the residual stream after the last block (before the final norm) of the last
 //! row (`return: "last"`, the default) or of every row sent.
 //!
+//! Decode steps (one row on an open session) of concurrent sessions are batched: a batcher
+//! thread takes every step waiting and runs them as one
+//! [`Llama::forward_decode_groups_embeds`] (one GEMM per weight over all rows), so many clients
+//! share the server's compute as they do in token mode. Prompts run on their own.
+//!
 //! [`SplitClient`] is the other side: ids -> tau -> embedding rows -> server -> head -> sample.
 use crate::api::{parse_body, ApiError};
 use crate::error::ServeError;
@@ -32,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use umbra_model::checkpoint::Checkpoint;
@@ -128,7 +134,81 @@ struct SplitState {
     name: String,
     limits: SplitLimits,
     sessions: Mutex<HashMap<String, Slot>>,
-    steps: std::sync::atomic::AtomicU64,
+    steps: AtomicU64,
+    batcher: std::sync::mpsc::Sender<DecodeJob>,
+    /// Batched decode forwards run, and the rows they carried.
+    decode: Arc<(AtomicU64, AtomicU64)>,
+}
+
+/// What a step's forward gives back: the session's cache, and the hidden rows or why not.
+type StepResult = (KvCache, Result<Vec<f32>, String>);
+
+/// One decode step waiting for the batcher: one row `[1, 1, d']` on a session's prefilled cache.
+struct DecodeJob {
+    x: Vec<f32>,
+    cache: KvCache,
+    reply: tokio::sync::oneshot::Sender<StepResult>,
+}
+
+/// Starts the thread that batches decode steps: it takes every job waiting (at most `max`)
+/// and runs them in one forward. It ends when the server's state (the last sender) is gone.
+fn spawn_batcher(
+    model: Arc<Llama>,
+    max: usize,
+    counts: Arc<(AtomicU64, AtomicU64)>,
+) -> Result<std::sync::mpsc::Sender<DecodeJob>, ServeError> {
+    let (tx, rx) = std::sync::mpsc::channel::<DecodeJob>();
+    std::thread::Builder::new()
+        .name("split-decode".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut jobs = vec![first];
+                while jobs.len() < max {
+                    match rx.try_recv() {
+                        Ok(j) => jobs.push(j),
+                        Err(_) => break,
+                    }
+                }
+                counts.0.fetch_add(1, Ordering::Relaxed);
+                counts.1.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+                run_batch(&model, jobs);
+            }
+        })?;
+    Ok(tx)
+}
+
+/// One batched decode forward; every job gets its cache back with its row or the error.
+fn run_batch(model: &Llama, jobs: Vec<DecodeJob>) {
+    let d = model.config().hidden_size;
+    let mut caches = Vec::with_capacity(jobs.len());
+    let mut replies = Vec::with_capacity(jobs.len());
+    let mut xs = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        xs.push(Tensor::from_vec(j.x, (1, 1, d), &Device::Cpu));
+        caches.push(j.cache);
+        replies.push(j.reply);
+    }
+    let out = (|| -> Result<Vec<Vec<f32>>, umbra_model::ModelError> {
+        let xs = xs.into_iter().collect::<Result<Vec<_>, _>>()?;
+        let mut groups: Vec<(&Tensor, &mut KvCache)> = xs.iter().zip(caches.iter_mut()).collect();
+        let hs = model.forward_decode_groups_embeds(&mut groups)?;
+        Ok(hs
+            .iter()
+            .map(|h| h.flatten_all()?.to_vec1::<f32>())
+            .collect::<Result<_, _>>()?)
+    })();
+    match out {
+        Ok(hs) => {
+            for ((c, r), h) in caches.into_iter().zip(replies).zip(hs) {
+                let _ = r.send((c, Ok(h)));
+            }
+        }
+        Err(e) => {
+            for (c, r) in caches.into_iter().zip(replies) {
+                let _ = r.send((c, Err(e.to_string())));
+            }
+        }
+    }
 }
 
 /// The router of a split-mode server over a server part (`model.part() == Server`).
@@ -139,12 +219,17 @@ pub fn router(model: Llama, name: String, limits: SplitLimits) -> Result<Router,
             model.part().as_str()
         )));
     }
+    let model = Arc::new(model);
+    let decode: Arc<(AtomicU64, AtomicU64)> = Arc::default();
+    let batcher = spawn_batcher(model.clone(), limits.max_sessions.max(1), decode.clone())?;
     let state = Arc::new(SplitState {
-        model: Arc::new(model),
+        model,
         name,
         limits,
         sessions: Mutex::new(HashMap::new()),
         steps: Default::default(),
+        batcher,
+        decode,
     });
     spawn_sweeper(&state);
     Ok(Router::new()
@@ -161,7 +246,9 @@ async fn health(State(s): State<Arc<SplitState>>) -> Response {
         "width": s.model.config().hidden_size, "layers": s.model.num_layers(),
         "max_positions": s.model.config().max_position_embeddings,
         "sessions": open,
-        "steps": s.steps.load(std::sync::atomic::Ordering::Relaxed),
+        "steps": s.steps.load(Ordering::Relaxed),
+        "decode_batches": s.decode.0.load(Ordering::Relaxed),
+        "decode_rows": s.decode.1.load(Ordering::Relaxed),
     }))
     .into_response()
 }
@@ -299,19 +386,35 @@ async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardRespo
             r.rows
         )));
     }
-    let model = s.model.clone();
     let rows = r.rows;
-    let joined = tokio::task::spawn_blocking(move || {
-        let mut cache = cache;
-        let out = (|| -> Result<Vec<f32>, umbra_model::ModelError> {
-            let x = Tensor::from_vec(data, (1, rows, width), &Device::Cpu)?;
-            let h = model.forward_embeds(&x, &mut cache)?;
-            let h = if all { h } else { h.narrow(1, rows - 1, 1)? };
-            Ok(h.flatten_all()?.to_vec1::<f32>()?)
-        })();
-        (cache, out)
-    })
-    .await;
+    let joined: Result<StepResult, String> = if rows == 1 && !all && !cache.is_empty() {
+        // a decode step: batched with the other sessions' steps
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match s.batcher.send(DecodeJob {
+            x: data,
+            cache,
+            reply,
+        }) {
+            Ok(()) => answer
+                .await
+                .map_err(|_| "the decode batcher stopped".to_string()),
+            Err(_) => Err("the decode batcher stopped".to_string()),
+        }
+    } else {
+        let model = s.model.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cache = cache;
+            let out = (|| -> Result<Vec<f32>, umbra_model::ModelError> {
+                let x = Tensor::from_vec(data, (1, rows, width), &Device::Cpu)?;
+                let h = model.forward_embeds(&x, &mut cache)?;
+                let h = if all { h } else { h.narrow(1, rows - 1, 1)? };
+                Ok(h.flatten_all()?.to_vec1::<f32>()?)
+            })();
+            (cache, out.map_err(|e| e.to_string()))
+        })
+        .await
+        .map_err(|e| e.to_string())
+    };
     let (cache, out) = match joined {
         Ok(x) => x,
         Err(e) => {
@@ -326,7 +429,7 @@ async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardRespo
     let position = cache.len();
     match out {
         Ok(hidden) => {
-            s.steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            s.steps.fetch_add(1, Ordering::Relaxed);
             if r.close {
                 lock(s).remove(&id);
             } else {

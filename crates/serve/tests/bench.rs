@@ -19,9 +19,14 @@ async fn bench_reports_every_field() {
             "tpot_ms_plain",
             "tpot_ms_obf",
             "proxy_overhead_ms",
+            "tok_s_split",
+            "ttft_ms_split",
+            "tpot_ms_split",
+            "split_over_plain",
         ] {
             assert!(row[k].as_f64().is_some_and(f64::is_finite), "{k} in {row}");
         }
         assert!(row["tok_s_plain"].as_f64().unwrap() > 0.0);
+        assert!(row["tok_s_split"].as_f64().unwrap() > 0.0);
     }
 }

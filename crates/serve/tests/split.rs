@@ -152,6 +152,57 @@ async fn split_generation_equals_the_plaintext_model() {
     }
 }
 
+/// Concurrent sessions' decode steps are batched on the server (one forward over all waiting
+/// rows); every generation still equals the plaintext model's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_split_generations_are_batched_and_exact() {
+    let s = setup(4, 5);
+    let server = serve_server_part(&s.split, |_| {}).await;
+    let client = std::sync::Arc::new(
+        SplitClient::open(
+            &s.split.join("client"),
+            &s.key,
+            &server.url(),
+            Duration::from_secs(30),
+        )
+        .unwrap(),
+    );
+    let plain = load(&s.plain);
+    let prompts: Vec<Vec<u32>> = (0..8u32)
+        .map(|i| (0..(2 + i * 3)).map(|j| (i * 31 + j * 7) % 256).collect())
+        .collect();
+    let rt = tokio::runtime::Handle::current();
+    let runs: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (c, p, rt) = (client.clone(), p.clone(), rt.clone());
+            tokio::task::spawn_blocking(move || {
+                let params = GenerateParams {
+                    max_tokens: 24,
+                    sampling: SamplingParams::greedy(),
+                    stop_ids: vec![],
+                };
+                c.generate(&rt, &p, &params, |_| true).unwrap().0.ids
+            })
+        })
+        .collect();
+    for (p, run) in prompts.iter().zip(runs) {
+        let got = run.await.unwrap();
+        assert_eq!(got, generate_greedy(&plain, p, 24).unwrap(), "prompt {p:?}");
+    }
+    let h = health(&server.url()).await;
+    assert_eq!(h["sessions"], 0, "{h}");
+    // 8 generations x 23 decode steps, all through the batcher, in at most that many forwards.
+    let (batches, rows) = (
+        h["decode_batches"].as_u64().unwrap(),
+        h["decode_rows"].as_u64().unwrap(),
+    );
+    assert_eq!(rows, 8 * 23, "{h}");
+    assert!(batches >= 1 && batches <= rows, "{h}");
+    eprintln!("decode: {rows} rows in {batches} forwards");
+    server.stop().await;
+}
+
 /// `umbra proxy --split-client`: apps speak the OpenAI API to the proxy, which runs the client
 /// part and sends the split server only embedding rows; the answers equal the plaintext server's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
