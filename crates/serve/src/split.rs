@@ -150,16 +150,16 @@ struct DecodeJob {
     reply: tokio::sync::oneshot::Sender<StepResult>,
 }
 
-/// Starts the thread that batches decode steps: it takes every job waiting (at most `max`)
-/// and runs them in one forward. It ends when the server's state (the last sender) is gone.
-fn spawn_batcher(
-    model: Arc<Llama>,
+/// Starts a thread that takes every job waiting (at most `max`) and hands them to `run`
+/// together, so concurrent callers share one forward. It ends when the last sender is gone.
+fn spawn_batcher<J: Send + 'static>(
+    name: &str,
     max: usize,
-    counts: Arc<(AtomicU64, AtomicU64)>,
-) -> Result<std::sync::mpsc::Sender<DecodeJob>, ServeError> {
-    let (tx, rx) = std::sync::mpsc::channel::<DecodeJob>();
+    mut run: impl FnMut(Vec<J>) + Send + 'static,
+) -> Result<std::sync::mpsc::Sender<J>, ServeError> {
+    let (tx, rx) = std::sync::mpsc::channel::<J>();
     std::thread::Builder::new()
-        .name("split-decode".into())
+        .name(name.into())
         .spawn(move || {
             while let Ok(first) = rx.recv() {
                 let mut jobs = vec![first];
@@ -169,9 +169,7 @@ fn spawn_batcher(
                         Err(_) => break,
                     }
                 }
-                counts.0.fetch_add(1, Ordering::Relaxed);
-                counts.1.fetch_add(jobs.len() as u64, Ordering::Relaxed);
-                run_batch(&model, jobs);
+                run(jobs);
             }
         })?;
     Ok(tx)
@@ -221,7 +219,14 @@ pub fn router(model: Llama, name: String, limits: SplitLimits) -> Result<Router,
     }
     let model = Arc::new(model);
     let decode: Arc<(AtomicU64, AtomicU64)> = Arc::default();
-    let batcher = spawn_batcher(model.clone(), limits.max_sessions.max(1), decode.clone())?;
+    let batcher = {
+        let (model, counts) = (model.clone(), decode.clone());
+        spawn_batcher("split-decode", limits.max_sessions.max(1), move |jobs| {
+            counts.0.fetch_add(1, Ordering::Relaxed);
+            counts.1.fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            run_batch(&model, jobs);
+        })?
+    };
     let state = Arc::new(SplitState {
         model,
         name,
@@ -519,8 +524,42 @@ pub struct SplitStats {
 
 /// The client of split mode: the client part (embedding, final norm, head), the tokenizer and
 /// tau; the server runs the blocks.
+/// One hidden row waiting for the client's batched head.
+struct HeadJob {
+    h: Vec<f32>,
+    reply: std::sync::mpsc::SyncSender<Result<Vec<f32>, String>>,
+}
+
+/// Final norm and head over every waiting row at once (`[B, d']` -> `[B, V]`, one GEMM): the
+/// head is the client's largest weight, so concurrent generations share one pass over it.
+fn run_head_batch(model: &Llama, jobs: Vec<HeadJob>) {
+    let d = model.config().hidden_size;
+    let n = jobs.len();
+    let mut flat = Vec::with_capacity(n * d);
+    for j in &jobs {
+        flat.extend_from_slice(&j.h);
+    }
+    let out = (|| -> Result<Vec<Vec<f32>>, umbra_model::ModelError> {
+        let t = Tensor::from_vec(flat, (n, d), &Device::Cpu)?;
+        Ok(model.head(&t)?.to_vec2::<f32>()?)
+    })();
+    match out {
+        Ok(rows) => {
+            for (j, r) in jobs.into_iter().zip(rows) {
+                let _ = j.reply.send(Ok(r));
+            }
+        }
+        Err(e) => {
+            for j in jobs {
+                let _ = j.reply.send(Err(e.to_string()));
+            }
+        }
+    }
+}
+
 pub struct SplitClient {
-    model: Llama,
+    model: Arc<Llama>,
+    head: std::sync::mpsc::Sender<HeadJob>,
     pub tokenizer: TextTokenizer,
     tau: umbra_aloepri::TokenPermutation,
     pub stop_ids: Vec<u32>,
@@ -553,8 +592,14 @@ impl SplitClient {
             .clone()
             .ok_or_else(|| ServeError::Config(format!("{} has no tokenizer", dir.display())))?;
         let model = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
+        let model = Arc::new(model);
+        let head = {
+            let model = model.clone();
+            spawn_batcher("split-head", 64, move |jobs| run_head_batch(&model, jobs))?
+        };
         Ok(Self {
             model,
+            head,
             tokenizer,
             tau: key.permutation()?,
             stop_ids: ck.eos_token_ids(),
@@ -684,16 +729,19 @@ impl SplitClient {
             .map_err(umbra_model::ModelError::from)?)
     }
 
-    /// Final norm and head on one hidden row -> logits over *plaintext* ids.
-    fn logits(&self, h: &[f32]) -> Result<Vec<f32>, ServeError> {
-        let t = Tensor::from_slice(h, (1, h.len()), &Device::Cpu)
-            .map_err(umbra_model::ModelError::from)?;
-        let obf = self
-            .model
-            .head(&t)?
-            .squeeze(0)
-            .and_then(|l| l.to_vec1::<f32>())
-            .map_err(umbra_model::ModelError::from)?;
+    /// Final norm and head on one hidden row -> logits over *plaintext* ids. The head runs on
+    /// the client's head batcher, batched with other generations' rows waiting at that moment.
+    /// Blocks until it is done.
+    fn logits(&self, h: Vec<f32>) -> Result<Vec<f32>, ServeError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        let stopped = || ServeError::Other("the client's head batcher stopped".into());
+        self.head
+            .send(HeadJob { h, reply })
+            .map_err(|_| stopped())?;
+        let obf = answer
+            .recv()
+            .map_err(|_| stopped())?
+            .map_err(ServeError::Other)?;
         // logits over obfuscated ids: plain id i sits at tau(i).
         let tau = self.tau.forward_table();
         Ok((0..obf.len()).map(|i| obf[tau[i] as usize]).collect())
@@ -730,7 +778,7 @@ impl SplitClient {
                 let r = last.ok_or_else(|| ServeError::Other("empty step".into()))?;
                 let h = decode_f32(&r.hidden, self.width(), "hidden").map_err(ServeError::Other)?;
                 let t = Instant::now();
-                let l = self.logits(&h)?;
+                let l = self.logits(h)?;
                 stats.client_s += t.elapsed().as_secs_f64();
                 Ok(l)
             },
