@@ -173,32 +173,20 @@ pub async fn bench(
 ) -> Result<Value, ServeError> {
     let tmp = tempfile_dir()?;
     let (obf_dir, key) = (tmp.join("obf"), tmp.join("client.key"));
-    let (m, o, k) = (model.to_path_buf(), obf_dir.clone(), key.clone());
-    eprintln!("bench serve: compiling the exact-mode obfuscated checkpoint");
-    tokio::task::spawn_blocking(move || {
-        umbra_aloepri::compiler::compile_checkpoint(
-            &m,
-            &o,
-            &k,
-            &umbra_aloepri::ObfuscationParams::exact(h),
-            1,
-            &mut |_, _, _| {},
-        )
-    })
-    .await
-    .map_err(|e| ServeError::Other(e.to_string()))??;
     let (split_dir, split_key) = (tmp.join("split"), tmp.join("split.key"));
-    let (m, o, k) = (model.to_path_buf(), split_dir.clone(), split_key.clone());
-    eprintln!("bench serve: compiling the split-mode parts");
-    tokio::task::spawn_blocking(move || {
-        umbra_aloepri::split::compile_split(
-            &m,
-            &o,
-            &k,
-            &umbra_aloepri::ObfuscationParams::exact(h),
-            1,
-            &mut |_, _, _| {},
-        )
+    let (m, o, k, so, sk) = (
+        model.to_path_buf(),
+        obf_dir.clone(),
+        key.clone(),
+        split_dir.clone(),
+        split_key.clone(),
+    );
+    eprintln!("bench serve: compiling the exact-mode obfuscated checkpoint and its split parts");
+    tokio::task::spawn_blocking(move || -> Result<(), umbra_aloepri::AloeError> {
+        let params = umbra_aloepri::ObfuscationParams::exact(h);
+        umbra_aloepri::compiler::compile_checkpoint(&m, &o, &k, &params, 1, &mut |_, _, _| {})?;
+        umbra_aloepri::split::compile_split(&m, &so, &sk, &params, 1, &mut |_, _, _| {})?;
+        Ok(())
     })
     .await
     .map_err(|e| ServeError::Other(e.to_string()))??;

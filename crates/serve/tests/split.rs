@@ -74,6 +74,16 @@ async fn post(url: &str, body: &Value) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+fn open_client(s: &Setup, server: &ServerHandle) -> std::sync::Arc<SplitClient> {
+    let c = SplitClient::open(
+        &s.split.join("client"),
+        &s.key,
+        &server.url(),
+        Duration::from_secs(30),
+    );
+    std::sync::Arc::new(c.unwrap())
+}
+
 async fn health(url: &str) -> Value {
     reqwest::get(format!("{url}/health"))
         .await
@@ -88,15 +98,7 @@ async fn split_generation_equals_the_plaintext_model() {
     for h in [0, 4] {
         let s = setup(h, 21);
         let server = serve_server_part(&s.split, |_| {}).await;
-        let client = std::sync::Arc::new(
-            SplitClient::open(
-                &s.split.join("client"),
-                &s.key,
-                &server.url(),
-                Duration::from_secs(30),
-            )
-            .unwrap(),
-        );
+        let client = open_client(&s, &server);
         client.check_server().await.unwrap();
         let plain = load(&s.plain);
         // The last prompt is longer than one request carries (sent in 2 requests).
@@ -158,15 +160,7 @@ async fn split_generation_equals_the_plaintext_model() {
 async fn concurrent_split_generations_are_batched_and_exact() {
     let s = setup(4, 5);
     let server = serve_server_part(&s.split, |_| {}).await;
-    let client = std::sync::Arc::new(
-        SplitClient::open(
-            &s.split.join("client"),
-            &s.key,
-            &server.url(),
-            Duration::from_secs(30),
-        )
-        .unwrap(),
-    );
+    let client = open_client(&s, &server);
     let plain = load(&s.plain);
     let prompts: Vec<Vec<u32>> = (0..8u32)
         .map(|i| (0..(2 + i * 3)).map(|j| (i * 31 + j * 7) % 256).collect())
