@@ -522,8 +522,6 @@ pub struct SplitStats {
     pub server_s: f64,
 }
 
-/// The client of split mode: the client part (embedding, final norm, head), the tokenizer and
-/// tau; the server runs the blocks.
 /// One hidden row waiting for the client's batched head.
 struct HeadJob {
     h: Vec<f32>,
@@ -557,6 +555,9 @@ fn run_head_batch(model: &Llama, jobs: Vec<HeadJob>) {
     }
 }
 
+/// The client of split mode: the client part (embedding, final norm, head), the tokenizer and
+/// tau; the server runs the blocks. Shareable across threads: concurrent generations' heads
+/// run batched.
 pub struct SplitClient {
     model: Arc<Llama>,
     head: std::sync::mpsc::Sender<HeadJob>,
