@@ -594,7 +594,6 @@ pub struct PassiveSummary {
 
 struct Pending {
     epoch: usize,
-    b: u64,
     lease: Lease,
     seq: u64,
     sub: Box<dyn Subscription>,
@@ -974,7 +973,7 @@ fn passive_worker(
         let now = Instant::now();
         if now >= p.deadline {
             warn!(
-                batch = p.b,
+                batch = p.lease.b,
                 epoch = p.epoch,
                 "no gradient before the deadline; dropping and reassigning"
             );
@@ -982,7 +981,7 @@ fn passive_worker(
                 sh.t,
                 sh.c,
                 TOPIC_CTRL_ACTIVE,
-                &Envelope::control(Kind::Dropped, &cfg.job, p.epoch as u32, p.b, ""),
+                &Envelope::control(Kind::Dropped, &cfg.job, p.epoch as u32, p.lease.b, ""),
             );
             sh.c.dropped.fetch_add(1, Ordering::Relaxed);
             sched_of(p.epoch).release(p.lease);
@@ -999,7 +998,7 @@ fn passive_worker(
             continue;
         };
         if m.kind != Kind::Gradient
-            || m.batch != p.b
+            || m.batch != p.lease.b
             || m.seq != p.seq
             || m.epoch as usize != p.epoch
         {
@@ -1031,11 +1030,16 @@ fn passive_worker(
         sh.c.add_wait(waited);
         let store = store?;
         let grads = model::grads_of(&store, &vars)?;
-        sh.ps
-            .step(sync, &vars, grads, sh.batches.round_size(p.b, wp), p.epoch)?;
+        sh.ps.step(
+            sync,
+            &vars,
+            grads,
+            sh.batches.round_size(p.lease.b, wp),
+            p.epoch,
+        )?;
         // count before completing: an epoch's numbers are read as soon as it completes
         sh.c.batches.fetch_add(1, Ordering::Relaxed);
-        sched_of(p.epoch).complete(p.b);
+        sched_of(p.epoch).complete(p.lease.b);
         sh.progress.inc(1);
         completed += 1;
         if p.epoch == 0 && wid == 0 && cfg.faults.kill_passive_worker_after == Some(completed) {
@@ -1088,7 +1092,6 @@ fn start_batch(
     publish(sh.t, sh.c, topic, &m)?;
     Ok(Pending {
         epoch,
-        b,
         lease,
         seq,
         sub,
