@@ -26,7 +26,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,6 +94,8 @@ enum Backend {
 
 struct ProxyState {
     backend: Backend,
+    /// The model name answers carry when a request names none.
+    model_name: String,
     tok: Arc<TextTokenizer>,
     max_positions: usize,
     upstream: String,
@@ -169,8 +171,13 @@ pub async fn run_proxy(
         .tcp_nodelay(true)
         .build()
         .map_err(|e| ServeError::Other(format!("http client: {e}")))?;
+    let model_name = match &cfg.split_client {
+        Some(dir) => split_model_name(dir),
+        None => "umbra".to_string(),
+    };
     let state = Arc::new(ProxyState {
         backend,
+        model_name,
         tok: Arc::new(tok),
         max_positions,
         upstream: cfg.upstream.trim_end_matches('/').to_string(),
@@ -281,7 +288,7 @@ async fn metrics(State(s): State<Arc<ProxyState>>) -> Response {
 async fn models(State(s): State<Arc<ProxyState>>) -> Response {
     if let Backend::Split(_) = s.backend {
         // a split server has no model list; the model is the client part's
-        let id = split_model_name(&s);
+        let id = &s.model_name;
         return axum::Json(json!({"object": "list", "data": [
             {"id": id, "object": "model", "created": 0, "owned_by": "umbra"}
         ]}))
@@ -480,7 +487,7 @@ async fn forward(
     });
     let ctx = RespondCtx {
         chat,
-        model: model.unwrap_or_else(|| "umbra".into()),
+        model: model.unwrap_or_else(|| s.model_name.clone()),
         tokenizer: Some(s.tok.clone()),
         return_text: true,
         prompt_tokens: ids.len(),
@@ -490,11 +497,10 @@ async fn forward(
 }
 
 /// The name split mode answers with: the client part's folder's parent (the `--split` output).
-fn split_model_name(s: &ProxyState) -> String {
-    s.cfg
-        .split_client
-        .as_deref()
-        .and_then(|p| p.canonicalize().ok())
+fn split_model_name(client_dir: &Path) -> String {
+    client_dir
+        .canonicalize()
+        .ok()
         .and_then(|p| Some(p.parent()?.file_name()?.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "umbra-split".into())
 }
@@ -533,11 +539,8 @@ async fn forward_split(
     let (tx, mut rx) = mpsc::unbounded_channel();
     // The error that ended generation, as the answer to give when it came before any token.
     let failed: Arc<std::sync::Mutex<Option<ApiError>>> = Arc::default();
-    let (split, rt, prompt) = (
-        split.clone(),
-        tokio::runtime::Handle::current(),
-        ids.clone(),
-    );
+    let prompt_tokens = ids.len();
+    let (split, rt, prompt) = (split.clone(), tokio::runtime::Handle::current(), ids);
     let failed_w = failed.clone();
     tokio::task::spawn_blocking(move || {
         // a closed channel (stop sequence hit, client gone) ends generation and its session
@@ -594,10 +597,10 @@ async fn forward_split(
     let rx = out_rx;
     let ctx = RespondCtx {
         chat,
-        model: model.unwrap_or_else(|| split_model_name(s)),
+        model: model.unwrap_or_else(|| s.model_name.clone()),
         tokenizer: Some(s.tok.clone()),
         return_text: true,
-        prompt_tokens: ids.len(),
+        prompt_tokens,
         opts,
     };
     Ok(respond(ctx, rx).await)

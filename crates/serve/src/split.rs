@@ -760,7 +760,7 @@ impl SplitClient {
     ) -> Result<(GenerateOutput, SplitStats), ServeError> {
         let mut stats = SplitStats::default();
         let mut session: Option<String> = None;
-        let max_pos = self.model.config().max_position_embeddings;
+        let max_pos = self.max_positions();
         let out = generate_with(
             prompt,
             params,
