@@ -6,8 +6,8 @@
 //! * obf: to `umbra proxy` in front of `umbra serve` on the exact-mode obfuscated model;
 //! * direct: to the obfuscated server with pre-mapped ids (no proxy), to isolate the proxy;
 //! * split: to `umbra proxy --split-client` in front of `umbra serve` on the server part of the
-//!   same exact key's split (`umbra obfuscate --split`): one round trip per token, and no
-//!   batching across sessions on the server.
+//!   same exact key's split (`umbra obfuscate --split`): one round trip per token; the server
+//!   batches concurrent sessions' decode steps and the proxy their heads.
 //!
 //! `tok_s_*` = generated tokens / wall time of the wave, `ttft_ms_*` = mean time to the first
 //! token, `tpot_ms_*` = mean time per output token after the first, `proxy_overhead_ms` = the
