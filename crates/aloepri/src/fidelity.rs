@@ -11,6 +11,7 @@ use serde::Serialize;
 use std::time::Instant;
 use umbra_model::generate::generate_greedy;
 use umbra_model::llama::Llama;
+use umbra_model::{Forward, Input};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -67,7 +68,8 @@ fn seq_stats(plain: &Llama, obf: &Llama, tau: &TokenPermutation, ids: &[u32]) ->
     let run = |m: &Llama, ids: &[u32]| -> Result<Tensor> {
         let x = Tensor::new(ids, &dev)?.unsqueeze(0)?;
         let mut cache = m.new_cache();
-        Ok(m.forward(&x, &mut cache)?.squeeze(0)?)
+        Ok(m.forward(Input::Ids(&x), &mut cache, Forward::logits())?
+            .squeeze(0)?)
     };
     let lp = run(plain, ids)?;
     let lo_perm = run(obf, &tau.apply(ids)?)?;

@@ -175,8 +175,9 @@ mod tests {
     use crate::compiler::compile_in_memory;
     use crate::ObfuscationParams;
     use candle_core::{Device, Tensor};
-    use umbra_model::llama::testing::{max_abs_diff, random_weights, tiny_config};
     use umbra_model::llama::Llama;
+    use umbra_model::testing::{max_abs_diff, random_weights, tiny_config};
+    use umbra_model::{Forward, Input};
 
     fn obfuscated(params: &ObfuscationParams) -> Checkpoint {
         let cfg = tiny_config(32, 4, 2, 2, 64);
@@ -211,13 +212,20 @@ mod tests {
         let c = Llama::new_part(&client.config, &client.weights, &dev).unwrap();
         assert_eq!((s.part(), c.part()), (ModelPart::Server, ModelPart::Client));
         let ids = Tensor::new(&[[3u32, 9, 27, 5, 60]], &dev).unwrap();
-        let want = whole.forward(&ids, &mut whole.new_cache()).unwrap();
+        let want = whole
+            .forward(Input::Ids(&ids), &mut whole.new_cache(), Forward::logits())
+            .unwrap();
         let x = c.embed(&ids).unwrap();
-        let h = s.forward_embeds(&x, &mut s.new_cache()).unwrap();
+        let h = s
+            .forward(Input::Embeds(&x), &mut s.new_cache(), Forward::hidden())
+            .unwrap();
         let got = c.head(&h).unwrap();
         assert!(max_abs_diff(&want, &got) < 1e-5);
         assert!(s.embed(&ids).is_err() && s.head(&h).is_err());
-        let err = s.forward(&ids, &mut s.new_cache()).unwrap_err().to_string();
+        let err = s
+            .forward(Input::Ids(&ids), &mut s.new_cache(), Forward::logits())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("server part"), "{err}");
     }
 

@@ -5,8 +5,9 @@ mod common;
 use candle_core::{Device, Tensor};
 use umbra_aloepri::compiler::{compile_weights, output_specs};
 use umbra_aloepri::ObfuscationParams;
-use umbra_model::llama::testing::{random_weights, tiny_config};
 use umbra_model::llama::Llama;
+use umbra_model::testing::{random_weights, tiny_config};
+use umbra_model::{Forward, Input};
 use umbra_model::{LlamaConfig, Weights};
 
 fn compile(
@@ -49,7 +50,7 @@ fn logits(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f32>> {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    m.forward(&x, &mut cache)
+    m.forward(Input::Ids(&x), &mut cache, Forward::logits())
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -181,7 +182,7 @@ fn same_seed_same_checkpoint_other_seed_other_key() {
     assert_eq!(ka, kb);
     assert_ne!(ka.fingerprint, kc.fingerprint);
     for (n, t) in &a {
-        let diff = umbra_model::llama::testing::max_abs_diff(t, &b[n]);
+        let diff = umbra_model::testing::max_abs_diff(t, &b[n]);
         assert_eq!(diff, 0.0, "{n}");
     }
 }

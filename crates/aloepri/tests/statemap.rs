@@ -5,8 +5,9 @@ use candle_core::{Device, Tensor};
 use umbra_aloepri::compiler::compile_in_memory;
 use umbra_aloepri::statemap::StateMaps;
 use umbra_aloepri::{ClientKey, ObfuscationParams};
-use umbra_model::llama::testing::{random_weights, tiny_config};
 use umbra_model::llama::{Llama, TapPoint};
+use umbra_model::testing::{random_weights, tiny_config};
+use umbra_model::{Forward, Input, TapOptions};
 use umbra_model::{LlamaConfig, Weights};
 
 const SPECIALS: [u32; 2] = [0, 1];
@@ -36,11 +37,15 @@ fn taps(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Taps {
         .unwrap();
     let mut c = m.new_cache();
     let (mut layers, mut attn) = (vec![], vec![]);
-    m.forward_embeds_with_attention_taps(&emb, &mut c, &mut |p, t| match p {
-        TapPoint::Layer(_) => layers.push(t.squeeze(0).unwrap().to_vec2::<f32>().unwrap()),
-        TapPoint::Attention(_) => attn.push(t.squeeze(0).unwrap().to_vec3::<f32>().unwrap()),
-        _ => {}
-    })
+    m.forward(
+        Input::Embeds(&emb),
+        &mut c,
+        Forward::hidden().taps(TapOptions::ATTENTION, &mut |p, t| match p {
+            TapPoint::Layer(_) => layers.push(t.squeeze(0).unwrap().to_vec2::<f32>().unwrap()),
+            TapPoint::Attention(_) => attn.push(t.squeeze(0).unwrap().to_vec3::<f32>().unwrap()),
+            _ => {}
+        }),
+    )
     .unwrap();
     (layers, attn)
 }

@@ -322,7 +322,7 @@ mod tests {
     use super::*;
     use umbra_aloepri::compiler::compile_in_memory;
     use umbra_aloepri::ObfuscationParams;
-    use umbra_model::llama::testing::{random_weights, tiny_config};
+    use umbra_model::testing::{random_weights, tiny_config};
 
     fn obfuscated(params: ObfuscationParams) -> (Target, Vec<u32>) {
         let cfg = tiny_config(48, 6, 2, 3, 300);

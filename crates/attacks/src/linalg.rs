@@ -271,7 +271,7 @@ mod tests {
         let uk = column_basis(&a.matmul(&k).unwrap(), 6).unwrap();
         let h = u.matmul(&u.t().unwrap()).unwrap();
         let hk = uk.matmul(&uk.t().unwrap()).unwrap();
-        let diff = umbra_model::llama::testing::max_abs_diff(&h, &hk);
+        let diff = umbra_model::testing::max_abs_diff(&h, &hk);
         assert!(diff < 1e-3, "{diff}");
         let x = to_dmatrix(&u).unwrap();
         let y = to_dmatrix(&uk).unwrap();

@@ -2,6 +2,7 @@
 use crate::error::{AttackError, Result};
 use candle_core::{Device, Tensor};
 use umbra_model::llama::{Llama, TapPoint};
+use umbra_model::{Forward, Input};
 use umbra_model::{LlamaConfig, Weights};
 
 /// Which residual-stream state is observed: the embedding output (HF `hidden_states[0]`) or the
@@ -72,12 +73,15 @@ impl StateModel {
                 StateLayer::Block(i) => {
                     let mut got = None;
                     let mut cache = self.model.new_cache();
-                    self.model
-                        .forward_embeds_with_taps(&emb, &mut cache, &mut |p, t| {
+                    self.model.forward(
+                        Input::Embeds(&emb),
+                        &mut cache,
+                        Forward::hidden().tap(&mut |p, t| {
                             if p == TapPoint::Layer(i) {
                                 got = Some(t.clone());
                             }
-                        })?;
+                        }),
+                    )?;
                     got.ok_or_else(|| AttackError::Input(format!("no state at block {i}")))?
                 }
             };

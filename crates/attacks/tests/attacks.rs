@@ -14,7 +14,7 @@ use umbra_attacks::states::StateLayer;
 use umbra_attacks::suite::{run_one, AttackKind, Streams, SuiteConfig};
 use umbra_attacks::vma::{self, VmaConfig};
 use umbra_attacks::{nn, Target};
-use umbra_model::llama::testing::{random_weights, tiny_config};
+use umbra_model::testing::{random_weights, tiny_config};
 use umbra_model::{LlamaConfig, Weights};
 
 const VOCAB: usize = 512;

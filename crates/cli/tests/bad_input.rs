@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use umbra_model::checkpoint::Checkpoint;
-use umbra_model::llama::testing::{random_weights, tiny_config};
+use umbra_model::testing::{random_weights, tiny_config};
 
 fn umbra(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_umbra"))

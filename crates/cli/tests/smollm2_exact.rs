@@ -12,6 +12,7 @@ use umbra_assets::{Asset, Cache};
 use umbra_model::checkpoint::Checkpoint;
 use umbra_model::generate::{generate_batch, GenerateParams};
 use umbra_model::llama::Llama;
+use umbra_model::{Forward, Input};
 
 fn smollm2() -> PathBuf {
     umbra_assets::Cache::from_env()
@@ -77,11 +78,14 @@ fn exact_mode_is_exact_on_smollm2() {
         let run = |m: &Llama, ids: &[u32]| {
             let mut c = m.new_cache();
             m.forward(
-                &Tensor::new(ids, &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
+                Input::Ids(
+                    &Tensor::new(ids, &Device::Cpu)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                ),
                 &mut c,
+                Forward::logits(),
             )
             .unwrap()
             .squeeze(0)
@@ -91,7 +95,7 @@ fn exact_mode_is_exact_on_smollm2() {
         let lo = run(&obf, &tau.apply(ids).unwrap())
             .index_select(&col, 1)
             .unwrap();
-        let diff = umbra_model::llama::testing::max_abs_diff(&lo, &lp);
+        let diff = umbra_model::testing::max_abs_diff(&lo, &lp);
         let scale = lp
             .abs()
             .unwrap()
@@ -143,11 +147,14 @@ fn exact_mode_is_exact_on_smollm2() {
     let mut c = plain.new_cache();
     let lp: Vec<Vec<f32>> = plain
         .forward(
-            &Tensor::new(short, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap(),
+            Input::Ids(
+                &Tensor::new(short, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            ),
             &mut c,
+            Forward::logits(),
         )
         .unwrap()
         .squeeze(0)

@@ -8,6 +8,7 @@ use candle_core::Tensor;
 use std::time::Instant;
 use umbra_model::llama::Llama;
 use umbra_model::tokenizer::TextTokenizer;
+use umbra_model::{Forward, Input};
 
 /// Flat bench results (milliseconds per HaluEval row = one prompt + two answers).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -42,11 +43,15 @@ fn plain_pass(model: &Llama, prompt: &[u32], answers: &[Vec<u32>]) -> Result<()>
     let mut cache = model
         .new_cache_with_capacity(prompt.len() + answers.iter().map(Vec::len).max().unwrap_or(0));
     let emb = model.embed(&Tensor::new(prompt, dev)?.unsqueeze(0)?)?;
-    let h = model.forward_embeds(&emb, &mut cache)?;
+    let h = model.forward(Input::Embeds(&emb), &mut cache, Forward::hidden())?;
     let _first = model.head(&h.narrow(1, prompt.len() - 1, 1)?)?;
     for a in answers {
         let mut c = cache.try_clone()?;
-        let _logits = model.forward(&Tensor::new(a.as_slice(), dev)?.unsqueeze(0)?, &mut c)?;
+        let _logits = model.forward(
+            Input::Ids(&Tensor::new(a.as_slice(), dev)?.unsqueeze(0)?),
+            &mut c,
+            Forward::logits(),
+        )?;
     }
     Ok(())
 }

@@ -42,6 +42,7 @@ use candle_core::{Tensor, D};
 use std::collections::BTreeMap;
 use umbra_model::llama::{Llama, TapOptions, TapPoint};
 use umbra_model::tokenizer::TextTokenizer;
+use umbra_model::{Forward, Input};
 
 /// Which part of the forward pass a feature comes from.
 #[derive(
@@ -299,14 +300,15 @@ pub fn extract_ids(
             m.new_cache_with_capacity(p + answers.iter().map(Vec::len).max().unwrap_or(0));
         let mut prompt_layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
         let mut prompt_ffn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
-        let h =
-            m.forward_embeds_with_tap_options(&emb, &mut cache, TapOptions::FFN, &mut |pt, t| {
-                match pt {
-                    TapPoint::Layer(_) => prompt_layers.push(t.clone()),
-                    TapPoint::Ffn(_) => prompt_ffn.push(t.clone()),
-                    _ => {}
-                }
-            })?;
+        let h = m.forward(
+            Input::Embeds(&emb),
+            &mut cache,
+            Forward::hidden().taps(TapOptions::FFN, &mut |pt, t| match pt {
+                TapPoint::Layer(_) => prompt_layers.push(t.clone()),
+                TapPoint::Ffn(_) => prompt_ffn.push(t.clone()),
+                _ => {}
+            }),
+        )?;
         let first_logits = m.head(&h.narrow(1, p - 1, 1)?)?.squeeze(0)?; // [1,V]
                                                                          // Prompt per layer: [P, d] as rows.
         let prompt_rows: Vec<Vec<Vec<f32>>> = prompt_layers
@@ -324,15 +326,16 @@ pub fn extract_ids(
             let mut layers: Vec<Tensor> = Vec::with_capacity(m.num_layers());
             let mut attn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
             let mut ffn: Vec<Tensor> = Vec::with_capacity(m.num_layers());
-            let ah =
-                m.forward_embeds_with_tap_options(&aemb, &mut c, TapOptions::ALL, &mut |pt, t| {
-                    match pt {
-                        TapPoint::Layer(_) => layers.push(t.clone()),
-                        TapPoint::Attention(_) => attn.push(t.clone()),
-                        TapPoint::Ffn(_) => ffn.push(t.clone()),
-                        _ => {}
-                    }
-                })?;
+            let ah = m.forward(
+                Input::Embeds(&aemb),
+                &mut c,
+                Forward::hidden().taps(TapOptions::ALL, &mut |pt, t| match pt {
+                    TapPoint::Layer(_) => layers.push(t.clone()),
+                    TapPoint::Attention(_) => attn.push(t.clone()),
+                    TapPoint::Ffn(_) => ffn.push(t.clone()),
+                    _ => {}
+                }),
+            )?;
             let logits = m.head(&ah)?.squeeze(0)?; // [n,V]
             let mut f = reduce(
                 cfg,

@@ -255,7 +255,9 @@ mod tests {
     use crate::probe::FeatureRef;
     use crate::store::ModelDims;
     use candle_core::{Device, Tensor};
-    use umbra_model::llama::{testing, Llama, TapPoint};
+    use umbra_model::llama::{Llama, TapPoint};
+    use umbra_model::testing;
+    use umbra_model::{Forward, Input};
 
     fn meta(model: &Llama, features: Vec<FeatureRef>, cfg: ExtractConfig) -> ProbeMeta {
         ProbeMeta {
@@ -309,11 +311,15 @@ mod tests {
                 .unsqueeze(0)
                 .unwrap();
             let mut logits = m
-                .forward_last_with_taps(&ids, &mut cache, &mut |pt, t| {
-                    if let TapPoint::Layer(_) = pt {
-                        layers.push(t.squeeze(0).unwrap().to_vec2::<f32>().unwrap());
-                    }
-                })
+                .forward(
+                    Input::Ids(&ids),
+                    &mut cache,
+                    Forward::last_logits().tap(&mut |pt, t| {
+                        if let TapPoint::Layer(_) = pt {
+                            layers.push(t.squeeze(0).unwrap().to_vec2::<f32>().unwrap());
+                        }
+                    }),
+                )
                 .unwrap()
                 .squeeze(0)
                 .unwrap()
@@ -329,13 +335,16 @@ mod tests {
                     assert!(on.needs_tail());
                 }
                 let mut rows = vec![];
-                let ids = [tok];
+                let ids = Tensor::new(&[[tok]], &Device::Cpu).unwrap();
                 let out = m
-                    .forward_decode_groups_with_taps(&mut [(&ids[..], &mut cache)], &mut |pt, t| {
-                        if let TapPoint::Layer(_) = pt {
-                            rows.push(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                        }
-                    })
+                    .forward_groups(
+                        &mut [(Input::Ids(&ids), &mut cache)],
+                        Forward::last_logits().tap(&mut |pt, t| {
+                            if let TapPoint::Layer(_) = pt {
+                                rows.push(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                            }
+                        }),
+                    )
                     .unwrap();
                 logits = out[0].squeeze(0).unwrap().to_vec1::<f32>().unwrap();
                 let r: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();

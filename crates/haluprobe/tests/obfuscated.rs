@@ -14,8 +14,8 @@ use umbra_haluprobe::probe::{
 use umbra_haluprobe::score::Scorer;
 use umbra_haluprobe::store::{Matrix, ModelDims};
 use umbra_haluprobe::HaluError;
-use umbra_model::llama::testing::{random_weights, tiny_config};
 use umbra_model::llama::Llama;
+use umbra_model::testing::{random_weights, tiny_config};
 use umbra_model::{LlamaConfig, Weights};
 
 const SPECIALS: [u32; 2] = [0, 1];

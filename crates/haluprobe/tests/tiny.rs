@@ -15,7 +15,9 @@ use umbra_haluprobe::store::{
     FORMAT, MANIFEST,
 };
 use umbra_haluprobe::HaluError;
-use umbra_model::llama::{testing, Llama, TapPoint};
+use umbra_model::llama::{Llama, TapPoint};
+use umbra_model::testing;
+use umbra_model::{Forward, Input, TapOptions};
 
 fn tiny(layers: usize) -> Llama {
     let cfg = testing::tiny_config(32, 4, 2, layers, 64);
@@ -28,17 +30,23 @@ fn attention_tap_is_opt_in_and_exact() {
     let ids = Tensor::new(&[[1u32, 5, 9, 3, 7]], &Device::Cpu).unwrap();
     let emb = m.embed(&ids).unwrap();
     let mut c = m.new_cache();
-    let plain = m.forward_embeds(&emb, &mut c).unwrap();
+    let plain = m
+        .forward(Input::Embeds(&emb), &mut c, Forward::hidden())
+        .unwrap();
     let mut probs = vec![];
     let mut points = vec![];
     let mut c2 = m.new_cache();
     let tapped = m
-        .forward_embeds_with_attention_taps(&emb, &mut c2, &mut |p, t| {
-            points.push(p);
-            if let TapPoint::Attention(_) = p {
-                probs.push(t.clone());
-            }
-        })
+        .forward(
+            Input::Embeds(&emb),
+            &mut c2,
+            Forward::hidden().taps(TapOptions::ATTENTION, &mut |p, t| {
+                points.push(p);
+                if let TapPoint::Attention(_) = p {
+                    probs.push(t.clone());
+                }
+            }),
+        )
         .unwrap();
     let d = (plain - tapped).unwrap().abs().unwrap().max_all().unwrap();
     assert!(d.to_scalar::<f32>().unwrap() < 1e-5);
@@ -55,9 +63,11 @@ fn attention_tap_is_opt_in_and_exact() {
     // Plain taps never see attention.
     let mut c3 = m.new_cache();
     let mut any_attn = false;
-    m.forward_embeds_with_taps(&emb, &mut c3, &mut |p, _| {
-        any_attn |= matches!(p, TapPoint::Attention(_))
-    })
+    m.forward(
+        Input::Embeds(&emb),
+        &mut c3,
+        Forward::hidden().tap(&mut |p, _| any_attn |= matches!(p, TapPoint::Attention(_))),
+    )
     .unwrap();
     assert!(!any_attn);
     let p = probs[1].squeeze(0).unwrap().to_vec3::<f32>().unwrap(); // [nh, t, L]
@@ -73,12 +83,16 @@ fn attention_tap_is_opt_in_and_exact() {
         .embed(&Tensor::new(&[[2u32]], &Device::Cpu).unwrap())
         .unwrap();
     let mut n = 0;
-    m.forward_embeds_with_attention_taps(&one, &mut c2, &mut |p, t| {
-        if let TapPoint::Attention(_) = p {
-            assert_eq!(t.dims(), &[1, 4, 1, 6]);
-            n += 1;
-        }
-    })
+    m.forward(
+        Input::Embeds(&one),
+        &mut c2,
+        Forward::hidden().taps(TapOptions::ATTENTION, &mut |p, t| {
+            if let TapPoint::Attention(_) = p {
+                assert_eq!(t.dims(), &[1, 4, 1, 6]);
+                n += 1;
+            }
+        }),
+    )
     .unwrap();
     assert_eq!(n, 2);
 }
@@ -175,11 +189,15 @@ fn ffn_features_come_from_the_engine_tap() {
                 .unwrap(),
         )
         .unwrap();
-    m.forward_embeds_with_tap_options(&emb, &mut c, TapOptions::FFN, &mut |p, t| {
-        if let TapPoint::Ffn(_) = p {
-            acts.push(t.clone())
-        }
-    })
+    m.forward(
+        Input::Embeds(&emb),
+        &mut c,
+        Forward::hidden().taps(TapOptions::FFN, &mut |p, t| {
+            if let TapPoint::Ffn(_) = p {
+                acts.push(t.clone())
+            }
+        }),
+    )
     .unwrap();
     let aemb = m
         .embed(
@@ -189,11 +207,15 @@ fn ffn_features_come_from_the_engine_tap() {
                 .unwrap(),
         )
         .unwrap();
-    m.forward_embeds_with_tap_options(&aemb, &mut c, TapOptions::FFN, &mut |p, t| {
-        if let TapPoint::Ffn(_) = p {
-            acts.push(t.clone())
-        }
-    })
+    m.forward(
+        Input::Embeds(&aemb),
+        &mut c,
+        Forward::hidden().taps(TapOptions::FFN, &mut |p, t| {
+            if let TapPoint::Ffn(_) = p {
+                acts.push(t.clone())
+            }
+        }),
+    )
     .unwrap();
     assert_eq!(acts.len(), 4);
     assert_eq!(acts[2].dims(), &[1, 4, m.config().intermediate_size]);

@@ -1,7 +1,7 @@
 //! Autoregressive generation on [`Llama`]: prefill the prompt, then decode one token at a time
 //! with the KV cache, computing the LM head on the last position only.
 use crate::error::{ModelError, Result};
-use crate::llama::Llama;
+use crate::llama::{Forward, Input, Llama};
 use crate::sampling::{Sampler, SamplingParams};
 use candle_core::Tensor;
 use std::time::Instant;
@@ -83,7 +83,7 @@ pub fn generate(
         model.config().max_position_embeddings,
         |ids| -> Result<Vec<f32>> {
             let ids = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &device)?;
-            let logits = model.forward_last(&ids, &mut cache)?;
+            let logits = model.forward(Input::Ids(&ids), &mut cache, Forward::last_logits())?;
             Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
         },
         on_token,
@@ -139,7 +139,7 @@ pub fn generate_with<E: From<ModelError>>(
 
 /// Generates from `prompts` (all the same length) in one batch; `params[i]` (own sampler, stop
 /// ids, `max_tokens`) applies to `prompts[i]`. `on_token(i, id)` returns `false` to stop sequence
-/// `i`. Finished sequences are dropped from the batch ([`crate::llama::KvCache::retain`]).
+/// `i`. Finished sequences are dropped from the batch ([`crate::kv_cache::KvCache::retain`]).
 pub fn generate_batch(
     model: &Llama,
     prompts: &[&[u32]],
@@ -186,7 +186,9 @@ pub fn generate_batch(
     let t0 = Instant::now();
     let flat: Vec<u32> = prompts.iter().flat_map(|p| p.iter().copied()).collect();
     let ids = Tensor::from_vec(flat, (b, plen), device)?;
-    let mut logits = model.forward_last(&ids, &mut cache)?.to_vec2::<f32>()?;
+    let mut logits = model
+        .forward(Input::Ids(&ids), &mut cache, Forward::last_logits())?
+        .to_vec2::<f32>()?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     for o in outs.iter_mut() {
@@ -234,7 +236,9 @@ pub fn generate_batch(
                 .collect();
         }
         let ids = Tensor::from_vec(next, (active.len(), 1), device)?;
-        logits = model.forward_last(&ids, &mut cache)?.to_vec2::<f32>()?;
+        logits = model
+            .forward(Input::Ids(&ids), &mut cache, Forward::last_logits())?
+            .to_vec2::<f32>()?;
     }
     Ok(outs)
 }

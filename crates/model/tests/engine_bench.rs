@@ -4,8 +4,10 @@
 use candle_core::{Device, Tensor};
 use std::time::Instant;
 use umbra_model::generate::{generate, GenerateParams};
-use umbra_model::llama::{testing, Llama};
+use umbra_model::llama::Llama;
 use umbra_model::sampling::SamplingParams;
+use umbra_model::testing;
+use umbra_model::{Forward, Input};
 
 #[test]
 #[ignore]
@@ -212,7 +214,7 @@ fn engine_bench_candle_stock_baseline() {
 }
 
 /// Decode-step cost with B rows spread over groups of different lengths
-/// ([`Llama::forward_decode_groups`]), vs B = 1: the speed-up continuous batching can give.
+/// ([`Llama::forward_groups`]), vs B = 1: the speed-up continuous batching can give.
 #[test]
 #[ignore]
 fn engine_bench_decode_groups() {
@@ -229,21 +231,27 @@ fn engine_bench_decode_groups() {
                     .map(|j| (j * 991 + 7) % 49152)
                     .collect();
                 model
-                    .forward_last(
-                        &Tensor::from_vec(p.clone(), (1, p.len()), &Device::Cpu).unwrap(),
+                    .forward(
+                        Input::Ids(
+                            &Tensor::from_vec(p.clone(), (1, p.len()), &Device::Cpu).unwrap(),
+                        ),
                         &mut c,
+                        Forward::last_logits(),
                     )
                     .unwrap();
                 c
             })
             .collect();
-        let ids: Vec<[u32; 1]> = (0..b as u32).map(|i| [i * 17 + 3]).collect();
+        let ids: Vec<Tensor> = (0..b as u32)
+            .map(|i| Tensor::new(&[[i * 17 + 3]], &Device::Cpu).unwrap())
+            .collect();
         let steps = 16;
         let t = Instant::now();
         for _ in 0..steps {
-            let mut groups: Vec<(&[u32], &mut umbra_model::llama::KvCache)> =
-                ids.iter().map(|v| &v[..]).zip(caches.iter_mut()).collect();
-            model.forward_decode_groups(&mut groups).unwrap();
+            let mut groups: Vec<_> = ids.iter().map(Input::Ids).zip(caches.iter_mut()).collect();
+            model
+                .forward_groups(&mut groups, Forward::last_logits())
+                .unwrap();
         }
         let per_step = t.elapsed().as_secs_f64() / steps as f64;
         let tok_s = b as f64 / per_step;

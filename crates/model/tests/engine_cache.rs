@@ -1,6 +1,7 @@
 //! KV cache, batching, split mode and taps: every path must agree with a plain full forward.
 use candle_core::{Device, Tensor};
-use umbra_model::llama::{testing, KvCache, Llama, TapPoint};
+use umbra_model::llama::{Forward, Input, KvCache, Llama, TapPoint};
+use umbra_model::testing;
 use umbra_model::LlamaConfig;
 
 fn model(cfg: &LlamaConfig, seed: u64) -> Llama {
@@ -27,7 +28,7 @@ fn rel(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn full(m: &Llama, s: &[u32]) -> Vec<Vec<f32>> {
-    m.forward(&ids(s), &mut m.new_cache())
+    m.forward(Input::Ids(&ids(s)), &mut m.new_cache(), Forward::logits())
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -45,7 +46,11 @@ fn engine_cache_incremental_matches_full_forward() {
     let mut pos = 0;
     for chunk in [4usize, 1, 1, 3, 1, 1, 1] {
         let got: Vec<Vec<f32>> = m
-            .forward(&ids(&s[pos..pos + chunk]), &mut cache)
+            .forward(
+                Input::Ids(&ids(&s[pos..pos + chunk])),
+                &mut cache,
+                Forward::logits(),
+            )
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -68,7 +73,7 @@ fn engine_cache_growth_past_initial_capacity() {
     let mut cache = KvCache::with_capacity(m.num_layers(), 2);
     for (p, &tok) in s.iter().enumerate() {
         let got = m
-            .forward_last(&ids(&[tok]), &mut cache)
+            .forward(Input::Ids(&ids(&[tok])), &mut cache, Forward::last_logits())
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -83,7 +88,13 @@ fn engine_cache_forward_last_is_last_row() {
     let m = model(&gqa(), 3);
     let s = seq(7, 2);
     let want = full(&m, &s);
-    let got = m.forward_last(&ids(&s), &mut m.new_cache()).unwrap();
+    let got = m
+        .forward(
+            Input::Ids(&ids(&s)),
+            &mut m.new_cache(),
+            Forward::last_logits(),
+        )
+        .unwrap();
     assert_eq!(got.dims(), &[1, 64]);
     assert!(rel(&got.squeeze(0).unwrap().to_vec1::<f32>().unwrap(), &want[6]) < 1e-5);
 }
@@ -96,23 +107,25 @@ fn engine_cache_batched_prefill_and_decode_equal_single_runs() {
     let mut bc = m.new_cache();
     let batched = m
         .forward(
-            &Tensor::from_vec(flat, (3, 6), &Device::Cpu).unwrap(),
+            Input::Ids(&Tensor::from_vec(flat, (3, 6), &Device::Cpu).unwrap()),
             &mut bc,
+            Forward::logits(),
         )
         .unwrap();
     assert_eq!(batched.dims(), &[3, 6, 64]);
     assert_eq!(bc.batch_size(), 3);
     let next = [5u32, 17, 33];
     let step = m
-        .forward_last(
-            &Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu).unwrap(),
+        .forward(
+            Input::Ids(&Tensor::from_vec(next.to_vec(), (3, 1), &Device::Cpu).unwrap()),
             &mut bc,
+            Forward::last_logits(),
         )
         .unwrap();
     for (i, s) in seqs.iter().enumerate() {
         let mut c = m.new_cache();
         let single: Vec<Vec<f32>> = m
-            .forward(&ids(s), &mut c)
+            .forward(Input::Ids(&ids(s)), &mut c, Forward::logits())
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -123,7 +136,7 @@ fn engine_cache_batched_prefill_and_decode_equal_single_runs() {
             assert!(rel(&b[p], &single[p]) < 1e-5, "seq {i} position {p}");
         }
         let one = m
-            .forward_last(&ids(&[next[i]]), &mut c)
+            .forward(Input::Ids(&ids(&[next[i]])), &mut c, Forward::last_logits())
             .unwrap()
             .squeeze(0)
             .unwrap()
@@ -142,11 +155,12 @@ fn engine_cache_reset_truncate_and_fork() {
     let s = seq(8, 3);
     let want = full(&m, &s);
     let mut c = m.new_cache();
-    m.forward(&ids(&seq(5, 9)), &mut c).unwrap();
+    m.forward(Input::Ids(&ids(&seq(5, 9))), &mut c, Forward::logits())
+        .unwrap();
     c.reset();
     assert!(c.is_empty());
     let got: Vec<Vec<f32>> = m
-        .forward(&ids(&s[..6]), &mut c)
+        .forward(Input::Ids(&ids(&s[..6])), &mut c, Forward::logits())
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -158,7 +172,7 @@ fn engine_cache_reset_truncate_and_fork() {
     c.truncate(4);
     assert_eq!(c.len(), 4);
     let r = m
-        .forward_last(&ids(&s[4..7]), &mut c)
+        .forward(Input::Ids(&ids(&s[4..7])), &mut c, Forward::last_logits())
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -166,7 +180,11 @@ fn engine_cache_reset_truncate_and_fork() {
         .unwrap();
     assert!(rel(&r, &want[6]) < 1e-4);
     let f = m
-        .forward_last(&ids(&s[6..7]), &mut fork)
+        .forward(
+            Input::Ids(&ids(&s[6..7])),
+            &mut fork,
+            Forward::last_logits(),
+        )
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -183,7 +201,9 @@ fn engine_split_mode_equals_forward() {
     let mut c = m.new_cache();
     let e = m.embed(&ids(&s)).unwrap();
     assert_eq!(e.dims(), &[1, 5, 48]);
-    let h = m.forward_embeds(&e, &mut c).unwrap();
+    let h = m
+        .forward(Input::Embeds(&e), &mut c, Forward::hidden())
+        .unwrap();
     assert_eq!(h.dims(), &[1, 5, 48]);
     let got: Vec<Vec<f32>> = m.head(&h).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
     for p in 0..5 {
@@ -198,7 +218,11 @@ fn engine_taps_see_every_layer_and_match_outputs() {
     let mut seen: Vec<(TapPoint, Tensor)> = vec![];
     let mut c = m.new_cache();
     let logits = m
-        .forward_with_taps(&ids(&s), &mut c, &mut |p, h| seen.push((p, h.clone())))
+        .forward(
+            Input::Ids(&ids(&s)),
+            &mut c,
+            Forward::logits().tap(&mut |p, h| seen.push((p, h.clone()))),
+        )
         .unwrap();
     let points: Vec<TapPoint> = seen.iter().map(|x| x.0).collect();
     let mut want = vec![TapPoint::Embeddings];
@@ -214,7 +238,11 @@ fn engine_taps_see_every_layer_and_match_outputs() {
     assert!(rel(&l0, &l1) > 1e-3);
     let mut c2 = m.new_cache();
     let h = m
-        .forward_embeds(&m.embed(&ids(&s)).unwrap(), &mut c2)
+        .forward(
+            Input::Embeds(&m.embed(&ids(&s)).unwrap()),
+            &mut c2,
+            Forward::hidden(),
+        )
         .unwrap();
     assert!(
         rel(
@@ -234,21 +262,27 @@ fn engine_cache_retain_drops_batch_rows() {
     let flat: Vec<u32> = seqs.iter().flatten().copied().collect();
     let mut bc = m.new_cache();
     m.forward(
-        &Tensor::from_vec(flat, (3, 5), &Device::Cpu).unwrap(),
+        Input::Ids(&Tensor::from_vec(flat, (3, 5), &Device::Cpu).unwrap()),
         &mut bc,
+        Forward::logits(),
     )
     .unwrap();
     assert!(bc.retain(&[true, false]).is_err());
     bc.retain(&[true, false, true]).unwrap();
     assert_eq!(bc.batch_size(), 2);
     let step = m
-        .forward_last(&Tensor::new(&[[7u32], [9]], &Device::Cpu).unwrap(), &mut bc)
+        .forward(
+            Input::Ids(&Tensor::new(&[[7u32], [9]], &Device::Cpu).unwrap()),
+            &mut bc,
+            Forward::last_logits(),
+        )
         .unwrap();
     for (row, (i, tok)) in [(0usize, 7u32), (2, 9)].into_iter().enumerate() {
         let mut c = m.new_cache();
-        m.forward(&ids(&seqs[i]), &mut c).unwrap();
+        m.forward(Input::Ids(&ids(&seqs[i])), &mut c, Forward::logits())
+            .unwrap();
         let one = m
-            .forward_last(&ids(&[tok]), &mut c)
+            .forward(Input::Ids(&ids(&[tok])), &mut c, Forward::last_logits())
             .unwrap()
             .squeeze(0)
             .unwrap();
@@ -276,9 +310,11 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
         let flat: Vec<u32> = rows.iter().flatten().copied().collect();
         let t = Tensor::from_vec(flat, (b, len), &Device::Cpu).unwrap();
         let mut c = m.new_cache();
-        m.forward_last(&t, &mut c).unwrap();
+        m.forward(Input::Ids(&t), &mut c, Forward::last_logits())
+            .unwrap();
         let mut r = m.new_cache();
-        m.forward_last(&t, &mut r).unwrap();
+        m.forward(Input::Ids(&t), &mut r, Forward::last_logits())
+            .unwrap();
         prompts.push(rows);
         caches.push(c);
         refs.push(r);
@@ -293,20 +329,26 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
                     .collect()
             })
             .collect();
-        let mut groups: Vec<(&[u32], &mut KvCache)> = next
+        let next_t: Vec<Tensor> = shapes
             .iter()
-            .map(|v| v.as_slice())
+            .zip(&next)
+            .map(|(&(b, _), v)| Tensor::from_vec(v.clone(), (b, 1), &Device::Cpu).unwrap())
+            .collect();
+        let mut groups: Vec<(Input, &mut KvCache)> = next_t
+            .iter()
+            .map(Input::Ids)
             .zip(caches.iter_mut())
             .collect();
-        // The tapped variant (serving's hallucination probe) must give the same logits, and
+        // With taps (serving's hallucination probe) the pass must give the same logits, and
         // per layer the same residual rows as each group's own tapped step.
         let mut taps: Vec<Tensor> = vec![];
+        let mut keep = |pt: TapPoint, t: &Tensor| {
+            if let TapPoint::Layer(_) = pt {
+                taps.push(t.clone());
+            }
+        };
         let out = m
-            .forward_decode_groups_with_taps(&mut groups, &mut |pt, t| {
-                if let TapPoint::Layer(_) = pt {
-                    taps.push(t.clone());
-                }
-            })
+            .forward_groups(&mut groups, Forward::last_logits().tap(&mut keep))
             .unwrap();
         assert_eq!(out.len(), shapes.len());
         assert_eq!(taps.len(), m.num_layers());
@@ -315,22 +357,21 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
             let t = Tensor::from_vec(next[g].clone(), (b, 1), &Device::Cpu).unwrap();
             let mut want_taps: Vec<Tensor> = vec![];
             let want: Vec<Vec<f32>> = m
-                .forward_last_with_taps(&t, &mut refs[g], &mut |pt, x| {
-                    if let TapPoint::Layer(_) = pt {
-                        want_taps.push(x.clone());
-                    }
-                })
+                .forward(
+                    Input::Ids(&t),
+                    &mut refs[g],
+                    Forward::last_logits().tap(&mut |pt, x| {
+                        if let TapPoint::Layer(_) = pt {
+                            want_taps.push(x.clone());
+                        }
+                    }),
+                )
                 .unwrap()
                 .to_vec2()
                 .unwrap();
             for (l, (got_l, want_l)) in taps.iter().zip(&want_taps).enumerate() {
-                let got_l: Vec<Vec<f32>> = got_l
-                    .narrow(0, r0, b)
-                    .unwrap()
-                    .squeeze(1)
-                    .unwrap()
-                    .to_vec2()
-                    .unwrap();
+                // Groups' rows stacked `[P, d]`; the group alone taps `[b, 1, d]`.
+                let got_l: Vec<Vec<f32>> = got_l.narrow(0, r0, b).unwrap().to_vec2().unwrap();
                 let want_l: Vec<Vec<f32>> = want_l.squeeze(1).unwrap().to_vec2().unwrap();
                 for r in 0..b {
                     assert!(
@@ -351,12 +392,23 @@ fn engine_decode_groups_of_different_lengths_equal_separate_steps() {
             assert_eq!(caches[g].len(), len + 1 + step as usize);
         }
     }
-    // A group whose cache was never prefilled is an error, not a panic.
+    // A group with an empty cache is a one-token prompt, batched with the others.
     let mut empty = m.new_cache();
-    let one = [1u32];
-    assert!(m
-        .forward_decode_groups(&mut [(&one[..], &mut empty)])
-        .is_err());
+    let one = ids(&[1]);
+    let got = m
+        .forward_groups(
+            &mut [(Input::Ids(&one), &mut empty)],
+            Forward::last_logits(),
+        )
+        .unwrap();
+    let want = m
+        .forward(Input::Ids(&one), &mut m.new_cache(), Forward::last_logits())
+        .unwrap();
+    assert_eq!(
+        got[0].to_vec2::<f32>().unwrap(),
+        want.to_vec2::<f32>().unwrap()
+    );
+    assert_eq!(empty.len(), 1);
 }
 
 /// Split mode's batched server step: decode rows given as embeddings, blocks only, for groups at
@@ -371,9 +423,11 @@ fn engine_decode_groups_from_embeddings_equal_separate_steps() {
     for (g, &len) in lens.iter().enumerate() {
         let x = embed(&seq(len, g as u32));
         let mut c = m.new_cache();
-        m.forward_embeds(&x, &mut c).unwrap();
+        m.forward(Input::Embeds(&x), &mut c, Forward::hidden())
+            .unwrap();
         let mut r = m.new_cache();
-        m.forward_embeds(&x, &mut r).unwrap();
+        m.forward(Input::Embeds(&x), &mut r, Forward::hidden())
+            .unwrap();
         caches.push(c);
         refs.push(r);
     }
@@ -381,12 +435,18 @@ fn engine_decode_groups_from_embeddings_equal_separate_steps() {
         let xs: Vec<Tensor> = (0..lens.len() as u32)
             .map(|g| embed(&[(g * 7 + step * 13) % 64]))
             .collect();
-        let mut groups: Vec<(&Tensor, &mut KvCache)> = xs.iter().zip(caches.iter_mut()).collect();
-        let got = m.forward_decode_groups_embeds(&mut groups).unwrap();
+        let mut groups: Vec<(Input, &mut KvCache)> = xs
+            .iter()
+            .map(Input::Embeds)
+            .zip(caches.iter_mut())
+            .collect();
+        let got = m.forward_groups(&mut groups, Forward::hidden()).unwrap();
         assert_eq!(got.len(), lens.len());
         for (g, h) in got.iter().enumerate() {
             assert_eq!(h.dims(), &[1, 1, m.config().hidden_size]);
-            let want = m.forward_embeds(&xs[g], &mut refs[g]).unwrap();
+            let want = m
+                .forward(Input::Embeds(&xs[g]), &mut refs[g], Forward::hidden())
+                .unwrap();
             let (a, b) = (
                 h.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
                 want.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -395,19 +455,128 @@ fn engine_decode_groups_from_embeddings_equal_separate_steps() {
             assert_eq!(caches[g].len(), refs[g].len());
         }
     }
-    // Wrong shapes and empty caches are refused.
+    // Wrong widths are refused; a cache at its model's context limit too.
     let bad = Tensor::zeros(
-        (1, 2, m.config().hidden_size),
+        (1, 1, m.config().hidden_size + 1),
         candle_core::DType::F32,
         &Device::Cpu,
     )
     .unwrap();
     assert!(m
-        .forward_decode_groups_embeds(&mut [(&bad, &mut caches[0])])
+        .forward_groups(
+            &mut [(Input::Embeds(&bad), &mut caches[0])],
+            Forward::hidden()
+        )
         .is_err());
     let one = embed(&[1]);
-    let mut empty = m.new_cache();
+    let mut other = umbra_model::KvCache::new(m.num_layers() + 1);
     assert!(m
-        .forward_decode_groups_embeds(&mut [(&one, &mut empty)])
+        .forward_groups(&mut [(Input::Embeds(&one), &mut other)], Forward::hidden())
+        .is_err());
+}
+
+/// One pass mixing a prompt chunk (8 positions after 5 cached) with two other sequences'
+/// decode steps (chunked prefill beside continuous batching): each group's logits equal its
+/// own full forward, and every cache advances by its own length.
+#[test]
+fn engine_groups_mix_a_prompt_chunk_with_decode_steps() {
+    let m = model(&gqa(), 12);
+    let long = seq(13, 1);
+    let (a, b) = (seq(6, 2), seq(9, 3));
+    let mut cl = m.new_cache();
+    m.forward(
+        Input::Ids(&ids(&long[..5])),
+        &mut cl,
+        Forward::last_logits(),
+    )
+    .unwrap();
+    let mut ca = m.new_cache();
+    m.forward(Input::Ids(&ids(&a[..5])), &mut ca, Forward::last_logits())
+        .unwrap();
+    let mut cb = m.new_cache();
+    m.forward(Input::Ids(&ids(&b[..8])), &mut cb, Forward::last_logits())
+        .unwrap();
+    let (chunk, na, nb) = (ids(&long[5..]), ids(&a[5..]), ids(&b[8..]));
+    let mut groups = [
+        (Input::Ids(&na), &mut ca),
+        (Input::Ids(&chunk), &mut cl),
+        (Input::Ids(&nb), &mut cb),
+    ];
+    let got = m.forward_groups(&mut groups, Forward::logits()).unwrap();
+    for (g, (s, len)) in [(&a, 1usize), (&long, 8), (&b, 1)].iter().enumerate() {
+        let want = full(&m, s);
+        let rows: Vec<Vec<f32>> = got[g].squeeze(0).unwrap().to_vec2().unwrap();
+        assert_eq!(rows.len(), *len);
+        for (i, r) in rows.iter().enumerate() {
+            let e = rel(r, &want[s.len() - len + i]);
+            assert!(e < 1e-4, "group {g} position {i}: {e:e}");
+        }
+    }
+    assert_eq!((ca.len(), cl.len(), cb.len()), (6, 13, 9));
+}
+
+/// A pass over blocks 0..1 then one over 1..3 (the residual stream handed on as embeddings)
+/// equals the whole pass, also for the cached decode step after it; ranges that cannot give
+/// logits, or skip a block the cache has not seen, are refused.
+#[test]
+fn engine_block_ranges_compose_to_the_whole_pass() {
+    let m = model(&gqa(), 13);
+    let s = seq(7, 4);
+    let want = full(&m, &s);
+    let mut c = m.new_cache();
+    for (lo, hi) in [(0usize, 6usize), (6, 7)] {
+        let part = ids(&s[lo..hi]);
+        let h = m
+            .forward(Input::Ids(&part), &mut c, Forward::hidden().blocks(0..1))
+            .unwrap();
+        assert_eq!(c.len(), lo, "the last layer has not run yet");
+        let got = m
+            .forward(
+                Input::Embeds(&h),
+                &mut c,
+                Forward::last_logits().blocks(1..3),
+            )
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(rel(&got[0], &want[hi - 1]) < 1e-4, "positions {lo}..{hi}");
+        assert_eq!(c.len(), hi);
+    }
+    let x = m.embed(&ids(&s[..1])).unwrap();
+    let mut fresh = m.new_cache();
+    assert!(m
+        .forward(
+            Input::Embeds(&x),
+            &mut fresh,
+            Forward::logits().blocks(0..2)
+        )
+        .is_err());
+    assert!(m
+        .forward(
+            Input::Ids(&ids(&s[..1])),
+            &mut fresh,
+            Forward::hidden().blocks(1..3)
+        )
+        .is_err());
+    m.forward(
+        Input::Embeds(&x),
+        &mut fresh,
+        Forward::hidden().blocks(0..1),
+    )
+    .unwrap();
+    let err = m
+        .forward(
+            Input::Embeds(&x),
+            &mut fresh,
+            Forward::hidden().blocks(0..3),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("disagree"), "{err}");
+    assert!(m
+        .forward(
+            Input::Embeds(&x),
+            &mut fresh,
+            Forward::hidden().blocks(2..5)
+        )
         .is_err());
 }

@@ -1,8 +1,10 @@
 //! Bad input and bad checkpoints give typed errors, never panics.
 use candle_core::{DType, Device, Tensor};
 use umbra_model::generate::{generate, generate_batch, GenerateParams};
-use umbra_model::llama::{testing, Llama};
+use umbra_model::llama::Llama;
 use umbra_model::sampling::SamplingParams;
+use umbra_model::testing;
+use umbra_model::{Forward, Input};
 use umbra_model::{LlamaConfig, ModelError};
 
 fn cfg() -> LlamaConfig {
@@ -17,7 +19,9 @@ fn model() -> Llama {
 fn engine_err_token_id_out_of_vocab() {
     let m = model();
     let ids = Tensor::new(&[[1u32, 40]], &Device::Cpu).unwrap();
-    let e = m.forward(&ids, &mut m.new_cache()).unwrap_err();
+    let e = m
+        .forward(Input::Ids(&ids), &mut m.new_cache(), Forward::logits())
+        .unwrap_err();
     assert!(
         matches!(e, ModelError::Input(ref s) if s.contains("40")),
         "{e}"
@@ -38,19 +42,22 @@ fn engine_err_bad_id_tensor_shape_or_dtype() {
     let mut c = m.new_cache();
     let one_d = Tensor::new(&[1u32, 2], &Device::Cpu).unwrap();
     assert!(matches!(
-        m.forward(&one_d, &mut c),
+        m.forward(Input::Ids(&one_d), &mut c, Forward::logits()),
         Err(ModelError::Input(_))
     ));
     let f = Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap();
-    assert!(matches!(m.forward(&f, &mut c), Err(ModelError::Input(_))));
+    assert!(matches!(
+        m.forward(Input::Ids(&f), &mut c, Forward::logits()),
+        Err(ModelError::Input(_))
+    ));
     let empty = Tensor::zeros((1, 0), DType::U32, &Device::Cpu).unwrap();
     assert!(matches!(
-        m.forward(&empty, &mut c),
+        m.forward(Input::Ids(&empty), &mut c, Forward::logits()),
         Err(ModelError::Input(_))
     ));
     let wrong_d = Tensor::zeros((1, 2, 31), DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(
-        m.forward_embeds(&wrong_d, &mut c),
+        m.forward(Input::Embeds(&wrong_d), &mut c, Forward::hidden()),
         Err(ModelError::Input(_))
     ));
     assert!(c.is_empty());
@@ -130,14 +137,16 @@ fn engine_err_context_overflow() {
     let m = Llama::new(&c, &testing::random_weights(&c, 1), &Device::Cpu).unwrap();
     let mut cache = m.new_cache();
     m.forward(
-        &Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap(),
+        Input::Ids(&Tensor::new(&[[1u32, 2, 3, 4, 5, 6]], &Device::Cpu).unwrap()),
         &mut cache,
+        Forward::logits(),
     )
     .unwrap();
     let e = m
         .forward(
-            &Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap(),
+            Input::Ids(&Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap()),
             &mut cache,
+            Forward::logits(),
         )
         .unwrap_err();
     assert!(
@@ -167,17 +176,26 @@ fn engine_err_cache_mismatch_and_batch_inputs() {
     let m = model();
     let mut c = m.new_cache();
     m.forward(
-        &Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap(),
+        Input::Ids(&Tensor::new(&[[1u32, 2], [3, 4]], &Device::Cpu).unwrap()),
         &mut c,
+        Forward::logits(),
     )
     .unwrap();
     assert!(matches!(
-        m.forward(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap(), &mut c),
+        m.forward(
+            Input::Ids(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap()),
+            &mut c,
+            Forward::logits()
+        ),
         Err(ModelError::Input(_))
     ));
     let mut other = umbra_model::llama::KvCache::new(5);
     assert!(matches!(
-        m.forward(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap(), &mut other),
+        m.forward(
+            Input::Ids(&Tensor::new(&[[1u32]], &Device::Cpu).unwrap()),
+            &mut other,
+            Forward::logits()
+        ),
         Err(ModelError::Input(_))
     ));
     let p = GenerateParams {

@@ -1,8 +1,10 @@
 //! Generation: greedy output equals an uncached argmax loop; stops, callbacks, batching.
 use candle_core::{Device, Tensor};
 use umbra_model::generate::{generate, generate_batch, FinishReason, GenerateParams};
-use umbra_model::llama::{testing, Llama};
+use umbra_model::llama::Llama;
 use umbra_model::sampling::{argmax, SamplingParams};
+use umbra_model::testing;
+use umbra_model::{Forward, Input};
 
 fn model() -> Llama {
     let c = testing::tiny_config(48, 6, 2, 2, 64);
@@ -15,7 +17,7 @@ fn slow_greedy(m: &Llama, prompt: &[u32], n: usize) -> Vec<u32> {
     for _ in 0..n {
         let ids = Tensor::from_vec(s.clone(), (1, s.len()), &Device::Cpu).unwrap();
         let l: Vec<Vec<f32>> = m
-            .forward(&ids, &mut m.new_cache())
+            .forward(Input::Ids(&ids), &mut m.new_cache(), Forward::logits())
             .unwrap()
             .squeeze(0)
             .unwrap()

@@ -4,7 +4,9 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama as cl;
 use std::collections::HashMap;
-use umbra_model::llama::{testing, Llama};
+use umbra_model::llama::Llama;
+use umbra_model::testing;
+use umbra_model::{Forward, Input};
 use umbra_model::{LlamaConfig, Weights};
 
 fn ids_of(n: usize, vocab: usize, salt: u32) -> Vec<u32> {
@@ -27,7 +29,7 @@ fn ours_full(cfg: &LlamaConfig, w: &Weights, ids: &[u32]) -> Vec<Vec<f32>> {
     let m = Llama::new(cfg, w, &Device::Cpu).unwrap();
     let mut cache = m.new_cache();
     let t = Tensor::from_vec(ids.to_vec(), (1, ids.len()), &Device::Cpu).unwrap();
-    m.forward(&t, &mut cache)
+    m.forward(Input::Ids(&t), &mut cache, Forward::logits())
         .unwrap()
         .squeeze(0)
         .unwrap()

@@ -3,7 +3,7 @@
 //!
 //! Batching: requests admitted in the same scheduler iteration with equal prompt lengths form a
 //! *cohort* that shares one `KvCache` and is prefilled as one `[b, t]` forward. Every decode
-//! step then advances *all* cohorts in one [`Llama::forward_decode_groups`] call: the
+//! step then advances *all* cohorts in one [`Llama::forward_groups`] call: the
 //! projections and FFN run as one GEMM over every live row, attention reads each cohort's own
 //! cache, so sequences of different lengths share the weight reads. A new request never waits
 //! for running ones to finish (it is prefilled and joins at the next iteration). A finished or
@@ -18,6 +18,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use umbra_model::llama::{Llama, TapPoint};
 use umbra_model::sampling::{Sampler, SamplingParams};
+use umbra_model::{Forward, Input};
 
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -385,12 +386,14 @@ impl Scheduler {
         let logits = Tensor::from_vec(flat, (b, plen), &Device::Cpu)
             .map_err(umbra_model::error::ModelError::from)
             .and_then(|ids| match &plan {
-                None => self.model.forward_last(&ids, &mut cache),
-                Some(plan) => self
+                None => self
                     .model
-                    .forward_last_with_taps(&ids, &mut cache, &mut |pt, t| {
-                        keep_planned(plan, &mut taps, pt, t)
-                    }),
+                    .forward(Input::Ids(&ids), &mut cache, Forward::last_logits()),
+                Some(plan) => self.model.forward(
+                    Input::Ids(&ids),
+                    &mut cache,
+                    Forward::last_logits().tap(&mut |pt, t| keep_planned(plan, &mut taps, pt, t)),
+                ),
             })
             .and_then(|l| Ok(l.to_vec2::<f32>()?));
         let mut cohort = Cohort { members, cache };
@@ -450,20 +453,33 @@ impl Scheduler {
         self.metrics
             .decode_rows
             .fetch_add(rows as u64, Ordering::Relaxed);
-        let mut groups: Vec<(&[u32], &mut umbra_model::llama::KvCache)> = ids
+        let id_t = match ids
             .iter()
-            .map(Vec::as_slice)
+            .map(|v| Tensor::from_vec(v.clone(), (v.len(), 1), &Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()
+        {
+            Ok(t) => t,
+            Err(e) => {
+                let e = umbra_model::ModelError::from(e);
+                self.cohorts.iter_mut().for_each(|c| fail_all(c, &e));
+                return;
+            }
+        };
+        let mut groups: Vec<(Input, &mut umbra_model::KvCache)> = id_t
+            .iter()
+            .map(Input::Ids)
             .zip(self.cohorts.iter_mut().map(|c| &mut c.cache))
             .collect();
         let plan = self.probe.as_ref().map(|p| p.plan.clone());
         let mut taps: Vec<Tensor> = vec![];
         let logits = match &plan {
-            None => self.model.forward_decode_groups(&mut groups),
-            Some(plan) => self
+            None => self
                 .model
-                .forward_decode_groups_with_taps(&mut groups, &mut |pt, t| {
-                    keep_planned(plan, &mut taps, pt, t)
-                }),
+                .forward_groups(&mut groups, Forward::last_logits()),
+            Some(plan) => self.model.forward_groups(
+                &mut groups,
+                Forward::last_logits().tap(&mut |pt, t| keep_planned(plan, &mut taps, pt, t)),
+            ),
         }
         .and_then(|ls| {
             ls.iter()
@@ -483,7 +499,7 @@ impl Scheduler {
             // One cohort's failure must not end the others: retry each on its own (a failed
             // step never advanced any cache's length, so the retry rewrites the same position).
             Err(_) if cohorts.len() > 1 => {
-                for (c, ids) in cohorts.iter_mut().zip(&ids) {
+                for (c, ids) in cohorts.iter_mut().zip(&id_t) {
                     let mut taps: Vec<Tensor> = vec![];
                     let mut tap = |pt: TapPoint, t: &Tensor| {
                         if let Some(plan) = &plan {
@@ -492,9 +508,9 @@ impl Scheduler {
                     };
                     let one = self
                         .model
-                        .forward_decode_groups_with_taps(
-                            &mut [(ids.as_slice(), &mut c.cache)],
-                            &mut tap,
+                        .forward_groups(
+                            &mut [(Input::Ids(ids), &mut c.cache)],
+                            Forward::last_logits().tap(&mut tap),
                         )
                         .and_then(|mut ls| Ok(ls.remove(0).to_vec2::<f32>()?));
                     match one {
@@ -626,12 +642,12 @@ impl Scheduler {
     }
 }
 
-/// Gives each live member its rows of the decode step's layer taps (`[B, 1, d]` each, rows in
+/// Gives each live member its rows of the decode step's layer taps (`[B, d]` each, rows in
 /// cohort order).
 fn record_decode_taps(cohorts: &mut [Cohort], taps: &[Tensor]) {
     let rows: Vec<Vec<Vec<f32>>> = match taps
         .iter()
-        .map(|t| t.squeeze(1).and_then(|t| t.to_vec2::<f32>()))
+        .map(|t| t.to_vec2::<f32>())
         .collect::<candle_core::Result<_>>()
     {
         Ok(r) => r,

@@ -19,7 +19,7 @@
 //!
 //! Decode steps (one row on an open session) of concurrent sessions are batched: a batcher
 //! thread takes every step waiting and runs them as one
-//! [`Llama::forward_decode_groups_embeds`] (one GEMM per weight over all rows), so many clients
+//! [`Llama::forward_groups`] (one GEMM per weight over all rows), so many clients
 //! share the server's compute as they do in token mode. Prompts run on their own.
 //!
 //! [`SplitClient`] is the other side: ids -> tau -> embedding rows -> server -> head -> sample.
@@ -45,6 +45,7 @@ use umbra_model::generate::{generate_with, GenerateOutput, GenerateParams};
 use umbra_model::llama::{KvCache, Llama};
 use umbra_model::tokenizer::TextTokenizer;
 use umbra_model::ModelPart;
+use umbra_model::{Forward, Input};
 
 /// The route split-mode clients call.
 pub const FORWARD_PATH: &str = "/v1/split/forward";
@@ -188,8 +189,12 @@ fn run_batch(model: &Llama, jobs: Vec<DecodeJob>) {
     }
     let out = (|| -> Result<Vec<Vec<f32>>, umbra_model::ModelError> {
         let xs = xs.into_iter().collect::<Result<Vec<_>, _>>()?;
-        let mut groups: Vec<(&Tensor, &mut KvCache)> = xs.iter().zip(caches.iter_mut()).collect();
-        let hs = model.forward_decode_groups_embeds(&mut groups)?;
+        let mut groups: Vec<(Input, &mut KvCache)> = xs
+            .iter()
+            .map(Input::Embeds)
+            .zip(caches.iter_mut())
+            .collect();
+        let hs = model.forward_groups(&mut groups, Forward::hidden())?;
         Ok(hs
             .iter()
             .map(|h| h.flatten_all()?.to_vec1::<f32>())
@@ -411,7 +416,7 @@ async fn forward_inner(s: &Arc<SplitState>, req: Request) -> Result<ForwardRespo
             let mut cache = cache;
             let out = (|| -> Result<Vec<f32>, umbra_model::ModelError> {
                 let x = Tensor::from_vec(data, (1, rows, width), &Device::Cpu)?;
-                let h = model.forward_embeds(&x, &mut cache)?;
+                let h = model.forward(Input::Embeds(&x), &mut cache, Forward::hidden())?;
                 let h = if all { h } else { h.narrow(1, rows - 1, 1)? };
                 Ok(h.flatten_all()?.to_vec1::<f32>()?)
             })();

@@ -15,6 +15,7 @@ use umbra_model::checkpoint::Checkpoint;
 use umbra_model::generate::{generate_greedy, GenerateParams};
 use umbra_model::llama::Llama;
 use umbra_model::sampling::SamplingParams;
+use umbra_model::{Forward, Input};
 use umbra_serve::proxy::{start_proxy, ProxyConfig};
 use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
 use umbra_serve::split::{decode_f32, encode_f32, SplitClient, FORWARD_PATH};
@@ -133,7 +134,9 @@ async fn split_generation_equals_the_plaintext_model() {
         let client = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu).unwrap();
         let ids = Tensor::new(&[[5u32, 77, 140, 3]], &Device::Cpu).unwrap();
         let x = client.embed(&ids).unwrap();
-        let want = whole.forward_embeds(&x, &mut whole.new_cache()).unwrap();
+        let want = whole
+            .forward(Input::Embeds(&x), &mut whole.new_cache(), Forward::hidden())
+            .unwrap();
         let d = x.dims()[2];
         let (st, v) = post(
             &server.url(),

@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use umbra_model::checkpoint::Checkpoint;
-use umbra_model::llama::testing::{random_weights, tiny_config};
+use umbra_model::testing::{random_weights, tiny_config};
 use umbra_model::tokenizer::TextTokenizer;
 use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
 

@@ -97,7 +97,7 @@ fn columns(
     for j in j0..j1 {
         let wr = &w[j * k..(j + 1) * k];
         for r in 0..m {
-            out[r * ld + (j - j0)] = crate::llama::kernels::dot(&x[r * k..(r + 1) * k], wr);
+            out[r * ld + (j - j0)] = super::dot(&x[r * k..(r + 1) * k], wr);
         }
     }
 }
