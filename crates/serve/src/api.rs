@@ -35,6 +35,20 @@ impl ApiError {
     }
 }
 
+/// Engine errors whose message contains this came from a remote party the engine depends on
+/// (a share server of `umbra proxy --share-servers`): they are answered 502, not 500.
+pub const UPSTREAM_FAILURE: &str = "upstream failure: ";
+
+/// The answer to an engine error message: 502 for an [`UPSTREAM_FAILURE`], else 500.
+pub fn engine_error(message: String) -> ApiError {
+    let status = if message.contains(UPSTREAM_FAILURE) {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    ApiError::new(status, "server_error", message)
+}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.status.as_u16(), self.message)

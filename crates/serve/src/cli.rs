@@ -57,15 +57,12 @@ pub struct ServeArgs {
 /// `umbra proxy`: the customer's side, holding the key and the public tokenizer.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProxyArgs {
-    /// `client.key` from `umbra obfuscate`.
+    /// `client.key` from `umbra obfuscate` (required in token and split mode).
     #[arg(long)]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
     /// The plaintext model folder (its tokenizer and config are used; weights are not read).
-    #[arg(
-        long,
-        required_unless_present = "split_client",
-        conflicts_with = "split_client"
-    )]
+    /// Required unless `--split-client`.
+    #[arg(long, conflicts_with = "split_client")]
     pub tokenizer: Option<PathBuf>,
     /// Split mode: the client part of `umbra obfuscate --split` (`<out>/client`). The proxy
     /// then runs the embedding, head and sampling itself and `--upstream` is the `umbra serve`
@@ -166,8 +163,16 @@ pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
 
 /// Runs `umbra proxy` until Ctrl-C.
 pub fn run_proxy(args: &ProxyArgs) -> Result<(), ServeError> {
+    let key = args.key.clone().ok_or_else(|| {
+        ServeError::Config("--key is required (the client key of the obfuscated model)".into())
+    })?;
+    if args.tokenizer.is_none() && args.split_client.is_none() {
+        return Err(ServeError::Config(
+            "--tokenizer (the plaintext model folder) or --split-client is required".into(),
+        ));
+    }
     let mut cfg = ProxyConfig::new(
-        args.key.clone(),
+        key,
         args.tokenizer.clone().unwrap_or_default(),
         args.upstream.clone(),
         addr(&args.host, args.port)?,

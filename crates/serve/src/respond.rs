@@ -193,13 +193,7 @@ async fn collect(
                 finish = Some(f.as_str());
                 break;
             }
-            Event::Error(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e,
-                ))
-            }
+            Event::Error(e) => return Err(crate::api::engine_error(e)),
         }
     }
     drop(rx);
@@ -310,7 +304,7 @@ fn stream(
                     break;
                 }
                 Event::Error(e) => {
-                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                    let err = crate::api::engine_error(e);
                     let _ = tx
                         .send(SseEvent::default().data(err.body().to_string()))
                         .await;
