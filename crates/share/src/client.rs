@@ -1,0 +1,396 @@
+//! The client's two links: one persistent TLS connection to each share server, blocking I/O
+//! with timeouts (the engine thread calls it from inside a forward pass).
+//!
+//! A round trip writes server A's PRODUCT frame, then server B's, then reads A's RESULT and
+//! B's: both servers compute at the same time. Every failure names its server (`A
+//! https://host:port`): a refused connection, a TLS or fingerprint mismatch, an ERROR frame, a
+//! closed connection, a malformed RESULT, no answer within the timeout. A link that failed is
+//! reopened (handshake and fingerprint again) at the next round trip, so a restarted server
+//! resumes service; nothing waits longer than the timeout.
+use crate::error::{Result, ShareError};
+use crate::frame;
+use crate::tls::Trust;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// One server as the user named it.
+#[derive(Debug, Clone)]
+pub struct ServerSpec {
+    /// `A` or `B`.
+    pub label: String,
+    /// As given (`https://host:port`).
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerSpec {
+    /// `https://host:port`, `host:port`, `[v6]:port`.
+    pub fn parse(label: &str, url: &str) -> Result<Self> {
+        let rest = url
+            .strip_prefix("https://")
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        if url.starts_with("http://") {
+            return Err(ShareError::Config(format!(
+                "{url}: share servers speak TLS only (https://)"
+            )));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) => (h, p),
+            None => {
+                return Err(ShareError::Config(format!(
+                    "{url}: give the server as https://host:port"
+                )))
+            }
+        };
+        let port: u16 = port
+            .parse()
+            .map_err(|_| ShareError::Config(format!("{url}: bad port `{port}`")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(ShareError::Config(format!("{url}: no host")));
+        }
+        Ok(Self {
+            label: label.into(),
+            url: url.into(),
+            host: host.into(),
+            port,
+        })
+    }
+
+    /// `A https://host:port`.
+    pub fn name(&self) -> String {
+        format!("{} {}", self.label, self.url)
+    }
+}
+
+/// Exactly two servers, A then B, from a comma-separated list.
+pub fn parse_pair(list: &[String]) -> Result<[ServerSpec; 2]> {
+    let urls: Vec<&str> = list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if urls.len() != 2 {
+        return Err(ShareError::Config(format!(
+            "--share-servers needs exactly two servers (A and B, run by parties that do not \
+             collude), got {}: with one server, that server would hold both shares and see \
+             every activation",
+            urls.len()
+        )));
+    }
+    if urls[0] == urls[1] {
+        return Err(ShareError::Config(format!(
+            "--share-servers names {} twice: the two shares must go to two different servers",
+            urls[0]
+        )));
+    }
+    Ok([
+        ServerSpec::parse("A", urls[0])?,
+        ServerSpec::parse("B", urls[1])?,
+    ])
+}
+
+/// What the client expects of each server: the model's fingerprint and map table.
+#[derive(Debug, Clone)]
+pub struct Expect {
+    pub fingerprint: [u8; 32],
+    pub table: Vec<(u32, u32)>,
+}
+
+/// Traffic counters of the two links (frames, both directions, both servers).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct LinkStats {
+    pub round_trips: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Seconds between the first write and the last read of each round trip.
+    pub wait_s: f64,
+}
+
+type Tls = StreamOwned<ClientConnection, TcpStream>;
+
+struct Link {
+    spec: ServerSpec,
+    config: Arc<rustls::ClientConfig>,
+    stream: Option<Tls>,
+    /// The server's model name from WELCOME.
+    model: String,
+}
+
+impl Link {
+    fn err(&self, message: impl Into<String>) -> ShareError {
+        ShareError::server(self.spec.name(), message)
+    }
+
+    fn io_err(&self, e: &std::io::Error, what: &str) -> ShareError {
+        use std::io::ErrorKind::*;
+        let m = match e.kind() {
+            WouldBlock | TimedOut => format!("no answer within the timeout while {what}"),
+            UnexpectedEof | ConnectionReset | BrokenPipe | ConnectionAborted => {
+                format!("connection closed while {what}")
+            }
+            _ => format!("{what}: {e}"),
+        };
+        self.err(m)
+    }
+
+    fn open(&mut self, expect: &Expect, timeout: Duration) -> Result<()> {
+        self.stream = None;
+        let addr = (self.spec.host.as_str(), self.spec.port)
+            .to_socket_addrs()
+            .map_err(|e| self.err(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| self.err("cannot resolve"))?;
+        let tcp = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(|e| self.err(format!("cannot connect: {e}")))?;
+        tcp.set_nodelay(true).ok();
+        tcp.set_read_timeout(Some(timeout)).ok();
+        tcp.set_write_timeout(Some(timeout)).ok();
+        let name = ServerName::try_from(self.spec.host.clone())
+            .map_err(|e| self.err(format!("bad server name: {e}")))?;
+        let conn = ClientConnection::new(self.config.clone(), name)
+            .map_err(|e| self.err(format!("tls: {e}")))?;
+        let mut s = StreamOwned::new(conn, tcp);
+        let hello = frame::hello(&expect.fingerprint);
+        s.write_all(&hello)
+            .and_then(|_| s.flush())
+            .map_err(|e| self.io_err(&e, "sending HELLO (TLS handshake)"))?;
+        let (kind, body) = read_frame(&mut s, 1 << 20).map_err(|e| match e {
+            FrameErr::Io(e) => self.io_err(&e, "waiting for WELCOME (TLS handshake)"),
+            FrameErr::Bad(m) => self.err(m),
+        })?;
+        match kind {
+            frame::WELCOME => {
+                let w = frame::parse_welcome(&body).map_err(|e| self.err(e.to_string()))?;
+                if w.fingerprint != expect.fingerprint {
+                    return Err(self.err(format!(
+                        "runs another model ({} with weight fingerprint {}, ours is {}): refused",
+                        w.name,
+                        &hex::encode(w.fingerprint)[..16],
+                        &hex::encode(expect.fingerprint)[..16]
+                    )));
+                }
+                if w.table != expect.table {
+                    return Err(self.err("announces other linear maps than this model's"));
+                }
+                self.model = w.name;
+            }
+            frame::ERROR => {
+                let (_, m) = frame::parse_error(&body);
+                return Err(self.err(m));
+            }
+            k => return Err(self.err(format!("unexpected frame kind {k:#x} instead of WELCOME"))),
+        }
+        self.stream = Some(s);
+        Ok(())
+    }
+}
+
+enum FrameErr {
+    Io(std::io::Error),
+    Bad(String),
+}
+
+/// Reads one frame (`limit` bytes of body at most).
+fn read_frame(s: &mut impl Read, limit: usize) -> std::result::Result<(u8, Vec<u8>), FrameErr> {
+    let mut h = [0u8; frame::HEADER];
+    s.read_exact(&mut h).map_err(FrameErr::Io)?;
+    let (len, kind) = frame::parse_header(h).map_err(|e| FrameErr::Bad(e.to_string()))?;
+    if len > limit {
+        return Err(FrameErr::Bad(format!(
+            "frame of {len} bytes exceeds the {limit} expected"
+        )));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(FrameErr::Io)?;
+    Ok((kind, body))
+}
+
+/// The two links of one client.
+pub struct ShareClient {
+    links: [Link; 2],
+    expect: Expect,
+    timeout: Duration,
+    next: u32,
+    buf: Vec<u8>,
+    stats: LinkStats,
+}
+
+impl std::fmt::Debug for ShareClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShareClient")
+            .field("a", &self.links[0].spec.url)
+            .field("b", &self.links[1].spec.url)
+            .finish()
+    }
+}
+
+impl ShareClient {
+    /// Connects to both servers and checks that they run this model (`expect`).
+    pub fn connect(
+        servers: &[ServerSpec; 2],
+        trust: &[Trust; 2],
+        expect: Expect,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mk = |i: usize| -> Result<Link> {
+            Ok(Link {
+                spec: servers[i].clone(),
+                config: trust[i].client_config()?,
+                stream: None,
+                model: String::new(),
+            })
+        };
+        let mut links = [mk(0)?, mk(1)?];
+        for l in &mut links {
+            l.open(&expect, timeout)?;
+        }
+        Ok(Self {
+            links,
+            expect,
+            timeout,
+            next: 0,
+            buf: vec![],
+            stats: LinkStats::default(),
+        })
+    }
+
+    /// The model name each server announced.
+    pub fn models(&self) -> [String; 2] {
+        [self.links[0].model.clone(), self.links[1].model.clone()]
+    }
+
+    pub fn stats(&self) -> LinkStats {
+        self.stats
+    }
+
+    /// `(x - r) W^T` from A into `za` and `r W^T` from B into `zb` (`[rows, n]`) for map
+    /// `linear`; `shares[0]` goes to A, `shares[1]` to B. After any failure both links are
+    /// closed (the other one may hold an unread answer) and reopened at the next call.
+    pub fn round_trip(
+        &mut self,
+        linear: u32,
+        rows: usize,
+        shares: [&[u64]; 2],
+        n: usize,
+        out: [&mut Vec<u64>; 2],
+    ) -> Result<()> {
+        let r = self.exchange(linear, rows, shares, n, out);
+        if r.is_err() {
+            for l in &mut self.links {
+                l.stream = None;
+            }
+        }
+        r
+    }
+
+    fn exchange(
+        &mut self,
+        linear: u32,
+        rows: usize,
+        shares: [&[u64]; 2],
+        n: usize,
+        out: [&mut Vec<u64>; 2],
+    ) -> Result<()> {
+        let start = Instant::now();
+        let request = self.next;
+        self.next = self.next.wrapping_add(1);
+        for l in &mut self.links {
+            if l.stream.is_none() {
+                l.open(&self.expect, self.timeout)?;
+            }
+        }
+        for (i, l) in self.links.iter_mut().enumerate() {
+            frame::product(&mut self.buf, request, linear, rows as u32, shares[i]);
+            let sent = self.buf.len();
+            let s = l.stream.as_mut().expect("opened above");
+            if let Err(e) = s.write_all(&self.buf).and_then(|_| s.flush()) {
+                let err = l.io_err(&e, "sending shares");
+                l.stream = None;
+                return Err(err);
+            }
+            self.stats.bytes_sent += sent as u64;
+        }
+        let expect_len = frame::RESULT_HEAD + rows * n * 8;
+        let [oa, ob] = out;
+        for (l, o) in self.links.iter_mut().zip([oa, ob]) {
+            let s = l.stream.as_mut().expect("opened above");
+            let r = read_frame(s, expect_len.max(64 << 10));
+            let (kind, body) = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    let err = match e {
+                        FrameErr::Io(e) => l.io_err(&e, "waiting for products"),
+                        FrameErr::Bad(m) => l.err(m),
+                    };
+                    l.stream = None;
+                    return Err(err);
+                }
+            };
+            self.stats.bytes_received += (frame::HEADER + body.len()) as u64;
+            let bad = |l: &mut Link, m: String| {
+                l.stream = None;
+                Err(l.err(m))
+            };
+            match kind {
+                frame::RESULT if body.len() == expect_len => {
+                    let (req, r) = frame::parse_result_head(&body)?;
+                    if req != request || r as usize != rows {
+                        return bad(l, format!("answered request {req} ({r} rows) to request {request} ({rows} rows)"));
+                    }
+                    frame::get_u64s(&body[frame::RESULT_HEAD..], o);
+                }
+                frame::RESULT => {
+                    return bad(
+                        l,
+                        format!(
+                            "RESULT of {} bytes for {rows} rows of {n} products ({expect_len} expected)",
+                            body.len()
+                        ),
+                    )
+                }
+                frame::ERROR => {
+                    let (_, m) = frame::parse_error(&body);
+                    return bad(l, m);
+                }
+                k => return bad(l, format!("unexpected frame kind {k:#x}")),
+            }
+        }
+        self.stats.round_trips += 1;
+        self.stats.wait_s += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_lists_are_checked() {
+        let one = parse_pair(&["https://127.0.0.1:8001".into()]).unwrap_err();
+        assert!(one.to_string().contains("exactly two"), "{one}");
+        let same = parse_pair(&["https://a:1,https://a:1".into()]).unwrap_err();
+        assert!(same.to_string().contains("twice"), "{same}");
+        let [a, b] = parse_pair(&["https://127.0.0.1:8001, localhost:8002".into()]).unwrap();
+        assert_eq!(
+            (a.host.as_str(), a.port, a.label.as_str()),
+            ("127.0.0.1", 8001, "A")
+        );
+        assert_eq!((b.host.as_str(), b.port), ("localhost", 8002));
+        assert!(ServerSpec::parse("A", "http://x:1").is_err());
+        assert!(ServerSpec::parse("A", "https://x").is_err());
+        assert!(ServerSpec::parse("A", "https://x:99999").is_err());
+        assert_eq!(
+            ServerSpec::parse("A", "https://[::1]:5").unwrap().host,
+            "::1"
+        );
+    }
+}

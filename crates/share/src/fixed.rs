@@ -1,0 +1,252 @@
+//! The fixed-point format: public weights as i16 with one scale per output row, activations as
+//! integers of at most `P` bits with one power-of-two exponent per row, products in Z_2^64.
+//!
+//! ```text
+//! weights:     W[j, c] ~ q[j, c] * s_j,      q in [-32767, 32767],  s_j = max_c |W[j, c]| / 32767
+//! activations: x[r, c] ~ a[r, c] * 2^-e_r,   |a| <= 2^P,            e_r = P - (floor(log2 max_c |x[r, c]|) + 1)
+//! product:     y[r, j] = s_j 2^-e_r  sum_c a[r, c] q[j, c]      (the sum is what the servers compute, mod 2^64)
+//! ```
+//!
+//! **Why it cannot overflow.** `|sum_c a q| <= 2^P * L1_j` with `L1_j = sum_c |q[j, c]|`, known at
+//! load time for every row of every weight. The format is only accepted for a matrix when
+//! `2^P * max_j L1_j < 2^62`, so the true product is an integer of magnitude below 2^62 and its
+//! residue mod 2^64 (what the two shares sum to) decodes to it exactly, as a signed 64-bit
+//! integer. SmolLM2-135M's largest `L1_j` is measured at load (`umbra bench share` prints it);
+//! `P` = [`Format::DEFAULT_BITS`] leaves many bits of headroom on every one of its matrices.
+//!
+//! **Inputs outside any measured range.** The exponent is chosen per row from that row's own
+//! largest magnitude, so no activation is ever outside the format: a row with a massive
+//! activation (SmolLM2 has rows whose largest entry is hundreds of times their median) simply
+//! gets a smaller exponent, the format widens. What it cannot represent is refused, never
+//! wrapped: a non-finite value (NaN, inf) is an error naming the layer. The price of a massive
+//! activation is precision, not range: the other entries of that row keep `P - log2(ratio)`
+//! bits, which the fidelity measurements include.
+//!
+//! The exponent `e_r` stays with the client (it is not sent): a server sees only shares.
+use crate::error::{Result, ShareError};
+
+/// Largest magnitude of a quantized weight.
+pub const Q_MAX: f64 = crate::ring::W_MAX as f64;
+
+/// Activation format: magnitudes of at most `2^bits` per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Format {
+    pub bits: u32,
+}
+
+impl Default for Format {
+    fn default() -> Self {
+        Self {
+            bits: Self::DEFAULT_BITS,
+        }
+    }
+}
+
+impl Format {
+    /// 24 bits relative to the row's largest entry: the f32 mantissa of that entry, and
+    /// 24 - log2(ratio) bits for an entry `ratio` times smaller.
+    pub const DEFAULT_BITS: u32 = 24;
+
+    /// Checks that a matrix whose largest row L1 norm is `l1_max` cannot overflow (module docs).
+    pub fn check_matrix(&self, l1_max: u64, what: &str) -> Result<()> {
+        let bound = (l1_max as f64) * 2f64.powi(self.bits as i32);
+        if !(1..=40).contains(&self.bits) || bound >= 2f64.powi(62) {
+            return Err(ShareError::Range(format!(
+                "{what}: 2^{} x L1 {l1_max} reaches 2^62; use fewer activation bits",
+                self.bits
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encodes `x` (`[rows, k]`) into ring elements `out` and per-row exponents `exps`.
+    /// A non-finite entry is an error (`what` names the layer).
+    pub fn encode(
+        &self,
+        x: &[f32],
+        k: usize,
+        out: &mut [u64],
+        exps: &mut [i32],
+        what: &str,
+    ) -> Result<()> {
+        let rows = exps.len();
+        if x.len() != rows * k || out.len() != rows * k {
+            return Err(ShareError::Shape(format!(
+                "{what}: {} activations for [{rows}, {k}]",
+                x.len()
+            )));
+        }
+        for ((xr, or), e) in x
+            .chunks_exact(k)
+            .zip(out.chunks_exact_mut(k))
+            .zip(exps.iter_mut())
+        {
+            let mut m = 0f32;
+            for &v in xr {
+                if !v.is_finite() {
+                    return Err(ShareError::Range(format!(
+                        "{what}: non-finite activation {v} (refused, not wrapped)"
+                    )));
+                }
+                m = m.max(v.abs());
+            }
+            *e = if m > 0.0 {
+                // m < 2^(floor(log2 m) + 1), so m 2^e < 2^bits.
+                self.bits as i32 - (m.log2().floor() as i32 + 1)
+            } else {
+                0
+            };
+            let f = 2f64.powi(*e);
+            for (o, &v) in or.iter_mut().zip(xr) {
+                *o = ((v as f64) * f).round() as i64 as u64;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A public weight quantized to i16 per output row: `W[j, c] ~ q[j, c] * scale[j]`.
+#[derive(Debug, Clone)]
+pub struct QuantWeight {
+    pub n: usize,
+    pub k: usize,
+    /// `[n, k]` row-major.
+    pub q: Vec<i16>,
+    /// `[n]`.
+    pub scale: Vec<f32>,
+    /// `sum_c |q[j, c]|` per row.
+    pub l1: Vec<u64>,
+}
+
+impl QuantWeight {
+    /// Rounds `w` (`[n, k]` row-major F32) to nearest with each row's own scale.
+    pub fn quantize(w: &[f32], n: usize, k: usize) -> Result<Self> {
+        if w.len() != n * k || n == 0 || k == 0 {
+            return Err(ShareError::Shape(format!(
+                "{} weights for [{n}, {k}]",
+                w.len()
+            )));
+        }
+        let mut q = vec![0i16; n * k];
+        let mut scale = vec![0f32; n];
+        let mut l1 = vec![0u64; n];
+        for j in 0..n {
+            let row = &w[j * k..(j + 1) * k];
+            if let Some(bad) = row.iter().find(|v| !v.is_finite()) {
+                return Err(ShareError::Range(format!(
+                    "non-finite weight {bad} in row {j}"
+                )));
+            }
+            let m = row.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+            let s = if m > 0.0 { m / Q_MAX } else { 1.0 };
+            let mut sum = 0u64;
+            for (o, &v) in q[j * k..(j + 1) * k].iter_mut().zip(row) {
+                let r = ((v as f64) / s).round().clamp(-Q_MAX, Q_MAX) as i16;
+                sum += r.unsigned_abs() as u64;
+                *o = r;
+            }
+            scale[j] = s as f32;
+            l1[j] = sum;
+        }
+        Ok(Self { n, k, q, scale, l1 })
+    }
+
+    pub fn l1_max(&self) -> u64 {
+        self.l1.iter().copied().max().unwrap_or(0)
+    }
+}
+
+/// Decodes summed products `z` (`[rows, n]`, residues mod 2^64) into F32:
+/// `y = (z as i64) * scale[j] * 2^-e_r + bias[j]`.
+pub fn decode(z: &[u64], exps: &[i32], scale: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
+    let n = scale.len();
+    for ((zr, &e), or) in z.chunks_exact(n).zip(exps).zip(out.chunks_exact_mut(n)) {
+        let f = 2f64.powi(-e);
+        for (j, (o, &v)) in or.iter_mut().zip(zr).enumerate() {
+            let mut y = (v as i64) as f64 * f * scale[j] as f64;
+            if let Some(b) = bias {
+                y += b[j] as f64;
+            }
+            *o = y as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_keeps_every_row_within_its_bits_and_refuses_non_finite() {
+        let f = Format { bits: 20 };
+        let x = [1.0f32, -0.5, 1e-9, 1000.0, -3.0, 0.0, 0.0, 0.0, 0.0];
+        let mut out = [0u64; 9];
+        let mut e = [0i32; 3];
+        f.encode(&x, 3, &mut out, &mut e, "t").unwrap();
+        for (r, row) in out.chunks(3).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                let a = v as i64;
+                assert!(a.unsigned_abs() <= 1 << 20, "{a}");
+                let back = a as f64 * 2f64.powi(-e[r]);
+                let want = x[r * 3 + c] as f64;
+                let m = x[r * 3..r * 3 + 3].iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                assert!((back - want).abs() <= m * 2f64.powi(-20), "{back} {want}");
+            }
+        }
+        assert_eq!(e[2], 0);
+        let bad = [1.0f32, f32::NAN, 0.0];
+        let err = f
+            .encode(&bad, 3, &mut [0; 3], &mut [0; 1], "layer 3 qkv")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("layer 3 qkv") && err.to_string().contains("NaN"),
+            "{err}"
+        );
+        assert!(f
+            .encode(&[f32::INFINITY], 1, &mut [0], &mut [0], "x")
+            .is_err());
+    }
+
+    #[test]
+    fn quantized_products_decode_to_the_float_product() {
+        let (n, k) = (5, 33);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 70.0)
+            .collect();
+        let x: Vec<f32> = (0..2 * k)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) * 3.0)
+            .collect();
+        let qw = QuantWeight::quantize(&w, n, k).unwrap();
+        let f = Format::default();
+        f.check_matrix(qw.l1_max(), "w").unwrap();
+        let mut a = vec![0u64; 2 * k];
+        let mut e = [0i32; 2];
+        f.encode(&x, k, &mut a, &mut e, "x").unwrap();
+        let z = crate::ring::reference(&a, 2, k, &qw.q, n);
+        let mut y = vec![0f32; 2 * n];
+        decode(&z, &e, &qw.scale, None, &mut y);
+        for r in 0..2 {
+            for j in 0..n {
+                let want: f64 = (0..k)
+                    .map(|c| x[r * k + c] as f64 * w[j * k + c] as f64)
+                    .sum();
+                let tol = 1e-4
+                    * (0..k)
+                        .map(|c| (x[r * k + c] * w[j * k + c]).abs() as f64)
+                        .sum::<f64>();
+                assert!(
+                    (y[r * n + j] as f64 - want).abs() <= tol,
+                    "{} vs {want}",
+                    y[r * n + j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn formats_that_could_overflow_are_refused() {
+        assert!(Format { bits: 24 }.check_matrix(1 << 37, "w").is_ok());
+        assert!(Format { bits: 24 }.check_matrix(1 << 38, "w").is_err());
+        assert!(Format { bits: 0 }.check_matrix(1, "w").is_err());
+    }
+}
