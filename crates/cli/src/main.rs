@@ -35,9 +35,11 @@ enum Command {
     #[command(subcommand)]
     Eval(EvalCommand),
     /// Serve any checkpoint (plain or obfuscated) over the OpenAI HTTP API; knows nothing of keys.
-    Serve(umbra_serve::cli::ServeArgs),
+    /// With --share: a share server (public weights only; clients send secret shares).
+    Serve(ServeCmd),
     /// Client-side privacy proxy: OpenAI API for local apps, tau-mapped token ids upstream.
-    Proxy(umbra_serve::cli::ProxyArgs),
+    /// With --share-servers: the model runs here, every linear layer on two share servers.
+    Proxy(ProxyCmd),
     /// Two-party split learning on vertically split data (PubSub-VFL).
     #[command(subcommand)]
     Vfl(VflCommand),
@@ -49,13 +51,37 @@ enum Command {
     Split(SplitCommand),
     /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA, SDA, IMA, ISA, block key), scored against the key; sweeps.
     #[command(subcommand)]
-    Attack(umbra_attacks::cli::AttackCommand),
+    Attack(AttackCmd),
     /// Hallucination detection from internal states (HaluProbe): extract, train, report, score.
     #[command(subcommand)]
     Halluc(umbra_haluprobe::cli::HallucCommand),
     /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
     #[command(subcommand)]
     Sap(SapCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeCmd {
+    #[command(flatten)]
+    share: umbra_share::cli::ServeShareArgs,
+    #[command(flatten)]
+    serve: umbra_serve::cli::ServeArgs,
+}
+
+#[derive(clap::Args)]
+struct ProxyCmd {
+    #[command(flatten)]
+    share: umbra_share::cli::ProxyShareArgs,
+    #[command(flatten)]
+    proxy: umbra_serve::cli::ProxyArgs,
+}
+
+#[derive(Subcommand)]
+enum AttackCmd {
+    /// NN, IMA and ISA on one share server's recorded view (two-server secret sharing).
+    Shares(umbra_share::cli::AttackSharesArgs),
+    #[command(flatten)]
+    Obfuscation(umbra_attacks::cli::AttackCommand),
 }
 
 #[derive(Subcommand)]
@@ -106,6 +132,8 @@ enum BenchCommand {
     Split(umbra_r3elu::cli::BenchSplitArgs),
     /// SAP accuracy vs empirical privacy: none / d_chi / d_chi+CTI / Gaussian / centralized.
     Sap(umbra_sap::cli::BenchArgs),
+    /// Two-server secret sharing vs local plaintext generation: speed, traffic, client CPU.
+    Share(umbra_share::cli::BenchShareArgs),
 }
 
 fn main() {
@@ -126,15 +154,42 @@ fn main() {
 fn run(cmd: Command) -> Result<()> {
     match cmd {
         Command::Demo(a) => obfuscation_cmds::demo(&a),
-        Command::Attack(c) => umbra_attacks::cli::run(&c).map_err(Into::into),
+        Command::Attack(AttackCmd::Obfuscation(c)) => {
+            umbra_attacks::cli::run(&c).map_err(Into::into)
+        }
+        Command::Attack(AttackCmd::Shares(a)) => umbra_share::cli::run_attack(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Fetch(a) => model_cmds::fetch(&a),
         Command::Convert(a) => model_cmds::convert(&a),
         Command::Generate(a) => model_cmds::generate(&a),
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
-        Command::Serve(a) => umbra_serve::cli::run_serve(&a).map_err(Into::into),
-        Command::Proxy(a) => umbra_serve::cli::run_proxy(&a).map_err(Into::into),
+        Command::Serve(a) if a.share.share => umbra_share::cli::run_serve(
+            &a.share,
+            &a.serve.model.to_string_lossy(),
+            &a.serve.host,
+            a.serve.port,
+        )
+        .map_err(Into::into),
+        Command::Serve(a) => umbra_serve::cli::run_serve(&a.serve).map_err(Into::into),
+        Command::Proxy(a) if a.share.client.active() => {
+            let p = &a.proxy;
+            let ignored: Vec<&str> = [
+                (p.key.is_some(), "--key"),
+                (p.tokenizer.is_some(), "--tokenizer"),
+                (p.split_client.is_some(), "--split-client"),
+            ]
+            .into_iter()
+            .filter_map(|(given, name)| given.then_some(name))
+            .collect();
+            umbra_share::cli::run_proxy(&a.share, &p.host, p.port, &ignored).map_err(Into::into)
+        }
+        Command::Proxy(a) => umbra_serve::cli::run_proxy(&a.proxy).map_err(Into::into),
+        Command::Bench(BenchCommand::Share(a)) => umbra_share::cli::run_bench(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Bench(BenchCommand::Serve(a)) => {
             umbra_serve::cli::run_bench_serve(&a).map_err(Into::into)
         }

@@ -112,6 +112,9 @@ pub struct GenerateArgs {
     /// Seconds to wait for each answer of the split-mode server.
     #[arg(long, default_value_t = 60.0)]
     pub server_timeout_s: f64,
+    /// Share mode (`--share-servers A,B`): every linear layer on two share servers.
+    #[command(flatten)]
+    pub share: umbra_share::cli::ShareClientArgs,
 }
 
 /// Resolves `smollm2` to the cached default model; anything else is a path.
@@ -230,6 +233,20 @@ impl Session {
 }
 
 pub fn generate(a: &GenerateArgs) -> Result<()> {
+    if a.share.active() {
+        if a.key.is_some() || a.server.is_some() {
+            bail!("--share-servers runs a plaintext checkpoint on shares; --key and --server do not apply");
+        }
+        let g = umbra_share::cli::GenerateShare {
+            model: &a.model,
+            prompt: &a.prompt,
+            chat: a.chat,
+            max_tokens: a.max_tokens,
+            sampling: sampling(a)?,
+            json: a.json.as_deref(),
+        };
+        return Ok(umbra_share::cli::run_generate(&a.share, &g)?);
+    }
     if let Some(server) = &a.server {
         return generate_split(a, server);
     }
