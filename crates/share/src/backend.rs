@@ -61,8 +61,24 @@ pub struct SessionStats {
     pub link: LinkStats,
 }
 
+/// Buffers reused across calls (one call at a time holds the session lock).
+#[derive(Default)]
+struct Scratch {
+    /// The encoded input `[rows, k]`.
+    a: Vec<u64>,
+    exps: Vec<i32>,
+    /// The mask `r` (server B's share) and `a - r` (server A's).
+    r: Vec<u64>,
+    am: Vec<u64>,
+    za: Vec<u64>,
+    zb: Vec<u64>,
+    /// The summed products `[rows, n]`.
+    z: Vec<u64>,
+}
+
 struct State {
     transport: Transport,
+    scratch: Scratch,
     masks: ChaCha20Rng,
     poisoned: Option<String>,
     stats: SessionStats,
@@ -91,6 +107,7 @@ impl ShareSession {
             format,
             state: Mutex::new(State {
                 transport: Transport::None,
+                scratch: Scratch::default(),
                 masks: os_chacha()?,
                 poisoned: None,
                 stats: SessionStats::default(),
@@ -174,25 +191,32 @@ impl ShareLinear {
                 self.id, self.k
             )));
         }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let what = self.id.to_string();
-        let t0 = Instant::now();
-        let mut a = vec![0u64; rows * k];
-        let mut exps = vec![0i32; rows];
-        self.session
-            .format
-            .encode(&xs, k, &mut a, &mut exps, &what)?;
         let mut st = self.session.lock();
+        let t0 = Instant::now();
         if let Some(p) = &st.poisoned {
             return Err(ShareError::Integrity {
-                layer: what,
+                layer: self.id.to_string(),
                 message: format!("this session stopped after a failed check ({p})"),
             });
         }
-        if let Some(log) = &mut st.plain_log {
-            log.push((self.index, a.clone()));
+        let st = &mut *st;
+        let sc = &mut st.scratch;
+        sc.a.resize(rows * k, 0);
+        sc.exps.resize(rows, 0);
+        let format = self.session.format;
+        match umbra_model::kernels::with_f32(x, |xs| {
+            format.encode(xs, k, &mut sc.a, &mut sc.exps, &self.id)
+        }) {
+            Some(r) => r?,
+            None => {
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                format.encode(&xs, k, &mut sc.a, &mut sc.exps, &self.id)?;
+            }
         }
-        let mut z = vec![0u64; rows * self.n];
+        if let Some(log) = &mut st.plain_log {
+            log.push((self.index, sc.a.clone()));
+        }
+        sc.z.resize(rows * self.n, 0);
         let mut prep = t0.elapsed().as_secs_f64();
         match &mut st.transport {
             Transport::None => return Err(ShareError::Config("not connected".into())),
@@ -200,44 +224,38 @@ impl ShareLinear {
                 let m = ms.get(self.index as usize).ok_or_else(|| {
                     ShareError::Config(format!("no local matrix for {}", self.id))
                 })?;
-                crate::ring::gemm(Kernel::best(), &Digits::new(&a, rows, k)?, m, &mut z, None)?;
+                let d = Digits::new(&sc.a, rows, k)?;
+                crate::ring::gemm(Kernel::best(), &d, m, &mut sc.z, None)?;
             }
-            Transport::Remote(_) => {
+            Transport::Remote(c) => {
                 let t1 = Instant::now();
-                let mut r = vec![0u64; rows * k];
-                st.masks.fill(&mut r[..]);
-                let a_minus_r: Vec<u64> =
-                    a.iter().zip(&r).map(|(x, m)| x.wrapping_sub(*m)).collect();
+                sc.r.resize(rows * k, 0);
+                sc.am.resize(rows * k, 0);
+                st.masks.fill(&mut sc.r[..]);
+                crate::lanes::sub(&sc.a, &sc.r, &mut sc.am);
                 prep += t1.elapsed().as_secs_f64();
-                let (mut za, mut zb) = (vec![], vec![]);
-                let Transport::Remote(c) = &mut st.transport else {
-                    unreachable!("matched Remote above")
-                };
                 c.round_trip(
                     self.index,
                     rows,
-                    [&a_minus_r, &r],
+                    [&sc.am, &sc.r],
                     self.n,
-                    [&mut za, &mut zb],
+                    [&mut sc.za, &mut sc.zb],
                 )?;
                 let t2 = Instant::now();
-                for ((o, p), q) in z.iter_mut().zip(&za).zip(&zb) {
-                    *o = p.wrapping_add(*q);
-                }
+                crate::lanes::add(&sc.za, &sc.zb, &mut sc.z);
                 prep += t2.elapsed().as_secs_f64();
             }
         }
         let t3 = Instant::now();
-        if let Err(e) = self.checker.verify(&a, &z, &what) {
+        if let Err(e) = self.checker.verify(&sc.a, &sc.z, &self.id) {
             st.poisoned = Some(e.to_string());
             return Err(e);
         }
         let mut y = vec![0f32; rows * self.n];
-        decode(&z, &exps, &self.scale, self.bias.as_deref(), &mut y);
+        decode(&sc.z, &sc.exps, &self.scale, self.bias.as_deref(), &mut y);
         st.stats.calls += 1;
         st.stats.rows += rows as u64;
         st.stats.client_s += prep + t3.elapsed().as_secs_f64();
-        drop(st);
         Ok(Tensor::from_vec(y, (rows, self.n), x.device())?)
     }
 }

@@ -39,8 +39,10 @@ pub struct Run {
     pub decode_s: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
-    /// Process CPU seconds for prefill + decode.
+    /// Process CPU seconds for prefill + decode, and for each phase.
     pub cpu_s: f64,
+    pub prefill_cpu_s: f64,
+    pub decode_cpu_s: f64,
     /// Share mode only: map calls (round trips) in prefill / decode.
     pub prefill_round_trips: u64,
     pub decode_round_trips: u64,
@@ -68,6 +70,7 @@ pub fn measure(
     let s0 = stats();
     let mut s1 = s0;
     let cpu0 = process_cpu_s();
+    let mut cpu1 = cpu0;
     let mut cache = model.new_cache_with_capacity(prompt.len() + max_tokens);
     let mut first = true;
     let out = generate_with(
@@ -80,13 +83,15 @@ pub fn measure(
             let v = l.squeeze(0)?.to_vec1::<f32>()?;
             if first {
                 s1 = stats();
+                cpu1 = process_cpu_s();
                 first = false;
             }
             Ok(v)
         },
         |_| true,
     )?;
-    let cpu = process_cpu_s() - cpu0;
+    let cpu2 = process_cpu_s();
+    let cpu = cpu2 - cpu0;
     let s2 = stats();
     let n = out.ids.len();
     Ok(Run {
@@ -97,6 +102,8 @@ pub fn measure(
         prefill_tok_s: prompt.len() as f64 / out.prefill_s.max(1e-9),
         decode_tok_s: out.decode_tok_per_s(),
         cpu_s: cpu,
+        prefill_cpu_s: cpu1 - cpu0,
+        decode_cpu_s: cpu2 - cpu1,
         prefill_round_trips: s1.link.round_trips - s0.link.round_trips,
         decode_round_trips: s2.link.round_trips - s1.link.round_trips,
         prefill_bytes_sent: s1.link.bytes_sent - s0.link.bytes_sent,
@@ -123,8 +130,50 @@ pub fn best(runs: &[Run]) -> Run {
             b.cpu_s = r.cpu_s;
             b.share_handling_s = r.share_handling_s;
         }
+        b.prefill_cpu_s = b.prefill_cpu_s.min(r.prefill_cpu_s);
+        b.decode_cpu_s = b.decode_cpu_s.min(r.decode_cpu_s);
     }
     b
+}
+
+/// Share / plaintext ratios, each the median over repetitions of the share run divided by the
+/// plaintext run just before it (robust to a machine whose load changes between repetitions).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Ratios {
+    pub prefill: f64,
+    pub decode: f64,
+    pub client_cpu: f64,
+    pub client_cpu_prefill: f64,
+    pub client_cpu_decode: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// [`Ratios`] of paired runs.
+pub fn paired_ratios(plain: &[Run], share: &[Run]) -> Ratios {
+    let r = |f: &dyn Fn(&Run) -> f64| {
+        median(
+            plain
+                .iter()
+                .zip(share)
+                .map(|(p, s)| f(s) / f(p).max(1e-12))
+                .collect(),
+        )
+    };
+    Ratios {
+        prefill: r(&|x| x.prefill_tok_s),
+        decode: r(&|x| x.decode_tok_s),
+        client_cpu: r(&|x| x.cpu_s),
+        client_cpu_prefill: r(&|x| x.prefill_cpu_s),
+        client_cpu_decode: r(&|x| x.decode_cpu_s),
+    }
 }
 
 /// Per-token shapes of a model: what the client handles and what the servers multiply.
@@ -139,8 +188,9 @@ pub struct Shapes {
     /// Bytes sent + received per decoded token (two servers, 8-byte shares).
     pub bytes_per_token: f64,
     pub round_trips_per_token: usize,
-    /// Projected client CPU as a share of local plaintext generation.
-    pub client_cpu_share: f64,
+    /// Projected client CPU as a share of local plaintext decoding and prefill.
+    pub client_cpu_share_decode: f64,
+    pub client_cpu_share_prefill: f64,
 }
 
 /// The maps of a config: `(kind, in, out)` per map (blocks then head).
@@ -189,7 +239,8 @@ pub fn project(
     name: &str,
     cfg: &LlamaConfig,
     measured: &LlamaConfig,
-    measured_share: f64,
+    measured_decode: f64,
+    measured_prefill: f64,
 ) -> Shapes {
     let f = |c: &LlamaConfig| {
         let m = maps_of(c);
@@ -205,7 +256,8 @@ pub fn project(
         client_values: vals,
         bytes_per_token: vals * 8.0 * 2.0,
         round_trips_per_token: maps,
-        client_cpu_share: measured_share * (vals / mv) / (macs / mm),
+        client_cpu_share_decode: measured_decode * (vals / mv) / (macs / mm),
+        client_cpu_share_prefill: measured_prefill * (vals / mv) / (macs / mm),
     }
 }
 
@@ -251,14 +303,15 @@ mod tests {
             macs,
             30 * (552_960 + 331_776 + 1_769_472 + 884_736) + 28_311_552
         );
-        let p = project("same", &smol, &smol, 0.2);
-        assert!((p.client_cpu_share - 0.2).abs() < 1e-12);
+        let p = project("same", &smol, &smol, 0.2, 1.0);
+        assert!((p.client_cpu_share_decode - 0.2).abs() < 1e-12);
+        assert!((p.client_cpu_share_prefill - 1.0).abs() < 1e-12);
         for (name, cfg) in llama3_configs() {
-            let q = project(&name, &cfg, &smol, 0.2);
+            let q = project(&name, &cfg, &smol, 0.2, 1.0);
             assert!(
-                q.client_cpu_share < 0.2 / 5.0,
+                q.client_cpu_share_decode < 0.2 / 5.0,
                 "{name}: {}",
-                q.client_cpu_share
+                q.client_cpu_share_decode
             );
         }
         assert!(process_cpu_s() > 0.0);

@@ -49,8 +49,8 @@ pub struct Checker {
     s: Vec<Vec<u64>>,
     /// `u = W^T s`, `t` vectors `[k]`.
     u: Vec<Vec<u64>>,
-    /// `B_j = 2^P L1_j`.
-    bound: Vec<u128>,
+    /// `B_j = 2^P L1_j` (below 2^62, [`Format::check_matrix`]).
+    bound: Vec<u64>,
     /// Bits of the guarantee (`t * (64 - R)`).
     pub bits: u32,
 }
@@ -66,14 +66,15 @@ impl Checker {
             let sv: Vec<u64> = (0..n).map(|_| rng.next_u64()).collect();
             let mut uv = vec![0u64; k];
             for (j, &sj) in sv.iter().enumerate() {
-                for (acc, &q) in uv.iter_mut().zip(&w.q[j * k..(j + 1) * k]) {
-                    *acc = acc.wrapping_add(sj.wrapping_mul(q as i64 as u64));
-                }
+                crate::lanes::axpy_i16(&mut uv, sj, &w.q[j * k..(j + 1) * k]);
             }
             s.push(sv);
             u.push(uv);
         }
-        let bound = w.l1.iter().map(|&l| (l as u128) << format.bits).collect();
+        let bound =
+            w.l1.iter()
+                .map(|&l| l.saturating_mul(1u64 << format.bits.min(62)))
+                .collect();
         Self {
             n,
             k,
@@ -91,7 +92,7 @@ impl Checker {
 
     /// Checks summed products `z` (`[rows, n]`) against the encoded input `x` (`[rows, k]`);
     /// `what` names the layer in the error.
-    pub fn verify(&self, x: &[u64], z: &[u64], what: &str) -> Result<()> {
+    pub fn verify(&self, x: &[u64], z: &[u64], what: &dyn std::fmt::Display) -> Result<()> {
         let (n, k) = (self.n, self.k);
         let fail = |message: String| ShareError::Integrity {
             layer: what.to_string(),
@@ -105,19 +106,24 @@ impl Checker {
             )));
         }
         for (r, (zr, xr)) in z.chunks_exact(n).zip(x.chunks_exact(k)).enumerate() {
-            for (j, (&v, &b)) in zr.iter().zip(&self.bound).enumerate() {
-                if (v as i64).unsigned_abs() as u128 > b {
-                    return Err(fail(format!(
-                        "row {r}, output {j}: {} is outside the bound 2^{:.1} every true product \
-                         satisfies",
-                        v as i64,
-                        (b as f64).log2()
-                    )));
-                }
+            if !crate::lanes::within(zr, &self.bound) {
+                let (j, v, b) = zr
+                    .iter()
+                    .zip(&self.bound)
+                    .enumerate()
+                    .find(|(_, (&v, &b))| (v as i64).unsigned_abs() > b)
+                    .map(|(j, (&v, &b))| (j, v, b))
+                    .unwrap_or((0, 0, 0));
+                return Err(fail(format!(
+                    "row {r}, output {j}: {} is outside the bound 2^{:.1} every true product \
+                     satisfies",
+                    v as i64,
+                    (b as f64).log2()
+                )));
             }
             for (t, (s, u)) in self.s.iter().zip(&self.u).enumerate() {
-                let lhs = dot(zr, s);
-                let rhs = dot(xr, u);
+                let lhs = crate::lanes::dot(zr, s);
+                let rhs = crate::lanes::dot(xr, u);
                 if lhs != rhs {
                     return Err(fail(format!(
                         "row {r}: the products fail Freivalds vector {t} (a server returned a \
@@ -128,23 +134,6 @@ impl Checker {
         }
         Ok(())
     }
-}
-
-/// `sum a[i] b[i]` mod 2^64 (8 independent lanes so that it vectorizes).
-#[inline]
-fn dot(a: &[u64], b: &[u64]) -> u64 {
-    let mut acc = [0u64; 8];
-    let body = a.len().min(b.len()) / 8 * 8;
-    for (x, y) in a[..body].chunks_exact(8).zip(b[..body].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] = acc[l].wrapping_add(x[l].wrapping_mul(y[l]));
-        }
-    }
-    let mut s = acc.iter().fold(0u64, |s, &v| s.wrapping_add(v));
-    for (x, y) in a[body..].iter().zip(&b[body..]) {
-        s = s.wrapping_add(x.wrapping_mul(*y));
-    }
-    s
 }
 
 #[cfg(test)]
@@ -168,7 +157,7 @@ mod tests {
             .map(|_| rng.random_range(-50.0..50.0))
             .collect();
         let mut a = vec![0u64; rows * k];
-        f.encode(&x, k, &mut a, &mut [0; 3], "x").unwrap();
+        f.encode(&x, k, &mut a, &mut [0; 3], &"x").unwrap();
         let z = crate::ring::reference(&a, rows, k, &q.q, n);
         (q, f, a, z, rng)
     }
@@ -178,13 +167,13 @@ mod tests {
         let (q, f, a, z, mut rng) = setup();
         let c = Checker::new(&q, &f, &mut rng);
         assert!(c.bits >= TARGET_BITS && c.vectors() >= 1);
-        c.verify(&a, &z, "l").unwrap();
+        c.verify(&a, &z, &"l").unwrap();
         // One element, odd or high-valuation errors, anywhere.
         for delta in [1u64, 2, 1 << 20, 1 << 40, 1 << 62, 1 << 63, u64::MAX] {
             for idx in [0, 5, z.len() - 1] {
                 let mut bad = z.clone();
                 bad[idx] = bad[idx].wrapping_add(delta);
-                let e = c.verify(&a, &bad, "layer 2 o").unwrap_err();
+                let e = c.verify(&a, &bad, &"layer 2 o").unwrap_err();
                 assert!(e.to_string().contains("layer 2 o"), "{e}");
             }
         }
@@ -192,9 +181,9 @@ mod tests {
         let mut bad = z.clone();
         bad[0] = bad[0].wrapping_add(1 << 63);
         bad[1] = bad[1].wrapping_sub(1 << 63);
-        assert!(c.verify(&a, &bad, "l").is_err());
+        assert!(c.verify(&a, &bad, &"l").is_err());
         // A wrong input length is an error, not a pass.
-        assert!(c.verify(&a[1..], &z, "l").is_err());
+        assert!(c.verify(&a[1..], &z, &"l").is_err());
     }
 
     #[test]

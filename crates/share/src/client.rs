@@ -114,7 +114,58 @@ pub struct LinkStats {
     pub wait_s: f64,
 }
 
-type Tls = StreamOwned<ClientConnection, TcpStream>;
+/// A TCP stream whose reads go through a large buffer. rustls reads at most 4 KiB per call
+/// (and shrinks its buffer between records), so without this a 3 MB answer costs hundreds of
+/// `recv` calls; writes go straight through (rustls already gathers its records).
+struct Buffered {
+    tcp: TcpStream,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+}
+
+impl Buffered {
+    fn new(tcp: TcpStream) -> Self {
+        Self {
+            tcp,
+            buf: vec![0u8; 1 << 20],
+            pos: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Read for Buffered {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos == self.end {
+            if out.len() >= self.buf.len() {
+                return self.tcp.read(out);
+            }
+            self.end = self.tcp.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.end - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl Write for Buffered {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(b)
+    }
+
+    fn write_vectored(&mut self, b: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.tcp.write_vectored(b)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+type Tls = StreamOwned<ClientConnection, Buffered>;
 
 struct Link {
     spec: ServerSpec,
@@ -155,9 +206,11 @@ impl Link {
         tcp.set_write_timeout(Some(timeout)).ok();
         let name = ServerName::try_from(self.spec.host.clone())
             .map_err(|e| self.err(format!("bad server name: {e}")))?;
-        let conn = ClientConnection::new(self.config.clone(), name)
+        let mut conn = ClientConnection::new(self.config.clone(), name)
             .map_err(|e| self.err(format!("tls: {e}")))?;
-        let mut s = StreamOwned::new(conn, tcp);
+        // A whole PRODUCT frame is encrypted, then written in one gathered write.
+        conn.set_buffer_limit(None);
+        let mut s = StreamOwned::new(conn, Buffered::new(tcp));
         let hello = frame::hello(&expect.fingerprint);
         s.write_all(&hello)
             .and_then(|_| s.flush())
@@ -198,8 +251,12 @@ enum FrameErr {
     Bad(String),
 }
 
-/// Reads one frame (`limit` bytes of body at most).
-fn read_frame(s: &mut impl Read, limit: usize) -> std::result::Result<(u8, Vec<u8>), FrameErr> {
+/// Reads one frame (`limit` bytes of body at most) into `body`; returns its kind.
+fn read_into(
+    s: &mut impl Read,
+    limit: usize,
+    body: &mut Vec<u8>,
+) -> std::result::Result<u8, FrameErr> {
     let mut h = [0u8; frame::HEADER];
     s.read_exact(&mut h).map_err(FrameErr::Io)?;
     let (len, kind) = frame::parse_header(h).map_err(|e| FrameErr::Bad(e.to_string()))?;
@@ -208,8 +265,15 @@ fn read_frame(s: &mut impl Read, limit: usize) -> std::result::Result<(u8, Vec<u
             "frame of {len} bytes exceeds the {limit} expected"
         )));
     }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).map_err(FrameErr::Io)?;
+    body.resize(len, 0);
+    s.read_exact(body).map_err(FrameErr::Io)?;
+    Ok(kind)
+}
+
+/// [`read_into`] a fresh buffer.
+fn read_frame(s: &mut impl Read, limit: usize) -> std::result::Result<(u8, Vec<u8>), FrameErr> {
+    let mut body = vec![];
+    let kind = read_into(s, limit, &mut body)?;
     Ok((kind, body))
 }
 
@@ -220,6 +284,7 @@ pub struct ShareClient {
     timeout: Duration,
     next: u32,
     buf: Vec<u8>,
+    body: Vec<u8>,
     stats: LinkStats,
 }
 
@@ -258,6 +323,7 @@ impl ShareClient {
             timeout,
             next: 0,
             buf: vec![],
+            body: vec![],
             stats: LinkStats::default(),
         })
     }
@@ -322,8 +388,9 @@ impl ShareClient {
         let [oa, ob] = out;
         for (l, o) in self.links.iter_mut().zip([oa, ob]) {
             let s = l.stream.as_mut().expect("opened above");
-            let r = read_frame(s, expect_len.max(64 << 10));
-            let (kind, body) = match r {
+            let r = read_into(s, expect_len.max(64 << 10), &mut self.body);
+            let body = &self.body;
+            let kind = match r {
                 Ok(v) => v,
                 Err(e) => {
                     let err = match e {
@@ -341,7 +408,7 @@ impl ShareClient {
             };
             match kind {
                 frame::RESULT if body.len() == expect_len => {
-                    let (req, r) = frame::parse_result_head(&body)?;
+                    let (req, r) = frame::parse_result_head(body)?;
                     if req != request || r as usize != rows {
                         return bad(l, format!("answered request {req} ({r} rows) to request {request} ({rows} rows)"));
                     }
@@ -357,7 +424,7 @@ impl ShareClient {
                     )
                 }
                 frame::ERROR => {
-                    let (_, m) = frame::parse_error(&body);
+                    let (_, m) = frame::parse_error(body);
                     return bad(l, m);
                 }
                 k => return bad(l, format!("unexpected frame kind {k:#x}")),

@@ -67,7 +67,7 @@ impl Format {
         k: usize,
         out: &mut [u64],
         exps: &mut [i32],
-        what: &str,
+        what: &dyn std::fmt::Display,
     ) -> Result<()> {
         let rows = exps.len();
         if x.len() != rows * k || out.len() != rows * k {
@@ -82,13 +82,20 @@ impl Format {
             .zip(exps.iter_mut())
         {
             let mut m = 0f32;
+            let mut finite = true;
             for &v in xr {
-                if !v.is_finite() {
-                    return Err(ShareError::Range(format!(
-                        "{what}: non-finite activation {v} (refused, not wrapped)"
-                    )));
-                }
+                finite &= v.is_finite();
                 m = m.max(v.abs());
+            }
+            if !finite {
+                let v = xr
+                    .iter()
+                    .find(|v| !v.is_finite())
+                    .copied()
+                    .unwrap_or(f32::NAN);
+                return Err(ShareError::Range(format!(
+                    "{what}: non-finite activation {v} (refused, not wrapped)"
+                )));
             }
             *e = if m > 0.0 {
                 // m < 2^(floor(log2 m) + 1), so m 2^e < 2^bits.
@@ -96,10 +103,7 @@ impl Format {
             } else {
                 0
             };
-            let f = 2f64.powi(*e);
-            for (o, &v) in or.iter_mut().zip(xr) {
-                *o = ((v as f64) * f).round() as i64 as u64;
-            }
+            crate::lanes::encode_row(xr, 2f64.powi(*e), or);
         }
         Ok(())
     }
@@ -139,12 +143,7 @@ impl QuantWeight {
             }
             let m = row.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
             let s = if m > 0.0 { m / Q_MAX } else { 1.0 };
-            let mut sum = 0u64;
-            for (o, &v) in q[j * k..(j + 1) * k].iter_mut().zip(row) {
-                let r = ((v as f64) / s).round().clamp(-Q_MAX, Q_MAX) as i16;
-                sum += r.unsigned_abs() as u64;
-                *o = r;
-            }
+            let sum = crate::lanes::quantize_row(row, 1.0 / s, Q_MAX, &mut q[j * k..(j + 1) * k]);
             scale[j] = s as f32;
             l1[j] = sum;
         }
@@ -161,13 +160,9 @@ impl QuantWeight {
 pub fn decode(z: &[u64], exps: &[i32], scale: &[f32], bias: Option<&[f32]>, out: &mut [f32]) {
     let n = scale.len();
     for ((zr, &e), or) in z.chunks_exact(n).zip(exps).zip(out.chunks_exact_mut(n)) {
-        let f = 2f64.powi(-e);
-        for (j, (o, &v)) in or.iter_mut().zip(zr).enumerate() {
-            let mut y = (v as i64) as f64 * f * scale[j] as f64;
-            if let Some(b) = bias {
-                y += b[j] as f64;
-            }
-            *o = y as f32;
+        crate::lanes::decode_row(zr, 2f64.powi(-e), scale, or);
+        if let Some(b) = bias {
+            crate::lanes::add_bias(or, b);
         }
     }
 }
@@ -182,7 +177,7 @@ mod tests {
         let x = [1.0f32, -0.5, 1e-9, 1000.0, -3.0, 0.0, 0.0, 0.0, 0.0];
         let mut out = [0u64; 9];
         let mut e = [0i32; 3];
-        f.encode(&x, 3, &mut out, &mut e, "t").unwrap();
+        f.encode(&x, 3, &mut out, &mut e, &"t").unwrap();
         for (r, row) in out.chunks(3).enumerate() {
             for (c, &v) in row.iter().enumerate() {
                 let a = v as i64;
@@ -196,14 +191,14 @@ mod tests {
         assert_eq!(e[2], 0);
         let bad = [1.0f32, f32::NAN, 0.0];
         let err = f
-            .encode(&bad, 3, &mut [0; 3], &mut [0; 1], "layer 3 qkv")
+            .encode(&bad, 3, &mut [0; 3], &mut [0; 1], &"layer 3 qkv")
             .unwrap_err();
         assert!(
             err.to_string().contains("layer 3 qkv") && err.to_string().contains("NaN"),
             "{err}"
         );
         assert!(f
-            .encode(&[f32::INFINITY], 1, &mut [0], &mut [0], "x")
+            .encode(&[f32::INFINITY], 1, &mut [0], &mut [0], &"x")
             .is_err());
     }
 
@@ -221,7 +216,7 @@ mod tests {
         f.check_matrix(qw.l1_max(), "w").unwrap();
         let mut a = vec![0u64; 2 * k];
         let mut e = [0i32; 2];
-        f.encode(&x, k, &mut a, &mut e, "x").unwrap();
+        f.encode(&x, k, &mut a, &mut e, &"x").unwrap();
         let z = crate::ring::reference(&a, 2, k, &qw.q, n);
         let mut y = vec![0f32; 2 * n];
         decode(&z, &e, &qw.scale, None, &mut y);

@@ -60,20 +60,35 @@ fn frame(kind: u8, body_len: usize) -> Vec<u8> {
     v
 }
 
+/// Appends `xs` as little-endian bytes.
 fn put_u64s(v: &mut Vec<u8>, xs: &[u64]) {
-    v.reserve(xs.len() * 8);
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: any u64 slice is valid as bytes (no padding, alignment 1 for u8); on a
+        // little-endian target these are the little-endian encodings.
+        let bytes = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u8, xs.len() * 8) };
+        v.extend_from_slice(bytes);
+    }
+    #[cfg(not(target_endian = "little"))]
     for x in xs {
         v.extend_from_slice(&x.to_le_bytes());
     }
 }
 
-/// Reads `n` u64s from `b` (its length must be `8 n`).
+/// Reads the little-endian u64s of `b` into `out` (trailing bytes short of 8 are ignored).
 pub fn get_u64s(b: &[u8], out: &mut Vec<u64>) {
+    let n = b.len() / 8;
     out.clear();
-    out.extend(
-        b.chunks_exact(8)
-            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])),
-    );
+    out.resize(n, 0);
+    #[cfg(target_endian = "little")]
+    // SAFETY: `out` holds `n` u64s = `8 n` bytes, `b` at least `8 n`; the regions are distinct.
+    unsafe {
+        std::ptr::copy_nonoverlapping(b.as_ptr(), out.as_mut_ptr() as *mut u8, n * 8);
+    }
+    #[cfg(not(target_endian = "little"))]
+    for (o, c) in out.iter_mut().zip(b.chunks_exact(8)) {
+        *o = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    }
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -184,11 +199,36 @@ pub fn parse_welcome(b: &[u8]) -> Result<Welcome> {
 
 /// A RESULT frame.
 pub fn result(request: u32, rows: u32, products: &[u64]) -> Vec<u8> {
-    let mut v = frame(RESULT, RESULT_HEAD + products.len() * 8);
-    v.extend_from_slice(&request.to_le_bytes());
-    v.extend_from_slice(&rows.to_le_bytes());
+    let mut v = result_head(request, rows, products.len()).to_vec();
     put_u64s(&mut v, products);
     v
+}
+
+/// The first bytes of a RESULT frame carrying `n` products (the products' bytes follow).
+pub fn result_head(request: u32, rows: u32, n: usize) -> [u8; HEADER + RESULT_HEAD] {
+    let mut h = [0u8; HEADER + RESULT_HEAD];
+    h[..4].copy_from_slice(&((RESULT_HEAD + n * 8 + 1) as u32).to_le_bytes());
+    h[4] = RESULT;
+    h[5..9].copy_from_slice(&request.to_le_bytes());
+    h[9..13].copy_from_slice(&rows.to_le_bytes());
+    h
+}
+
+/// The little-endian bytes of `xs` (borrowed on little-endian targets).
+pub fn le_bytes(xs: &[u64]) -> std::borrow::Cow<'_, [u8]> {
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: as in `put_u64s`.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(xs.as_ptr() as *const u8, xs.len() * 8)
+        })
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        let mut v = vec![];
+        put_u64s(&mut v, xs);
+        std::borrow::Cow::Owned(v)
+    }
 }
 
 /// `(request, rows)` of a RESULT body.

@@ -31,6 +31,7 @@ pub mod error;
 pub mod fixed;
 pub mod frame;
 pub mod inputs;
+pub mod lanes;
 pub mod model;
 pub mod public;
 pub mod ring;

@@ -175,8 +175,9 @@ fn compute(
             let w = &weights.matrices[linear as usize];
             let k = w.cols();
             let rows: usize = group.iter().map(|j| j.rows).sum();
+            let mut group = group;
             let shares: Vec<u64> = if group.len() == 1 {
-                group[0].shares.clone()
+                std::mem::take(&mut group[0].shares)
             } else {
                 group
                     .iter()
@@ -224,10 +225,15 @@ async fn send_error<S: AsyncWriteExt + Unpin>(s: &mut S, c: u16, m: &str) {
 }
 
 /// Reads one frame body of `len` bytes within the timeout.
-async fn read_body<S: AsyncReadExt + Unpin>(s: &mut S, len: usize, t: Duration) -> Result<Vec<u8>> {
-    let mut body = vec![0u8; len];
-    match tokio::time::timeout(t, s.read_exact(&mut body)).await {
-        Ok(Ok(_)) => Ok(body),
+async fn read_body<S: AsyncReadExt + Unpin>(
+    s: &mut S,
+    len: usize,
+    t: Duration,
+    body: &mut Vec<u8>,
+) -> Result<()> {
+    body.resize(len, 0);
+    match tokio::time::timeout(t, s.read_exact(body)).await {
+        Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(ShareError::Protocol(format!("truncated frame ({e})"))),
         Err(_) => Err(ShareError::Protocol(format!(
             "frame body not received within {} s",
@@ -252,7 +258,8 @@ where
         send_error(&mut s, code::BAD_HELLO, "expected HELLO").await;
         return Err(ShareError::Protocol("expected HELLO".into()));
     }
-    let body = read_body(&mut s, len, t).await?;
+    let mut body = vec![];
+    read_body(&mut s, len, t, &mut body).await?;
     match frame::parse_hello(&body) {
         Err(e) => {
             send_error(&mut s, code::BAD_HELLO, &e.to_string()).await;
@@ -299,7 +306,7 @@ where
             send_error(&mut s, code::TOO_LARGE, &m).await;
             return Err(ShareError::Protocol(m));
         }
-        let body = read_body(&mut s, len, t).await?;
+        read_body(&mut s, len, t, &mut body).await?;
         if kind != frame::PRODUCT {
             let m = format!("unexpected frame kind {kind:#x} (expected PRODUCT)");
             send_error(&mut s, code::UNEXPECTED, &m).await;
@@ -353,9 +360,12 @@ where
             return Err(ShareError::Protocol("product failed".into()));
         };
         debug_assert_eq!(y.len(), rows * n as usize);
-        s.write_all(&frame::result(req, rows as u32, &y))
-            .await
-            .map_err(|e| ShareError::Protocol(e.to_string()))?;
+        let head = frame::result_head(req, rows as u32, y.len());
+        let w = async {
+            s.write_all(&head).await?;
+            s.write_all(&frame::le_bytes(&y)).await
+        };
+        w.await.map_err(|e| ShareError::Protocol(e.to_string()))?;
         s.flush().await.ok();
         let answered = sh.stats.jobs.fetch_add(1, Ordering::Relaxed) + 1;
         if sh.cfg.faults.stop_after.is_some_and(|m| answered >= m) {
@@ -435,13 +445,18 @@ pub async fn serve(
                 _ = stopped.wait_for(|v| *v) => break,
             };
             tcp.set_nodelay(true).ok();
+            // rustls reads 4 KiB at a time: a large buffer turns a frame into few `recv`s.
+            let tcp = tokio::io::BufReader::with_capacity(1 << 20, tcp);
             let (tls, sh) = (tls.clone(), sh.clone());
             let id = next.fetch_add(1, Ordering::Relaxed);
             sh.stats.connections.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
                 let t = sh.cfg.io_timeout;
                 let s = match tokio::time::timeout(t, tls.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
+                    Ok(Ok(mut s)) => {
+                        s.get_mut().1.set_buffer_limit(None);
+                        s
+                    }
                     Ok(Err(e)) => {
                         tracing::debug!("share server: TLS handshake with {peer}: {e}");
                         return;

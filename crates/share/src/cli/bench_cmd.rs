@@ -1,7 +1,9 @@
 //! `umbra bench share`: speed, traffic and client CPU of share mode against local plaintext
 //! generation in the same run; optionally fidelity, greedy chats, measured ranges, kernels.
 use super::ShareClientArgs;
-use crate::bench::{bench_prompt, best, llama3_configs, measure, project, Run, Shapes};
+use crate::bench::{
+    bench_prompt, best, llama3_configs, measure, paired_ratios, project, Run, Shapes,
+};
 use crate::error::{Result, ShareError};
 use crate::inputs::{InputRange, TappedModel};
 use crate::model::{resolve_model, Remote, ShareModel};
@@ -250,36 +252,43 @@ fn greedy(
 }
 
 fn print_runs(plain: &Run, share: &Run) {
-    println!("| mode | prefill tok/s | decode tok/s | CPU s of this process |");
-    println!("|---|---|---|---|");
     println!(
-        "| plaintext, local F32 | {:.1} | {:.1} | {:.2} |",
-        plain.prefill_tok_s, plain.decode_tok_s, plain.cpu_s
+        "| mode | prefill tok/s | decode tok/s | CPU s (this process): prefill | decode | all |"
     );
+    println!("|---|---|---|---|---|---|");
+    for (name, r) in [
+        ("plaintext, local F32", plain),
+        ("share, 2 servers over TLS", share),
+    ] {
+        println!(
+            "| {name} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} |",
+            r.prefill_tok_s, r.decode_tok_s, r.prefill_cpu_s, r.decode_cpu_s, r.cpu_s
+        );
+    }
+    let q = |a: f64, b: f64| a / b.max(1e-9);
     println!(
-        "| share, 2 servers over TLS | {:.1} | {:.1} | {:.2} |",
-        share.prefill_tok_s, share.decode_tok_s, share.cpu_s
-    );
-    println!(
-        "| share / plaintext | {:.3} | {:.3} | {:.3} |",
-        share.prefill_tok_s / plain.prefill_tok_s.max(1e-9),
-        share.decode_tok_s / plain.decode_tok_s.max(1e-9),
-        share.cpu_s / plain.cpu_s.max(1e-9)
+        "| share / plaintext | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} |",
+        q(share.prefill_tok_s, plain.prefill_tok_s),
+        q(share.decode_tok_s, plain.decode_tok_s),
+        q(share.prefill_cpu_s, plain.prefill_cpu_s),
+        q(share.decode_cpu_s, plain.decode_cpu_s),
+        q(share.cpu_s, plain.cpu_s)
     );
 }
 
 fn print_shapes(rows: &[Shapes]) {
-    println!("| model | linear MACs/token | client values/token | KB per token (both links) | round trips/token | client CPU share (projected) |");
-    println!("|---|---|---|---|---|---|");
+    println!("| model | linear MACs/token | client values/token | KB per token (both links) | round trips/token | client CPU share, decode | prefill |");
+    println!("|---|---|---|---|---|---|---|");
     for s in rows {
         println!(
-            "| {} | {:.3e} | {:.0} | {:.0} | {} | {:.4} |",
+            "| {} | {:.3e} | {:.0} | {:.0} | {} | {:.4} | {:.4} |",
             s.model,
             s.linear_macs,
             s.client_values,
             s.bytes_per_token / 1e3,
             s.round_trips_per_token,
-            s.client_cpu_share
+            s.client_cpu_share_decode,
+            s.client_cpu_share_prefill
         );
     }
 }
@@ -323,15 +332,21 @@ pub fn run_bench(a: &BenchShareArgs) -> Result<Value> {
         );
     }
     let (p, s) = (best(&pr), best(&sr));
-    let cpu_share = s.cpu_s / p.cpu_s.max(1e-9);
+    let ratios = paired_ratios(&pr, &sr);
+    let cpu_share = ratios.client_cpu_decode;
     let dec = (s.generated.saturating_sub(1)).max(1) as f64;
     println!(
-        "share mode vs local plaintext generation ({} prompt tokens, {} generated, best of {}):",
+        "share mode vs local plaintext generation ({} prompt tokens, {} generated; best of {} repetitions):",
         prompt.len(),
         a.max_tokens,
         a.reps.max(1)
     );
     print_runs(&p, &s);
+    println!(
+        "median over repetitions of share / plaintext (each share run next to a plaintext run): \
+         prefill tok/s {:.3}, decode tok/s {:.3}; client CPU: prefill {:.3}, decode {:.3}, all {:.3}",
+        ratios.prefill, ratios.decode, ratios.client_cpu_prefill, ratios.client_cpu_decode, ratios.client_cpu
+    );
     println!(
         "per decoded token: {:.0} round trips, {:.1} KB sent, {:.1} KB received; per prompt token: {:.1} KB sent, {:.1} KB received ({} round trips for the prompt); client share handling (encode, masks, checks, decode) {:.2} s of {:.2} s",
         s.decode_round_trips as f64 / dec,
@@ -348,9 +363,16 @@ pub fn run_bench(a: &BenchShareArgs) -> Result<Value> {
         &ck.config,
         &ck.config,
         cpu_share,
+        ratios.client_cpu_prefill,
     )];
     for (name, cfg) in llama3_configs() {
-        shapes.push(project(&name, &cfg, &ck.config, cpu_share));
+        shapes.push(project(
+            &name,
+            &cfg,
+            &ck.config,
+            cpu_share,
+            ratios.client_cpu_prefill,
+        ));
     }
     print_shapes(&shapes);
     let mut out = json!({
@@ -359,7 +381,14 @@ pub fn run_bench(a: &BenchShareArgs) -> Result<Value> {
         "integrity_bits": share.integrity_bits(),
         "prompt_tokens": prompt.len(), "max_tokens": a.max_tokens,
         "plaintext_runs": pr, "share_runs": sr, "plaintext": p, "share": s,
-        "ratios": {"prefill": s.prefill_tok_s / p.prefill_tok_s.max(1e-9), "decode": s.decode_tok_s / p.decode_tok_s.max(1e-9), "client_cpu": cpu_share},
+        "ratios": ratios,
+        "ratios_of_best": {
+            "prefill": s.prefill_tok_s / p.prefill_tok_s.max(1e-9),
+            "decode": s.decode_tok_s / p.decode_tok_s.max(1e-9),
+            "client_cpu": s.cpu_s / p.cpu_s.max(1e-9),
+            "client_cpu_prefill": s.prefill_cpu_s / p.prefill_cpu_s.max(1e-9),
+            "client_cpu_decode": s.decode_cpu_s / p.decode_cpu_s.max(1e-9),
+        },
         "per_decoded_token": {"round_trips": s.decode_round_trips as f64 / dec, "bytes_sent": s.decode_bytes_sent as f64 / dec, "bytes_received": s.decode_bytes_received as f64 / dec},
         "per_prompt_token": {"bytes_sent": s.prefill_bytes_sent as f64 / prompt.len() as f64, "bytes_received": s.prefill_bytes_received as f64 / prompt.len() as f64},
         "projections": shapes,
