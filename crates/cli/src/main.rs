@@ -90,6 +90,12 @@ enum BenchCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Vfl(_) | Command::Bench(BenchCommand::Vfl(_))
+    ) {
+        umbra_vfl::cli::one_compute_thread_per_worker();
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -79,14 +79,25 @@ pub fn amplified(eps: f64, gamma: f64) -> f64 {
 
 /// Standard normal CDF (erfc with a Chebyshev fit, |rel err| < 1.2e-7).
 pub fn phi(x: f64) -> f64 {
-    0.5 * erfc(-x / std::f64::consts::SQRT_2)
+    let z = -x / std::f64::consts::SQRT_2;
+    let r = ln_erfc_pos(z.abs()).exp();
+    0.5 * if z >= 0.0 { r } else { 2.0 - r }
 }
 
-fn erfc(x: f64) -> f64 {
-    let z = x.abs();
+/// `ln Phi(x)`, also in the far left tail where `Phi` itself underflows (`x < -38`).
+pub fn ln_phi(x: f64) -> f64 {
+    if x > -3.0 {
+        return phi(x).ln();
+    }
+    0.5f64.ln() + ln_erfc_pos(-x / std::f64::consts::SQRT_2)
+}
+
+/// `ln erfc(z)` for `z >= 0` (Numerical Recipes' `erfcc`, which is of the form
+/// `t exp(-z^2 + P(t))`, so its logarithm never underflows).
+fn ln_erfc_pos(z: f64) -> f64 {
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t
-        * (-z * z - 1.265_512_23
+    t.ln()
+        + (-z * z - 1.265_512_23
             + t * (1.000_023_68
                 + t * (0.374_091_96
                     + t * (0.096_784_18
@@ -95,15 +106,11 @@ fn erfc(x: f64) -> f64 {
                                 + t * (-1.135_203_98
                                     + t * (1.488_515_87
                                         + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        r
-    } else {
-        2.0 - r
-    }
 }
 
-/// The `delta` at which a `mu`-GDP mechanism is `(eps, delta)`-DP.
+/// The `delta` at which a `mu`-GDP mechanism is `(eps, delta)`-DP:
+/// `Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)`, the second term computed as
+/// `exp(eps + ln Phi(..))` so that a large `eps` (`e^eps` overflows past 709) stays exact.
 pub fn gdp_delta(eps: f64, mu: f64) -> f64 {
     if mu <= 0.0 {
         return 0.0;
@@ -111,7 +118,8 @@ pub fn gdp_delta(eps: f64, mu: f64) -> f64 {
     if !mu.is_finite() {
         return 1.0;
     }
-    (phi(-eps / mu + mu / 2.0) - eps.exp() * phi(-eps / mu - mu / 2.0)).max(0.0)
+    let second = (eps + ln_phi(-eps / mu - mu / 2.0)).exp();
+    (phi(-eps / mu + mu / 2.0) - second).max(0.0)
 }
 
 /// The largest `mu` with `gdp_delta(eps, mu) <= delta` (bisection; delta grows with mu).
@@ -247,6 +255,21 @@ mod tests {
         let back = gaussian(2.0 / s, 4, 1e-5).epsilon;
         assert!((back - 8.0).abs() < 1e-6, "{back}");
         assert_eq!(gaussian_sigma_total(f64::INFINITY, 4, 1e-5), 0.0);
+    }
+
+    #[test]
+    fn the_far_tail_stays_exact_at_large_epsilon() {
+        // ln Phi(-40) = ln(phi(40) / 40 (1 - 1/40^2 + ...)) = -800 - ln 40 - ln sqrt(2 pi) - 6.2e-4
+        let want = -800.0 - 40f64.ln() - (2.0 * std::f64::consts::PI).sqrt().ln() - 6.24e-4;
+        assert!((ln_phi(-40.0) - want).abs() < 1e-5, "{}", ln_phi(-40.0));
+        assert!((ln_phi(-2.0) - phi(-2.0).ln()).abs() < 1e-12);
+        // totals whose e^eps overflows: calibrate from the total and account it back
+        for total in [512.0, 2048.0, 8192.0] {
+            let s = gaussian_sigma_total(total, 4, 1e-5);
+            let back = gaussian(2.0 / s, 4, 1e-5).epsilon;
+            assert!((back - total).abs() < 1e-6 * total, "{total}: {back}");
+            assert!((gdp_delta(total, 4.0 / s) - 1e-5).abs() < 1e-9);
+        }
     }
 
     #[test]

@@ -12,5 +12,6 @@ struct Cli {
 }
 
 fn main() {
+    cli::one_compute_thread_per_worker();
     cli::party_main(|| cli::run(&Cli::parse().cmd));
 }
