@@ -389,6 +389,7 @@ mod tests {
             (5, 1000, 129),
             (1, 1536, 4),
         ];
+        eprintln!("kernels on this CPU: {:?}", Kernel::available());
         for kernel in Kernel::available() {
             for (i, &(m, k, n)) in shapes.iter().enumerate() {
                 check(kernel, m, k, n, false, i as u64);
