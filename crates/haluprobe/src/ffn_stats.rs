@@ -2,7 +2,7 @@
 //! `a = silu(gate(h)) ⊙ up(h)` (`F = intermediate_size` values, [`umbra_model::TapPoint::Ffn`])
 //! reduced to [`FFN_STAT_NAMES`], then averaged per stage.
 use crate::error::{HaluError, Result};
-use crate::features::{FFN_ACTIVE_THRESHOLD, FFN_KEYS, FFN_STATS};
+use crate::keys::{FFN_ACTIVE_THRESHOLD, FFN_KEYS, FFN_STATS};
 use candle_core::Tensor;
 
 /// Per-token FFN statistics ([`FFN_STAT_NAMES`]) of one [`TapPoint::Ffn`] activation
@@ -107,7 +107,7 @@ pub fn ffn_features(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::features::FFN_STAT_NAMES;
+    use crate::keys::FFN_STAT_NAMES;
     use std::collections::BTreeMap;
 
     #[test]

@@ -193,3 +193,47 @@ fn own_job_resumes_and_refuses_bad_input() {
         .to_string();
     assert!(e.contains("one class only"), "{e}");
 }
+
+#[test]
+fn prompt_layouts_read_as_documented() {
+    use umbra_haluprobe::features::Layout;
+    use umbra_haluprobe::prompt::own_prompt;
+    let tmp = tempfile::tempdir().unwrap();
+    let lm = LoadedModel::open(&tiny_model_dir(tmp.path(), "m", 1)).unwrap();
+    let tok = &lm.tokenizer;
+    let cfg = ExtractConfig {
+        max_knowledge_tokens: 8,
+        max_question_tokens: 6,
+        ..ExtractConfig::default()
+    };
+    let text = |ids: Vec<u32>| tok.decode(&ids, false).unwrap();
+    // Byte-level tokens: 8 knowledge bytes, 6 query bytes (a dialogue keeps its last ones).
+    let qa = Layout::Qa
+        .encode_prompt(tok, &cfg, Some("abcdefghijk"), "what is it")
+        .unwrap();
+    assert_eq!(text(qa), "Knowledge: abcdefgh\nQuestion: what i\nAnswer:");
+    let dia = Layout::Dialogue
+        .encode_prompt(tok, &cfg, Some("kk"), "0123456789")
+        .unwrap();
+    assert_eq!(text(dia), "Knowledge: kk\nDialogue: 456789\nResponse:");
+    let summ = Layout::Summarization
+        .encode_prompt(tok, &cfg, Some("doc"), "")
+        .unwrap();
+    assert_eq!(text(summ), "Document: doc\nSummary:");
+    assert!(Layout::Qa.encode_prompt(tok, &cfg, Some("k"), " ").is_err());
+    assert!(Layout::Summarization
+        .encode_prompt(tok, &cfg, None, "")
+        .is_err());
+    // Own answers: one user message through the chat template.
+    let p = own_prompt(tok, &cfg, Some("The sky is blue."), "Sky?").unwrap();
+    assert!(p.chat);
+    assert_eq!(
+        p.text,
+        format!(
+            "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+            p.message
+        )
+    );
+    assert!(p.message.contains("Knowledge: The sky") && p.message.ends_with("Question: Sky?"));
+    assert_eq!(p.ids, tok.encode(&p.text, false).unwrap());
+}

@@ -473,3 +473,38 @@ fn folders_without_the_ffn_family_still_load() {
     let e = FeatureRef::parse("ffn:L:x").unwrap_err().to_string();
     assert!(e.contains("ffn:generation.mean"), "{e}");
 }
+
+#[test]
+fn transfer_matrix_covers_every_family_and_pair() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_store(a.path(), &tiny(2), 40);
+    write_store(b.path(), &tiny(2), 30);
+    let tasks = vec![
+        ("a".to_string(), FeatureStore::open(a.path()).unwrap()),
+        ("b".to_string(), FeatureStore::open(b.path()).unwrap()),
+    ];
+    let m = umbra_haluprobe::transfer::transfer_matrix(&tasks, &small_eval()).unwrap();
+    assert_eq!(m.families.len(), umbra_haluprobe::transfer::FAMILIES.len());
+    assert_eq!(m.cells.len(), m.families.len() * 4);
+    // Synthetic answers differ in length and tokens: in-domain cells separate them (the
+    // logit features hold the length itself).
+    for f in &m.families {
+        let c = m.cell(f, "a", "a").unwrap();
+        assert!(c.test_auroc > 0.6 && c.ci_low <= c.test_auroc, "{f}: {c:?}");
+        assert!(c.layer.is_some() == f.starts_with("hidden"), "{f}");
+    }
+    assert!(m.cell("logit", "a", "b").unwrap().test_auroc > 0.9);
+    assert!(m.markdown().contains("| train \\ test | a | b |"));
+    // One folder is not a matrix; folders of models of other sizes do not mix.
+    assert!(umbra_haluprobe::transfer::transfer_matrix(&tasks[..1], &small_eval()).is_err());
+    let c = tempfile::tempdir().unwrap();
+    write_store(c.path(), &tiny(3), 30);
+    let mixed = vec![
+        ("a".to_string(), FeatureStore::open(a.path()).unwrap()),
+        ("c".to_string(), FeatureStore::open(c.path()).unwrap()),
+    ];
+    let e = umbra_haluprobe::transfer::transfer_matrix(&mixed, &small_eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other dimensions"), "{e}");
+}

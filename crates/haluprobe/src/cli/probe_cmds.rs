@@ -232,7 +232,24 @@ pub fn run_report(a: &ReportArgs) -> Result<serde_json::Value> {
     probe.save(&a.out.join("best-probe.safetensors"))?;
     println!("{}", summary_markdown(&rep));
     println!("report written to {}", a.out.display());
-    let json = flat_json(&rep);
+    let mut json = flat_json(&rep);
+    if store.manifest.own.is_some() {
+        // Own answers: the label balance over every question, empty answers included.
+        let b = crate::own::folder_balance(&store.dir, &store.manifest)?;
+        println!("own answers: {}", b.balance_line());
+        for (k, v) in [
+            ("own_questions", serde_json::json!(b.questions)),
+            ("own_answered", b.answered.into()),
+            ("own_correct", b.correct.into()),
+            ("own_empty", b.empty.into()),
+            ("own_minority_share", b.minority_share.into()),
+            ("own_usable", b.usable.into()),
+            ("own_mean_f1", b.mean_f1.into()),
+            ("own_mean_answer_tokens", b.mean_answer_tokens.into()),
+        ] {
+            json[k] = v;
+        }
+    }
     if let Some(j) = &a.json {
         write_json(j, &json)?;
     }
