@@ -55,17 +55,7 @@ enum Command {
     Halluc(umbra_haluprobe::cli::HallucCommand),
     /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
     #[command(subcommand)]
-    Sap(SapCommand),
-}
-
-#[derive(Subcommand)]
-enum SapCommand {
-    /// Fine-tune through the split in one process (customer + vendor threads); --json report.
-    Finetune(umbra_sap::cli::FinetuneArgs),
-    /// Replay the vendor's attacks (inversion, attribute) on a run folder from finetune --run.
-    Attack(umbra_sap::cli::AttackArgs),
-    /// Run one party (customer or vendor) in its own process, talking through NATS.
-    Party(umbra_sap::cli::PartyArgs),
+    Sap(umbra_sap::cli::Command),
 }
 
 #[derive(Subcommand)]
@@ -154,15 +144,7 @@ fn run(cmd: Command) -> Result<()> {
             .map(|_| ())
             .map_err(Into::into),
         Command::Halluc(c) => umbra_haluprobe::cli::run(&c).map_err(Into::into),
-        Command::Sap(SapCommand::Finetune(a)) => umbra_sap::cli::run_finetune(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Sap(SapCommand::Attack(a)) => umbra_sap::cli::run_attack(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Sap(SapCommand::Party(a)) => umbra_sap::cli::run_party(&a)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Sap(c) => umbra_sap::cli::run(&c).map_err(Into::into),
         Command::Bench(BenchCommand::Sap(a)) => umbra_sap::cli::run_bench(&a)
             .map(|_| ())
             .map_err(Into::into),

@@ -1,7 +1,7 @@
 //! Stand-alone runner of `umbra-sap` (the `umbra` CLI exposes the same commands):
 //! `sap_party party --role vendor --broker nats://127.0.0.1:4222 --job job.toml`,
-//! `sap_party finetune ...`, `sap_party attack ...`, `sap_party bench ...`.
-use clap::{Parser, Subcommand};
+//! `sap_party finetune ...`, `sap_party attack ...`.
+use clap::Parser;
 use umbra_sap::cli;
 
 #[derive(Parser)]
@@ -11,22 +11,12 @@ use umbra_sap::cli;
 )]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    Party(cli::PartyArgs),
-    Finetune(cli::FinetuneArgs),
-    Attack(cli::AttackArgs),
-    Bench(cli::BenchArgs),
+    cmd: cli::Command,
 }
 
 fn main() {
-    umbra_vfl::cli::party_main(|| match Cli::parse().cmd {
-        Cmd::Party(a) => cli::run_party(&a).map(|_| ()),
-        Cmd::Finetune(a) => cli::run_finetune(&a).map(|_| ()),
-        Cmd::Attack(a) => cli::run_attack(&a).map(|_| ()),
-        Cmd::Bench(a) => cli::run_bench(&a).map(|_| ()),
-    });
+    if let Err(e) = cli::run(&Cli::parse().cmd) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

@@ -1,0 +1,248 @@
+//! `umbra bench sap`: accuracy vs empirical privacy of split fine-tuning over a fine eta sweep
+//! of uniform d_chi (several seeds), the two CTI budgets and Gaussian noise at chosen budgets,
+//! and no privatization at the same split; reads the privacy gain at the paper's "-1 point"
+//! operating point with a 95% interval and states whether the paper's claim reproduces.
+//!
+//! Resumable: every training run and every attack is written to `out/runs/` as it finishes and
+//! skipped when its file is there (with the same settings); `bench.json`, `table.md` and
+//! `sap.svg` are written at the end.
+//!
+//! Cost plan: the customer's frozen bottom is computed once per tweet and cached
+//! ([`crate::cut_cache`]); the attacks depend on the mechanism, not on the vendor's training,
+//! so each setting is attacked once (on privatized test traffic drawn the way the customer
+//! sends it) and trained `seeds` times.
+pub mod report;
+
+use crate::error::{Result, SapError};
+use crate::experiment::{
+    self, AttackConfig, AttackReport, PrepareConfig, Prepared, RunReport, RunSpec,
+};
+use crate::privacy::Privacy;
+use crate::roles::TrainConfig;
+use std::path::{Path, PathBuf};
+
+/// Everything the bench does, with defaults for the MiniLM quick run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct BenchConfig {
+    pub prepare: PrepareConfig,
+    pub train: TrainConfig,
+    /// Customer blocks of the measured split.
+    pub split_at: usize,
+    /// The uniform d_chi sweep.
+    pub etas: Vec<f64>,
+    /// eta_0 of both CTI budgets.
+    pub cti_etas: Vec<f64>,
+    pub gaussian_etas: Vec<f64>,
+    /// Training seeds of `none` and of the d_chi sweep.
+    pub seeds: Vec<u64>,
+    /// Training seeds of the CTI and Gaussian settings.
+    pub other_seeds: Vec<u64>,
+    pub attack: AttackConfig,
+    /// Bootstrap replicates of the intervals.
+    pub bootstrap: usize,
+    /// Largest accuracy loss of the operating point (fraction: 0.01 = 1 point).
+    pub max_loss: f64,
+    /// Only the vendor's attacks (the privacy side of every setting); no fine-tuning. For
+    /// machines where the vendor's training does not fit: the verdict then names the budget at
+    /// which the privacy gain reaches the paper's 62 points, and leaves accuracy unmeasured.
+    pub attacks_only: bool,
+    pub out: PathBuf,
+}
+
+impl Default for BenchConfig {
+    fn default() -> Self {
+        BenchConfig {
+            prepare: PrepareConfig::default(),
+            train: TrainConfig::default(),
+            split_at: 3,
+            etas: vec![10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0],
+            cti_etas: vec![30.0, 100.0],
+            gaussian_etas: vec![30.0],
+            seeds: vec![0, 1, 2],
+            other_seeds: vec![0],
+            attack: AttackConfig::default(),
+            bootstrap: 1000,
+            max_loss: 0.01,
+            attacks_only: false,
+            out: PathBuf::from("report"),
+        }
+    }
+}
+
+impl BenchConfig {
+    /// Clear errors for settings no run can use.
+    pub fn check(&self) -> Result<()> {
+        for &e in self
+            .etas
+            .iter()
+            .chain(&self.cti_etas)
+            .chain(&self.gaussian_etas)
+        {
+            if !(e > 0.0 && e.is_finite()) {
+                return Err(SapError::Config(format!("eta must be > 0, got {e}")));
+            }
+        }
+        if self.seeds.is_empty() {
+            return Err(SapError::Config("at least one seed".into()));
+        }
+        if self.train.epochs == 0 || self.train.batch == 0 {
+            return Err(SapError::Config("epochs and batch must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Every `(privacy, eta, seed)` to train, `none` first.
+    pub fn settings(&self) -> Vec<(Privacy, f64, Vec<u64>)> {
+        let mut v = vec![(Privacy::None, 0.0, self.seeds.clone())];
+        v.extend(
+            self.etas
+                .iter()
+                .map(|&e| (Privacy::Dchi, e, self.seeds.clone())),
+        );
+        for &e in &self.cti_etas {
+            v.push((Privacy::DchiCti, e, self.other_seeds.clone()));
+            v.push((Privacy::DchiCtiMax, e, self.other_seeds.clone()));
+        }
+        v.extend(
+            self.gaussian_etas
+                .iter()
+                .map(|&e| (Privacy::Gaussian, e, self.other_seeds.clone())),
+        );
+        v
+    }
+}
+
+/// A stored result with the settings it was computed under (to resume safely).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored<T> {
+    key: String,
+    value: T,
+}
+
+/// What must match for a stored run to be reused: everything but the sweep's lists.
+fn run_key(c: &BenchConfig) -> Result<String> {
+    Ok(serde_json::to_string(&(
+        &c.prepare, &c.train, c.split_at, &c.attack,
+    ))?)
+}
+
+fn load_stored<T: serde::de::DeserializeOwned>(path: &Path, key: &str) -> Option<T> {
+    let s: Stored<T> = umbra_common::fs::read_json(path).ok()?;
+    (s.key == key).then_some(s.value)
+}
+
+fn store<T: serde::Serialize>(path: &Path, key: &str, value: T) -> Result<()> {
+    Ok(umbra_common::fs::write_json(
+        path,
+        &Stored {
+            key: key.to_string(),
+            value,
+        },
+    )?)
+}
+
+fn file_name(p: Privacy, eta: f64, k: usize, seed: Option<u64>) -> String {
+    match seed {
+        Some(s) => format!("train-{}-k{k}-eta{eta}-s{s}.json", p.name()),
+        None => format!("attack-{}-k{k}-eta{eta}.json", p.name()),
+    }
+}
+
+/// Runs (or resumes) the bench and writes its report.
+pub fn run(cfg: &BenchConfig) -> Result<report::BenchReport> {
+    cfg.check()?;
+    let t0 = std::time::Instant::now();
+    let mut pc = cfg.prepare.clone();
+    pc.splits = vec![cfg.split_at];
+    if cfg.attacks_only {
+        // no training: the customer's train part is not needed beyond CTI statistics
+        pc.train_cuts = false;
+    }
+    let prep = Prepared::new(&pc)?;
+    eprintln!(
+        "bench sap: {} blocks of {} on the customer side; {} train / {} test / {} public; {} classes",
+        cfg.split_at,
+        prep.enc.num_blocks(),
+        prep.ids[0].len(),
+        prep.ids[1].len(),
+        prep.ids[2].len(),
+        prep.data.classes.len()
+    );
+    let key = run_key(cfg)?;
+    let dir = cfg.out.join("runs");
+    let k = cfg.split_at;
+    let settings = cfg.settings();
+    let total: usize = settings
+        .iter()
+        .map(|s| 1 + if cfg.attacks_only { 0 } else { s.2.len() })
+        .sum();
+    let mut done = 0usize;
+    let (mut runs, mut attacks) = (Vec::new(), Vec::new());
+    for (privacy, eta, seeds) in &settings {
+        let ap = dir.join(file_name(*privacy, *eta, k, None));
+        let a: AttackReport = match load_stored(&ap, &key) {
+            Some(a) => a,
+            None => {
+                let t = std::time::Instant::now();
+                let p = experiment::privatizer(&prep, *privacy, *eta)?;
+                let (l, r) = experiment::privatized_test(
+                    &prep,
+                    k,
+                    &p,
+                    cfg.attack.attack_n,
+                    cfg.attack.seed,
+                )?;
+                let a = experiment::run_attacks(&prep, k, *privacy, *eta, &l, &r, &cfg.attack)?;
+                eprintln!(
+                    "  attack {} eta {eta}: recovery nn {:.3} ridge {:.3} mlp {} -> privacy {:.3} ({:.0} s)",
+                    privacy.name(),
+                    a.recovery_nn,
+                    a.recovery_ridge,
+                    a.recovery_mlp.map(|v| format!("{v:.3}")).unwrap_or("-".into()),
+                    a.empirical_privacy,
+                    t.elapsed().as_secs_f64()
+                );
+                store(&ap, &key, &a)?;
+                a
+            }
+        };
+        attacks.push(a);
+        done += 1;
+        if cfg.attacks_only {
+            continue;
+        }
+        for &seed in seeds {
+            let rp = dir.join(file_name(*privacy, *eta, k, Some(seed)));
+            let r: RunReport = match load_stored(&rp, &key) {
+                Some(r) => r,
+                None => {
+                    let spec = RunSpec {
+                        privacy: *privacy,
+                        eta: *eta,
+                        train: TrainConfig {
+                            split_at: k,
+                            seed,
+                            ..cfg.train.clone()
+                        },
+                    };
+                    let (r, _) = experiment::train_one(&prep, &spec)?;
+                    store(&rp, &key, &r)?;
+                    r
+                }
+            };
+            done += 1;
+            eprintln!(
+                "[{done}/{total}] {} eta {eta} seed {seed}: acc {:.4} ({:.1} samples/s, {:.0} s)",
+                privacy.name(),
+                r.test_acc,
+                r.samples_per_s,
+                r.train_s
+            );
+            runs.push(r);
+        }
+    }
+    let rep = report::BenchReport::new(cfg, &prep, runs, attacks, t0.elapsed().as_secs_f64())?;
+    report::write(cfg, &rep)?;
+    Ok(rep)
+}
