@@ -197,7 +197,7 @@ pub struct PartyArgs {
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Fine-tune through the split in one process (customer + vendor threads); --json report.
-    Finetune(FinetuneArgs),
+    Finetune(Box<FinetuneArgs>),
     /// Replay the vendor's attacks (inversion, attribute) on a run folder from finetune --run.
     Attack(ReplayArgs),
     /// Run one party (customer or vendor) in its own process, talking through NATS.

@@ -70,7 +70,7 @@ pub fn model_dir(encoder: &str, model: &Option<PathBuf>) -> Result<PathBuf> {
     }
     let asset = match encoder {
         "minilm" => umbra_assets::Asset::MiniLm,
-        "mpnet" => umbra_assets::Asset::from_name("mpnet")?,
+        "mpnet" => umbra_assets::Asset::Mpnet,
         e => {
             return Err(SapError::Config(format!(
                 "--encoder {e:?}: use minilm or mpnet (or --model <dir>)"

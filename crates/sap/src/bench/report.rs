@@ -156,23 +156,24 @@ impl BenchReport {
                     .collect()
             })
             .collect();
-        let col = |j: usize, f: &dyn Fn(&[(f64, f64)]) -> f64| -> (f64, (f64, f64)) {
+        // a statistic of one replicate's (accuracy, privacy) row: its point value and interval
+        type Stat<'a> = &'a dyn Fn(&[(f64, f64)]) -> f64;
+        let col = |f: Stat| -> (f64, (f64, f64)) {
             let mut v: Vec<f64> = table.iter().skip(1).map(|row| f(row)).collect();
             let point = f(&table[0]);
             if v.is_empty() {
                 return (point, (point, point));
             }
-            let _ = j;
             (point, stats::interval95(&mut v))
         };
         let trained = !cfg.attacks_only;
         let mut settings = Vec::new();
         for (j, ((p, e, seeds), a)) in settings_cfg.iter().zip(&attacks).enumerate() {
-            let (acc, acc_ci) = col(j, &|row| row[j].0);
-            let (loss, loss_ci) = col(j, &|row| (row[0].0 - row[j].0) * 100.0);
+            let (acc, acc_ci) = col(&|row| row[j].0);
+            let (loss, loss_ci) = col(&|row| (row[0].0 - row[j].0) * 100.0);
             let (acc, acc_ci) = (trained.then_some(acc), trained.then_some(acc_ci));
             let (loss, loss_ci) = (trained.then_some(loss), trained.then_some(loss_ci));
-            let (priv_, privacy_ci) = col(j, &|row| row[j].1);
+            let (priv_, privacy_ci) = col(&|row| row[j].1);
             let sps: Vec<f64> = runs
                 .iter()
                 .filter(|r| r.privacy == *p && r.eta == *e)
