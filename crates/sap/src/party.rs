@@ -163,3 +163,26 @@ pub fn run_party(job: &PartyJob, role: Role, broker: &str) -> Result<PartyReport
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_file_defaults_and_rejections() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("job.toml");
+        std::fs::write(&p, "job = \"j1\"\nsplit_at = 6\nencoder = \"mpnet\"\n").unwrap();
+        let j = PartyJob::read(&p).unwrap();
+        assert_eq!((j.split_at, j.encoder.as_str(), j.batch), (6, "mpnet", 32));
+        std::fs::write(&p, "job = \"j1\"\nsplit = 6\n").unwrap();
+        assert!(PartyJob::read(&p).is_err(), "unknown fields are rejected");
+        std::fs::write(&p, "split_at = 6\n").unwrap();
+        assert!(PartyJob::read(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("`job`"));
+        std::fs::write(&p, "job = \"j\"\nprivacy = \"centralized\"\n").unwrap();
+        assert!(PartyJob::read(&p).is_err());
+    }
+}

@@ -246,3 +246,34 @@ pub fn run(cfg: &BenchConfig) -> Result<report::BenchReport> {
     report::write(cfg, &rep)?;
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_budgets_are_refused_and_settings_list_the_sweep() {
+        let mut c = BenchConfig::default();
+        assert!(c.check().is_ok());
+        assert!(c.etas.len() >= 8);
+        let s = c.settings();
+        assert_eq!(s[0].0, Privacy::None);
+        assert_eq!(
+            s.iter().filter(|x| x.0 == Privacy::Dchi).count(),
+            c.etas.len()
+        );
+        assert_eq!(
+            s.iter().filter(|x| x.0 == Privacy::DchiCtiMax).count(),
+            c.cti_etas.len()
+        );
+        c.etas.push(0.0);
+        assert!(c
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("eta must be > 0"));
+        c.etas.pop();
+        c.gaussian_etas = vec![-1.0];
+        assert!(c.check().is_err());
+    }
+}

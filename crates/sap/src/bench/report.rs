@@ -182,7 +182,7 @@ impl BenchReport {
             settings.push(Setting {
                 privacy: *p,
                 eta: *e,
-                seeds: seeds.len(),
+                seeds: if trained { seeds.len() } else { 0 },
                 acc,
                 acc_ci,
                 loss_points: loss,
@@ -329,7 +329,7 @@ impl BenchReport {
                 _ => "-".into(),
             };
             s.push_str(&format!(
-                "| {} | {} | {} | {acc} | {loss} | {:.3} | {:.3} | {} | {:.3} [{:.3}, {:.3}] | {:+.1} | {} | {:.1} |\n",
+                "| {} | {} | {} | {acc} | {loss} | {:.3} | {:.3} | {} | {:.3} [{:.3}, {:.3}] | {:+.1} | {} | {} |\n",
                 r.privacy.name(),
                 r.eta,
                 r.seeds,
@@ -341,7 +341,11 @@ impl BenchReport {
                 r.privacy_ci.1,
                 r.gain_points,
                 f(r.attribute_auc),
-                r.samples_per_s
+                if r.seeds > 0 {
+                    format!("{:.1}", r.samples_per_s)
+                } else {
+                    "-".into()
+                }
             ));
         }
         s
@@ -369,7 +373,9 @@ fn verdict(r: &BenchReport) -> String {
     };
     let Some(o) = &r.operating_point else {
         return format!(
-            "{head}: accuracy NOT measured (attacks only), no verdict; the d_chi budget reaching +62 points of privacy: eta {}; reaching +62% relative to the unprotected split's privacy {:.3}: eta {}",
+            "SAP's 62% claim at {} of {} blocks on the customer side: accuracy NOT measured (attacks only), no verdict; the d_chi budget reaching +62 points of privacy: eta {}; reaching +62% relative to the unprotected split's privacy {:.3}: eta {}",
+            r.split_at,
+            r.blocks,
             eta(r.eta_for_62_points),
             r.settings.first().map(|s| s.empirical_privacy).unwrap_or(0.0),
             eta(r.eta_for_62_percent)
