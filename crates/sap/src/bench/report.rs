@@ -1,7 +1,7 @@
 //! The bench's summary: per setting accuracy and empirical privacy with 95% intervals, the
 //! privacy gain at the "-1 point" operating point, CTI against uniform d_chi at equal privacy,
 //! the verdict on the paper's 62% claim; `bench.json`, `table.md` and `sap.svg`.
-use super::BenchConfig;
+use super::config::BenchConfig;
 use crate::error::Result;
 use crate::experiment::{AttackReport, Prepared, RunReport};
 use crate::privacy::Privacy;

@@ -1,7 +1,7 @@
 //! BERT checkpoints (all-MiniLM-L6-v2): tensor names of a block, and a tiny configuration for
 //! tests.
+use super::config::EncoderConfig;
 use super::layers::BlockNames;
-use super::EncoderConfig;
 
 /// Where a BERT layer keeps its tensors (under `encoder.layer.{i}`).
 pub const BLOCK_NAMES: BlockNames = BlockNames {

@@ -6,8 +6,8 @@
 //! `bucket = B [n < 0] + (|n| if |n| < E else min(B - 1, E + floor(ln(|n| / E) / ln(128 / E)
 //! (B - E))))`; the bias of head `h` at `(i, j)` is `table[bucket(j - i), h]`, the same in every
 //! block, added to the attention scores before the softmax.
+use super::config::EncoderConfig;
 use super::layers::BlockNames;
-use super::EncoderConfig;
 use crate::error::Result;
 use candle_core::Tensor;
 
