@@ -263,17 +263,13 @@ pub struct BenchArgs {
     #[arg(long, alias = "split-at")]
     pub client_blocks: Option<usize>,
     /// The uniform d_chi sweep (>= 8 values to read the -1 point operating point).
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "10,20,30,50,75,100,150,250"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "3,5,8,12,20,30,50,90")]
     pub etas: Vec<f64>,
     /// eta_0 of both CTI budgets (dchi-cti and dchi-cti-max).
-    #[arg(long, value_delimiter = ',', default_value = "30,100")]
+    #[arg(long, value_delimiter = ',', default_value = "12")]
     pub cti_etas: Vec<f64>,
     /// Budgets of the Gaussian baseline.
-    #[arg(long, value_delimiter = ',', default_value = "30")]
+    #[arg(long, value_delimiter = ',', default_value = "12")]
     pub gaussian_etas: Vec<f64>,
     /// Training seeds of none and the d_chi sweep.
     #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
