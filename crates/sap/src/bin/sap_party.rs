@@ -15,8 +15,5 @@ struct Cli {
 }
 
 fn main() {
-    if let Err(e) = cli::run(&Cli::parse().cmd) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
+    umbra_vfl::cli::party_main(|| cli::run(&Cli::parse().cmd).map(|_| ()));
 }
