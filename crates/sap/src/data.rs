@@ -430,4 +430,27 @@ mod tests {
         assert!(e.to_string().contains("no text column"), "{e}");
         assert!(DataSpec::parse("imdb").is_err());
     }
+
+    #[test]
+    fn empty_splits_and_one_class_are_refused() {
+        let ex = |t: &str, l| Example {
+            text: t.into(),
+            label: l,
+        };
+        let ds = |train: Vec<Example>, test: Vec<Example>| TextDataset {
+            classes: vec!["neg".into(), "pos".into()],
+            train,
+            test,
+            public: vec![],
+        };
+        let e = ds(vec![], vec![ex("a", 0)]).check("x").unwrap_err();
+        assert!(e.to_string().contains("the train split is empty"), "{e}");
+        let e = ds(vec![ex("a", 0)], vec![]).check("x").unwrap_err();
+        assert!(e.to_string().contains("the test split is empty"), "{e}");
+        assert!(ds(vec![ex("a", 0)], vec![ex("b", 1)]).check("x").is_ok());
+        let mut one = ds(vec![ex("a", 0)], vec![ex("b", 0)]);
+        one.classes.pop();
+        let e = one.check("x").unwrap_err();
+        assert!(e.to_string().contains("needs at least 2 classes"), "{e}");
+    }
 }

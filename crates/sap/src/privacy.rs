@@ -332,4 +332,25 @@ mod tests {
         // expected norms d/(2 eta) = 1.6 and d/(0.1 eta) = 32
         assert!((a - 1.6).abs() < 0.15 && (b - 32.0).abs() < 2.0, "{a} {b}");
     }
+
+    #[test]
+    fn eta_must_be_positive_and_finite() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut v = vec![0f32; 8];
+        for eta in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = sample_dchi(8, eta, &mut rng, &mut v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("eta must be > 0"), "{e}");
+            for p in [Privacy::Dchi, Privacy::Gaussian] {
+                let e = Privatizer::new(p, eta, None).unwrap_err().to_string();
+                assert!(e.contains("--eta must be > 0"), "{e}");
+            }
+        }
+        // no noise, no budget: eta is not read
+        assert!(Privatizer::new(Privacy::None, 0.0, None).is_ok());
+        // CTI without its statistics
+        let e = Privatizer::new(Privacy::DchiCtiMax, 10.0, None).unwrap_err();
+        assert!(e.to_string().contains("needs CTI statistics"), "{e}");
+    }
 }
