@@ -29,11 +29,18 @@ struct Stored<T> {
     value: T,
 }
 
-/// What must match for a stored run to be reused: everything but the sweep's lists.
+/// What must match for a stored training run to be reused: everything but the sweep's lists.
 fn run_key(c: &BenchConfig) -> Result<String> {
     Ok(serde_json::to_string(&(
         &c.prepare, &c.train, c.split_at, &c.attack,
     ))?)
+}
+
+/// What must match for a stored attack to be reused: the data, the split and the attacker's
+/// settings, not the vendor's training (so an `--attacks-only` sweep serves a later full run
+/// with other epochs or learning rate).
+fn attack_key(c: &BenchConfig) -> Result<String> {
+    Ok(serde_json::to_string(&(&c.prepare, c.split_at, &c.attack))?)
 }
 
 fn load_stored<T: serde::de::DeserializeOwned>(path: &Path, key: &str) -> Option<T> {
@@ -78,7 +85,7 @@ pub fn run(cfg: &BenchConfig) -> Result<report::BenchReport> {
         prep.ids[2].len(),
         prep.data.classes.len()
     );
-    let key = run_key(cfg)?;
+    let (key, akey) = (run_key(cfg)?, attack_key(cfg)?);
     let dir = cfg.out.join("runs");
     let k = cfg.split_at;
     let settings = cfg.settings();
@@ -90,7 +97,7 @@ pub fn run(cfg: &BenchConfig) -> Result<report::BenchReport> {
     let (mut runs, mut attacks) = (Vec::new(), Vec::new());
     for (privacy, eta, seeds) in &settings {
         let ap = dir.join(file_name(*privacy, *eta, k, None));
-        let a: AttackReport = match load_stored(&ap, &key) {
+        let a: AttackReport = match load_stored(&ap, &akey) {
             Some(a) => a,
             None => {
                 let t = std::time::Instant::now();
@@ -112,7 +119,7 @@ pub fn run(cfg: &BenchConfig) -> Result<report::BenchReport> {
                     a.empirical_privacy,
                     t.elapsed().as_secs_f64()
                 );
-                store(&ap, &key, &a)?;
+                store(&ap, &akey, &a)?;
                 a
             }
         };
@@ -184,5 +191,21 @@ mod tests {
         c.etas.pop();
         c.gaussian_etas = vec![-1.0];
         assert!(c.check().is_err());
+    }
+
+    #[test]
+    fn attacks_are_reused_across_training_settings_runs_are_not() {
+        let a = BenchConfig::default();
+        let mut b = a.clone();
+        b.train.epochs += 1;
+        b.train.lr *= 2.0;
+        b.attacks_only = !a.attacks_only;
+        assert_eq!(attack_key(&a).unwrap(), attack_key(&b).unwrap());
+        assert_ne!(run_key(&a).unwrap(), run_key(&b).unwrap());
+        b.attack.attack_n += 1;
+        assert_ne!(attack_key(&a).unwrap(), attack_key(&b).unwrap());
+        let mut c = a.clone();
+        c.split_at += 1;
+        assert_ne!(attack_key(&a).unwrap(), attack_key(&c).unwrap());
     }
 }
