@@ -1,7 +1,7 @@
 //! Stand-alone runner of `umbra-sap` (the `umbra` CLI exposes the same commands):
 //! `sap_party party --role vendor --broker nats://127.0.0.1:4222 --job job.toml`,
-//! `sap_party finetune ...`, `sap_party attack ...`.
-use clap::Parser;
+//! `sap_party finetune ...`, `sap_party attack ...`, `sap_party bench ...` (= `umbra bench sap`).
+use clap::{Parser, Subcommand};
 use umbra_sap::cli;
 
 #[derive(Parser)]
@@ -11,9 +11,20 @@ use umbra_sap::cli;
 )]
 struct Cli {
     #[command(subcommand)]
-    cmd: cli::Command,
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    #[command(flatten)]
+    Sap(cli::Command),
+    /// The eta sweep at one split (same as `umbra bench sap`).
+    Bench(Box<cli::BenchArgs>),
 }
 
 fn main() {
-    umbra_vfl::cli::party_main(|| cli::run(&Cli::parse().cmd).map(|_| ()));
+    umbra_vfl::cli::party_main(|| match Cli::parse().cmd {
+        Cmd::Sap(c) => cli::run(&c),
+        Cmd::Bench(a) => cli::run_bench(&a).map(|_| ()),
+    });
 }
