@@ -27,6 +27,10 @@ pub struct FinetuneReport {
     pub n_test: usize,
     pub epochs: usize,
     pub final_loss: f64,
+    /// Per test example, in the data's test order: `1` = correct, `0` = wrong (two runs on the
+    /// same data and `--data-seed` can be compared pairwise).
+    #[serde(default)]
+    pub correct: String,
 }
 
 impl FinetuneReport {
@@ -48,6 +52,7 @@ impl FinetuneReport {
             n_test: r.n_test,
             epochs: r.epochs,
             final_loss: r.final_loss,
+            correct: r.correct.clone(),
         }
     }
 
