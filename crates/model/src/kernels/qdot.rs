@@ -1,0 +1,259 @@
+//! Dot products of one quantized weight row with one 8-bit activation row
+//! ([`super::qact`]), per block type; integer sums inside a block, f32 across blocks.
+//!
+//! With `w_i = dw (q_i - o)` (offset `o`: 8 for `Q4_0`, 16 for `Q5_0`, 0 for `Q8_0`) or
+//! `w_i = dw q_i + mw` (`Q4_1`), and `x_i ~= dx p_i` (`s = sum p_i`) per 32-block:
+//! `sum_i w_i x_i = dw dx (sum q_i p_i - o s)` or `dw dx sum q_i p_i + mw dx s`.
+//! The k-quants (256-blocks of 8 or 16 sub-blocks with 6/8-bit scales `sc_j` and mins `m_j`):
+//! `Q4_K`/`Q5_K`: `dx (d sum_j sc_j sum q p - dmin sum_j m_j bsum_j)`;
+//! `Q6_K`: `d dx sum_g sc_g (sum q p - 32 bsum_g)` over 16-groups `g`.
+//!
+//! [`Kernel::for_type`] picks the AVX2/FMA/F16C versions (run-time detection) or the portable
+//! ones below; both compute the same integer sums, so they differ only by f32 rounding.
+use super::qact::{Row256, Row32};
+use crate::quant::dequant::{f16_at, scale_min_k4};
+use crate::quant::QuantType;
+
+/// A row-dot function for one weight type, with the activation format it reads.
+#[derive(Clone, Copy)]
+pub enum Kernel {
+    /// 32-element blocks against [`super::qact::Q8Rows32`].
+    B32(fn(&[u8], Row32<'_>) -> f32),
+    /// 256-element blocks against [`super::qact::Q8Rows256`].
+    B256(fn(&[u8], Row256<'_>) -> f32),
+}
+
+impl std::fmt::Debug for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::B32(_) => "Kernel::B32",
+            Self::B256(_) => "Kernel::B256",
+        })
+    }
+}
+
+impl Kernel {
+    /// The fastest kernel for `ty` on this CPU; `None` for types without one.
+    pub fn for_type(ty: QuantType) -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2_fma() {
+            return super::qdot_avx2::kernel(ty);
+        }
+        Self::portable(ty)
+    }
+
+    /// The portable kernel for `ty`.
+    pub fn portable(ty: QuantType) -> Option<Self> {
+        Some(match ty {
+            QuantType::Q4_0 => Self::B32(q4_0),
+            QuantType::Q4_1 => Self::B32(q4_1),
+            QuantType::Q5_0 => Self::B32(q5_0),
+            QuantType::Q8_0 => Self::B32(q8_0),
+            QuantType::Q4_K => Self::B256(q4_k),
+            QuantType::Q5_K => Self::B256(q5_k),
+            QuantType::Q6_K => Self::B256(q6_k),
+            _ => return None,
+        })
+    }
+}
+
+/// Integer dot of 32 unsigned weights with 32 activations.
+#[inline(always)]
+fn idot(q: impl Iterator<Item = i32>, p: &[i8]) -> i32 {
+    q.zip(p).map(|(a, &b)| a * b as i32).sum()
+}
+
+/// The 32 nibbles of a 16-byte `qs` in element order (low nibbles, then high nibbles).
+#[inline(always)]
+fn nibbles(qs: &[u8]) -> impl Iterator<Item = i32> + '_ {
+    qs.iter()
+        .map(|&b| (b & 15) as i32)
+        .chain(qs.iter().map(|&b| (b >> 4) as i32))
+}
+
+/// The 32 five-bit values of a `Q5_0`/`Q5_1` block (`qh` bit `i` is element `i`'s fifth bit).
+#[inline(always)]
+fn fives(qs: &[u8], qh: u32) -> impl Iterator<Item = i32> + '_ {
+    nibbles(qs)
+        .enumerate()
+        .map(move |(i, v)| v | ((((qh >> i) & 1) << 4) as i32))
+}
+
+fn q4_0(w: &[u8], x: Row32<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, ((p, &dx), &s)) in w
+        .chunks_exact(18)
+        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
+    {
+        acc += f16_at(b) * dx * (idot(nibbles(&b[2..18]), p) - 8 * s) as f32;
+    }
+    acc
+}
+
+fn q4_1(w: &[u8], x: Row32<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, ((p, &dx), &s)) in w
+        .chunks_exact(20)
+        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
+    {
+        acc +=
+            f16_at(b) * dx * idot(nibbles(&b[4..20]), p) as f32 + f16_at(&b[2..]) * dx * s as f32;
+    }
+    acc
+}
+
+fn q5_0(w: &[u8], x: Row32<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, ((p, &dx), &s)) in w
+        .chunks_exact(22)
+        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
+    {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        acc += f16_at(b) * dx * (idot(fives(&b[6..22], qh), p) - 16 * s) as f32;
+    }
+    acc
+}
+
+fn q8_0(w: &[u8], x: Row32<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, (p, &dx)) in w.chunks_exact(34).zip(x.qs.chunks_exact(32).zip(x.d)) {
+        acc += f16_at(b) * dx * idot(b[2..34].iter().map(|&v| v as i8 as i32), p) as f32;
+    }
+    acc
+}
+
+/// `sum_j sc_j dot_j` and `sum_j m_j bsum_j` of a `Q4_K`/`Q5_K` block whose 256 values are
+/// `value(i)`.
+#[inline(always)]
+fn k4_sums(sc: &[u8], p: &[i8], bs: &[i16], value: impl Fn(usize) -> i32) -> (i32, i32) {
+    let (mut isum, mut msum) = (0i32, 0i32);
+    for j in 0..8 {
+        let (s, m) = scale_min_k4(j, sc);
+        let dot: i32 = (0..32)
+            .map(|l| value(32 * j + l) * p[32 * j + l] as i32)
+            .sum();
+        isum += s as i32 * dot;
+        msum += m as i32 * (bs[2 * j] as i32 + bs[2 * j + 1] as i32);
+    }
+    (isum, msum)
+}
+
+fn q4_k(w: &[u8], x: Row256<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(144).enumerate() {
+        let qs = &b[16..144];
+        let value = |e: usize| {
+            let (j, l) = (e / 64, e % 64);
+            let byte = qs[32 * j + l % 32];
+            (if l < 32 { byte & 15 } else { byte >> 4 }) as i32
+        };
+        let p = &x.qs[256 * i..256 * i + 256];
+        let (isum, msum) = k4_sums(&b[4..16], p, &x.bsums[16 * i..16 * i + 16], value);
+        acc += x.d[i] * (f16_at(b) * isum as f32 - f16_at(&b[2..]) * msum as f32);
+    }
+    acc
+}
+
+fn q5_k(w: &[u8], x: Row256<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(176).enumerate() {
+        let (qh, qs) = (&b[16..48], &b[48..176]);
+        let value = |e: usize| {
+            let (j, l) = (e / 64, e % 64);
+            let byte = qs[32 * j + l % 32];
+            let bit = 2 * j + usize::from(l >= 32);
+            let lo = if l < 32 { byte & 15 } else { byte >> 4 };
+            (lo | (((qh[l % 32] >> bit) & 1) << 4)) as i32
+        };
+        let p = &x.qs[256 * i..256 * i + 256];
+        let (isum, msum) = k4_sums(&b[4..16], p, &x.bsums[16 * i..16 * i + 16], value);
+        acc += x.d[i] * (f16_at(b) * isum as f32 - f16_at(&b[2..]) * msum as f32);
+    }
+    acc
+}
+
+fn q6_k(w: &[u8], x: Row256<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (i, b) in w.chunks_exact(210).enumerate() {
+        let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+        let p = &x.qs[256 * i..256 * i + 256];
+        let bs = &x.bsums[16 * i..16 * i + 16];
+        let mut isum = 0i32;
+        for e in 0..256 {
+            let (h, r) = (e / 128, e % 128);
+            let (t, l) = (r / 32, r % 32);
+            let lq = ql[64 * h + l + 32 * (t & 1)];
+            let lo = if t < 2 { lq & 15 } else { lq >> 4 };
+            let hi = (qh[32 * h + l] >> (2 * t)) & 3;
+            isum += (sc[e / 16] as i8 as i32) * ((lo | (hi << 4)) as i32) * p[e] as i32;
+        }
+        let off: i32 = (0..16).map(|g| sc[g] as i8 as i32 * bs[g] as i32).sum();
+        acc += f16_at(&b[208..]) * x.d[i] * (isum - 32 * off) as f32;
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::qact::{Q8Rows256, Q8Rows32};
+    use super::*;
+    use crate::quant::QMatrix;
+
+    /// Each kernel (portable and, where present, SIMD) against the dot of the dequantized
+    /// weights with the dequantized activations, in f64.
+    #[test]
+    fn kernels_match_dequantized_products() {
+        let k = 768;
+        let x: Vec<f32> = (0..k)
+            .map(|i| ((i * 131 % 97) as f32 - 48.0) / 17.0)
+            .collect();
+        let w: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
+            .collect();
+        let a32 = Q8Rows32::quantize(&x, k);
+        let a256 = Q8Rows256::quantize(&x, k);
+        for ty in [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q8_0,
+            QuantType::Q4_K,
+            QuantType::Q5_K,
+            QuantType::Q6_K,
+        ] {
+            let m = QMatrix::quantize(&w, 3, k, ty).unwrap();
+            for r in 0..3 {
+                let wr = m.dequantize_row(r).unwrap();
+                let (xs, want): (Vec<f32>, f64) = match Kernel::portable(ty).unwrap() {
+                    Kernel::B32(_) => {
+                        let a = a32.row(0);
+                        let xs: Vec<f32> = (0..k).map(|i| a.d[i / 32] * a.qs[i] as f32).collect();
+                        let want = xs.iter().zip(&wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        (xs, want)
+                    }
+                    Kernel::B256(_) => {
+                        let a = a256.row(0);
+                        let xs: Vec<f32> = (0..k).map(|i| a.d[i / 256] * a.qs[i] as f32).collect();
+                        let want = xs.iter().zip(&wr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        (xs, want)
+                    }
+                };
+                let scale: f64 = xs
+                    .iter()
+                    .zip(&wr)
+                    .map(|(a, b)| (*a * *b).abs() as f64)
+                    .sum();
+                for kern in [Kernel::portable(ty).unwrap(), Kernel::for_type(ty).unwrap()] {
+                    let got = match kern {
+                        Kernel::B32(f) => f(m.row_bytes(r), a32.row(0)),
+                        Kernel::B256(f) => f(m.row_bytes(r), a256.row(0)),
+                    } as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * scale + 1e-6,
+                        "{ty} row {r}: {got} vs {want} ({kern:?})"
+                    );
+                }
+            }
+        }
+    }
+}

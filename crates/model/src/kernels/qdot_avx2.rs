@@ -1,0 +1,326 @@
+//! AVX2/FMA/F16C versions of the [`super::qdot`] kernels (x86_64, selected at run time).
+//!
+//! Unsigned weight bytes times signed activation bytes go through `vpmaddubsw` (pairs summed
+//! to i16; no saturation: weights < 64 or `|w| <= 127` against `|p| <= 127`) and `vpmaddwd`
+//! (pairs to i32, optionally times a per-sub-block scale). `Q8_0` weights are signed: the sign of
+//! each weight is moved onto its activation (`|w| * sign(w) p`). `Q5_0`'s fifth bits are spread
+//! from the 32-bit mask to bytes with a byte shuffle and a per-byte bit test.
+#![allow(clippy::missing_safety_doc)]
+use super::qact::{Row256, Row32};
+use super::qdot::Kernel;
+use crate::quant::QuantType;
+use std::arch::x86_64::*;
+
+pub fn kernel(ty: QuantType) -> Option<Kernel> {
+    Some(match ty {
+        QuantType::Q4_0 => Kernel::B32(q4_0),
+        QuantType::Q4_1 => Kernel::B32(q4_1),
+        QuantType::Q5_0 => Kernel::B32(q5_0),
+        QuantType::Q8_0 => Kernel::B32(q8_0),
+        QuantType::Q4_K => Kernel::B256(q4_k),
+        QuantType::Q5_K => Kernel::B256(q5_k),
+        QuantType::Q6_K => Kernel::B256(q6_k),
+        _ => return None,
+    })
+}
+
+/// Whether `w` holds whole blocks of `bb` bytes that `x` covers (else the kernels return NaN
+/// instead of reading out of bounds).
+#[inline(always)]
+fn fits32(w: &[u8], bb: usize, x: &Row32<'_>) -> Option<usize> {
+    let nb = w.len() / bb;
+    (w.len() == nb * bb && x.qs.len() >= nb * 32 && x.d.len() >= nb && x.s.len() >= nb)
+        .then_some(nb)
+}
+
+#[inline(always)]
+fn fits256(w: &[u8], bb: usize, x: &Row256<'_>) -> Option<usize> {
+    let nb = w.len() / bb;
+    (w.len() == nb * bb && x.qs.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16)
+        .then_some(nb)
+}
+
+macro_rules! safe_entry {
+    ($name:ident, $row:ident, $fits:ident, $bb:expr) => {
+        fn $name(w: &[u8], x: $row<'_>) -> f32 {
+            match $fits(w, $bb, &x) {
+                // SAFETY: this kernel is only handed out after AVX2, FMA and F16C were detected
+                // (`Kernel::for_type`), and `nb` whole blocks of `w` and `x` are in bounds.
+                Some(nb) => unsafe { imp::$name(w.as_ptr(), x, nb) },
+                None => f32::NAN,
+            }
+        }
+    };
+}
+
+safe_entry!(q4_0, Row32, fits32, 18);
+safe_entry!(q4_1, Row32, fits32, 20);
+safe_entry!(q5_0, Row32, fits32, 22);
+safe_entry!(q8_0, Row32, fits32, 34);
+safe_entry!(q4_k, Row256, fits256, 144);
+safe_entry!(q5_k, Row256, fits256, 176);
+safe_entry!(q6_k, Row256, fits256, 210);
+
+mod imp {
+    use super::*;
+
+    #[inline(always)]
+    unsafe fn f16(p: *const u8) -> f32 {
+        let h = std::ptr::read_unaligned(p as *const u16);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[inline(always)]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// 16 bytes of nibbles -> 32 bytes: low nibbles (elements 0..16), then high nibbles.
+    #[inline(always)]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let v = _mm_loadu_si128(p as *const __m128i);
+        let hi = _mm_srli_epi16(v, 4);
+        _mm256_and_si256(_mm256_set_m128i(hi, v), _mm256_set1_epi8(0x0F))
+    }
+
+    /// Byte `i` = 0x10 where bit `i` of `qh` is set, else 0.
+    #[inline(always)]
+    unsafe fn fifth_bits(qh: u32) -> __m256i {
+        let v = _mm256_set1_epi32(qh as i32);
+        // Byte i takes byte i/8 of qh ...
+        let spread = _mm256_shuffle_epi8(
+            v,
+            _mm256_setr_epi64x(
+                0,
+                0x0101_0101_0101_0101,
+                0x0202_0202_0202_0202,
+                0x0303_0303_0303_0303,
+            ),
+        );
+        // ... and tests its bit i%8.
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+
+    /// 32 unsigned bytes times 32 signed bytes, summed in pairs of pairs: 8 x i32.
+    #[inline(always)]
+    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const i8) -> __m256i {
+        _mm256_loadu_si256(p as *const __m256i)
+    }
+
+    /// Shared loop of the 32-blocks with unsigned weights: `acc += dw dx dot`,
+    /// `corr += c(block) dx s` where `c` is `-o dw` (offset) or `mw` (minimum).
+    #[inline(always)]
+    unsafe fn blocks32(
+        w: *const u8,
+        x: Row32<'_>,
+        nb: usize,
+        bb: usize,
+        weights: impl Fn(*const u8) -> __m256i,
+        corr_of: impl Fn(*const u8, f32) -> f32,
+    ) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        let xp = x.qs.as_ptr();
+        for i in 0..nb {
+            let b = w.add(i * bb);
+            let dw = f16(b);
+            let dx = *x.d.get_unchecked(i);
+            let dot = dot_u8_i8(weights(b), load(xp.add(32 * i)));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(dot), acc);
+            corr += corr_of(b, dw) * dx * *x.s.get_unchecked(i) as f32;
+        }
+        hsum(acc) + corr
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+        blocks32(w, x, nb, 18, |b| nibbles(b.add(2)), |_, dw| -8.0 * dw)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_1(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+        blocks32(w, x, nb, 20, |b| nibbles(b.add(4)), |b, _| f16(b.add(2)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q5_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+        blocks32(
+            w,
+            x,
+            nb,
+            22,
+            |b| {
+                let qh = std::ptr::read_unaligned(b.add(2) as *const u32);
+                _mm256_or_si256(nibbles(b.add(6)), fifth_bits(qh))
+            },
+            |_, dw| -16.0 * dw,
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q8_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let xp = x.qs.as_ptr();
+        for i in 0..nb {
+            let b = w.add(i * 34);
+            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+            let p = load(xp.add(32 * i));
+            let dot = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q));
+            let s = f16(b) * *x.d.get_unchecked(i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc)
+    }
+
+    /// The eight 6-bit scales and mins of a `Q4_K`/`Q5_K` block as two `[u8; 8]`.
+    #[inline(always)]
+    unsafe fn scales_mins(s: *const u8) -> ([u8; 8], [u8; 8]) {
+        let s = std::slice::from_raw_parts(s, 12);
+        let mut sc = [0u8; 8];
+        let mut mn = [0u8; 8];
+        for j in 0..8 {
+            let (a, b) = crate::quant::dequant::scale_min_k4(j, s);
+            sc[j] = a;
+            mn[j] = b;
+        }
+        (sc, mn)
+    }
+
+    /// `sum_j m_j (bsum_{2j} + bsum_{2j+1})` for the eight mins of a block.
+    #[inline(always)]
+    unsafe fn mins_dot(mn: &[u8; 8], bs: *const i16) -> i32 {
+        // bsums pairs summed: madd with ones over 16 i16 -> 8 i32; mins widened to i32.
+        let b = _mm256_loadu_si256(bs as *const __m256i);
+        let pairs = _mm256_madd_epi16(b, _mm256_set1_epi16(1));
+        let m = _mm256_cvtepu8_epi32(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
+        hsum_i32(_mm256_mullo_epi32(pairs, m))
+    }
+
+    /// Shared `Q4_K`/`Q5_K` loop; `half(b, j)` gives the 64 values of part `j` (0..4) as the
+    /// unsigned bytes of sub-blocks `2j` and `2j + 1`.
+    #[inline(always)]
+    unsafe fn k4(
+        w: *const u8,
+        x: Row256<'_>,
+        nb: usize,
+        bb: usize,
+        part: impl Fn(*const u8, usize) -> (__m256i, __m256i),
+    ) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        let mut corr = 0f32;
+        let xp = x.qs.as_ptr();
+        for i in 0..nb {
+            let b = w.add(i * bb);
+            let dx = *x.d.get_unchecked(i);
+            let (sc, mn) = scales_mins(b.add(4));
+            let mut sumi = _mm256_setzero_si256();
+            for j in 0..4 {
+                let (lo, hi) = part(b, j);
+                let p0 = _mm256_maddubs_epi16(lo, load(xp.add(256 * i + 64 * j)));
+                let p1 = _mm256_maddubs_epi16(hi, load(xp.add(256 * i + 64 * j + 32)));
+                let p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * j] as i16));
+                let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(b) * dx), _mm256_cvtepi32_ps(sumi), acc);
+            corr += f16(b.add(2)) * dx * mins_dot(&mn, x.bsums.as_ptr().add(16 * i)) as f32;
+        }
+        hsum(acc) - corr
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q4_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        k4(w, x, nb, 144, |b, j| {
+            let q = _mm256_loadu_si256(b.add(16 + 32 * j) as *const __m256i);
+            (
+                _mm256_and_si256(q, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+            )
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q5_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let one = _mm256_set1_epi8(1);
+        k4(w, x, nb, 176, |b, j| {
+            let qh = _mm256_loadu_si256(b.add(16) as *const __m256i);
+            let q = _mm256_loadu_si256(b.add(48 + 32 * j) as *const __m256i);
+            let shift = _mm_cvtsi32_si128(2 * j as i32);
+            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+            let shift1 = _mm_cvtsi32_si128(2 * j as i32 + 1);
+            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift1), one);
+            (
+                _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_slli_epi16(h0, 4)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), m4),
+                    _mm256_slli_epi16(h1, 4),
+                ),
+            )
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn q6_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m2 = _mm256_set1_epi8(3);
+        let mut acc = _mm256_setzero_ps();
+        let xp = x.qs.as_ptr();
+        for i in 0..nb {
+            let b = w.add(i * 210);
+            let sc = b.add(192) as *const i8;
+            let mut sumi = _mm256_setzero_si256();
+            for h in 0..2 {
+                let ql_a = _mm256_loadu_si256(b.add(64 * h) as *const __m256i);
+                let ql_b = _mm256_loadu_si256(b.add(64 * h + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(b.add(128 + 32 * h) as *const __m256i);
+                let hi = |s: i32| {
+                    let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s));
+                    _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+                };
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql_a, m4), hi(0)),
+                    _mm256_or_si256(_mm256_and_si256(ql_b, m4), hi(2)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_a, 4), m4), hi(4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql_b, 4), m4), hi(6)),
+                ];
+                for (t, q) in q.into_iter().enumerate() {
+                    let g = 8 * h + 2 * t;
+                    let p = _mm256_maddubs_epi16(q, load(xp.add(256 * i + 128 * h + 32 * t)));
+                    let s = _mm256_set_m128i(
+                        _mm_set1_epi16(*sc.add(g + 1) as i16),
+                        _mm_set1_epi16(*sc.add(g) as i16),
+                    );
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                }
+            }
+            // The -32 offset: 32 sum_g sc_g bsum_g.
+            let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
+            let bs = _mm256_loadu_si256(x.bsums.as_ptr().add(16 * i) as *const __m256i);
+            let off = _mm256_slli_epi32(_mm256_madd_epi16(scales, bs), 5);
+            sumi = _mm256_sub_epi32(sumi, off);
+            let s = f16(b.add(208)) * *x.d.get_unchecked(i);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum(acc)
+    }
+}
