@@ -45,6 +45,9 @@ pub enum ModelError {
     Unsupported(String),
     #[error("invalid input: {0}")]
     Input(String),
+    /// A command the model crate's commands run (a benchmark child, an asset lookup) failed.
+    #[error("{cmd}: {msg}")]
+    Command { cmd: String, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

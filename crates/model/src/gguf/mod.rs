@@ -493,21 +493,31 @@ impl GgufFile {
     /// Writes a copy of this GGUF with every tensor dequantized to F32 (same names, layout and
     /// metadata), atomically. Lets llama.cpp run at the precision of our F32 engine.
     pub fn write_f32_copy(&self, out: &Path) -> Result<()> {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        let mut f = std::fs::File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
-        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
-        names.sort();
-        let mut tensors = Vec::with_capacity(names.len());
-        for name in names {
-            let q = self
-                .content
-                .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| ModelError::Malformed {
-                    path: self.path.clone(),
-                    msg: format!("tensor `{name}`: {e}"),
-                })?;
-            let t = q.dequantize(&Device::Cpu)?;
-            tensors.push((name.as_str(), QTensor::quantize(&t, GgmlDType::F32)?));
+        self.write_converted(out, None)
+    }
+
+    /// Writes a copy of this GGUF (same names, tensor layout and metadata but
+    /// `general.file_type`), atomically: with `Some(ty)` every matrix is requantized to `ty` (or
+    /// its fallback, [`storable_type`], for rows that are not whole blocks of it) from its exact
+    /// F32 values, vectors are F32; with `None` everything is F32.
+    pub fn write_converted(&self, out: &Path, ty: Option<QuantType>) -> Result<()> {
+        use candle_core::quantized::{QStorage, QTensor};
+        let dev = Device::Cpu;
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            let v = self.tensor_f32(name)?;
+            let target = match ty {
+                Some(q) if t.shape.len() == 2 => storable_type(q, t.shape[1]),
+                _ => QuantType::F32,
+            };
+            let q = if target == QuantType::F32 {
+                QTensor::quantize(&Tensor::from_vec(v, t.shape.clone(), &dev)?, GgmlDType::F32)?
+            } else {
+                let m = QMatrix::quantize(&v, t.shape[0], t.shape[1], target)?;
+                let st = QStorage::from_data(m.gguf_bytes().into(), &dev, ggml_dtype(target))?;
+                QTensor::new(st, t.shape.clone())?
+            };
+            tensors.push((name.as_str(), q));
         }
         let mut metadata: Vec<(&str, &Value)> = self
             .content
@@ -516,7 +526,22 @@ impl GgufFile {
             .filter(|(k, _)| k.as_str() != "general.file_type")
             .map(|(k, v)| (k.as_str(), v))
             .collect();
-        let file_type = Value::U32(0); // ALL_F32
+        // llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_Q4_0 2, Q4_1 3, Q8_0 7, Q5_0 8, Q5_1 9,
+        // Q4_K_M 15, Q5_K_M 17, Q6_K 18.
+        let file_type = Value::U32(match ty {
+            None => 0,
+            Some(QuantType::Q4_0) => 2,
+            Some(QuantType::Q4_1) => 3,
+            Some(QuantType::Q8_0) => 7,
+            Some(QuantType::Q5_0) => 8,
+            Some(QuantType::Q5_1) => 9,
+            Some(QuantType::Q4_K) => 15,
+            Some(QuantType::Q5_K) => 17,
+            Some(QuantType::Q6_K) => 18,
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!("writing a {other} GGUF")));
+            }
+        });
         metadata.push(("general.file_type", &file_type));
         let tmp = out.with_extension("gguf.tmp");
         let res = (|| -> Result<()> {

@@ -8,11 +8,12 @@
 //! `Q4_K`/`Q5_K`: `dx (d sum_j sc_j sum q p - dmin sum_j m_j bsum_j)`;
 //! `Q6_K`: `d dx sum_g sc_g (sum q p - 32 bsum_g)` over 16-groups `g`.
 //!
+//! Rows of the 32-element types are in the split layout of [`crate::quant::layout`].
 //! [`Kernel::for_type`] picks the AVX2/FMA/F16C versions (run-time detection) or the portable
 //! ones below; both compute the same integer sums, so they differ only by f32 rounding.
 use super::qact::{Row256, Row32};
 use crate::quant::dequant::{f16_at, scale_min_k4};
-use crate::quant::QuantType;
+use crate::quant::{layout, QuantType};
 
 /// A row-dot function for one weight type, with the activation format it reads.
 #[derive(Clone, Copy)]
@@ -79,47 +80,56 @@ fn fives(qs: &[u8], qh: u32) -> impl Iterator<Item = i32> + '_ {
         .map(move |(i, v)| v | ((((qh >> i) & 1) << 4) as i32))
 }
 
+/// The runs of a split row ([`crate::quant::layout`]): `(nb, d, m, qh, qs)`.
+fn runs<'a>(ty: QuantType, w: &'a [u8]) -> (usize, &'a [u8], &'a [u8], &'a [u8], &'a [u8]) {
+    let nb = w.len() / ty.block_bytes();
+    let [d, m, qh, qs] = layout::runs(ty, nb);
+    (nb, &w[d..m], &w[m..qh], &w[qh..qs], &w[qs..])
+}
+
 fn q4_0(w: &[u8], x: Row32<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, ((p, &dx), &s)) in w
-        .chunks_exact(18)
-        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
-    {
-        acc += f16_at(b) * dx * (idot(nibbles(&b[2..18]), p) - 8 * s) as f32;
-    }
-    acc
+    let (nb, d, _, _, qs) = runs(QuantType::Q4_0, w);
+    (0..nb)
+        .map(|i| {
+            let p = &x.qs[32 * i..32 * i + 32];
+            let dot = idot(nibbles(&qs[16 * i..16 * i + 16]), p) - 8 * x.s[i];
+            f16_at(&d[2 * i..]) * x.d[i] * dot as f32
+        })
+        .sum()
 }
 
 fn q4_1(w: &[u8], x: Row32<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, ((p, &dx), &s)) in w
-        .chunks_exact(20)
-        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
-    {
-        acc +=
-            f16_at(b) * dx * idot(nibbles(&b[4..20]), p) as f32 + f16_at(&b[2..]) * dx * s as f32;
-    }
-    acc
+    let (nb, d, m, _, qs) = runs(QuantType::Q4_1, w);
+    (0..nb)
+        .map(|i| {
+            let p = &x.qs[32 * i..32 * i + 32];
+            let dot = idot(nibbles(&qs[16 * i..16 * i + 16]), p);
+            f16_at(&d[2 * i..]) * x.d[i] * dot as f32 + f16_at(&m[2 * i..]) * x.d[i] * x.s[i] as f32
+        })
+        .sum()
 }
 
 fn q5_0(w: &[u8], x: Row32<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, ((p, &dx), &s)) in w
-        .chunks_exact(22)
-        .zip(x.qs.chunks_exact(32).zip(x.d).zip(x.s))
-    {
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        acc += f16_at(b) * dx * (idot(fives(&b[6..22], qh), p) - 16 * s) as f32;
-    }
-    acc
+    let (nb, d, _, qh, qs) = runs(QuantType::Q5_0, w);
+    (0..nb)
+        .map(|i| {
+            let p = &x.qs[32 * i..32 * i + 32];
+            let h = u32::from_le_bytes([qh[4 * i], qh[4 * i + 1], qh[4 * i + 2], qh[4 * i + 3]]);
+            let dot = idot(fives(&qs[16 * i..16 * i + 16], h), p) - 16 * x.s[i];
+            f16_at(&d[2 * i..]) * x.d[i] * dot as f32
+        })
+        .sum()
 }
 
 fn q8_0(w: &[u8], x: Row32<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, (p, &dx)) in w.chunks_exact(34).zip(x.qs.chunks_exact(32).zip(x.d)) {
-        acc += f16_at(b) * dx * idot(b[2..34].iter().map(|&v| v as i8 as i32), p) as f32;
-    }
-    acc
+    let (nb, d, _, _, qs) = runs(QuantType::Q8_0, w);
+    (0..nb)
+        .map(|i| {
+            let p = &x.qs[32 * i..32 * i + 32];
+            let dot = idot(qs[32 * i..32 * i + 32].iter().map(|&v| v as i8 as i32), p);
+            f16_at(&d[2 * i..]) * x.d[i] * dot as f32
+        })
+        .sum()
 }
 
 /// `sum_j sc_j dot_j` and `sum_j m_j bsum_j` of a `Q4_K`/`Q5_K` block whose 256 values are
@@ -203,7 +213,13 @@ mod tests {
     /// weights with the dequantized activations, in f64.
     #[test]
     fn kernels_match_dequantized_products() {
-        let k = 768;
+        // 864: 27 blocks of 32 (three groups of eight and a tail of three).
+        for k in [768, 864] {
+            check_kernels(k);
+        }
+    }
+
+    fn check_kernels(k: usize) {
         let x: Vec<f32> = (0..k)
             .map(|i| ((i * 131 % 97) as f32 - 48.0) / 17.0)
             .collect();
@@ -221,6 +237,9 @@ mod tests {
             QuantType::Q5_K,
             QuantType::Q6_K,
         ] {
+            if ty.bytes_for(k).is_none() {
+                continue;
+            }
             let m = QMatrix::quantize(&w, 3, k, ty).unwrap();
             for r in 0..3 {
                 let wr = m.dequantize_row(r).unwrap();

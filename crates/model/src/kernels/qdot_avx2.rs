@@ -4,7 +4,8 @@
 //! to i16; no saturation: weights < 64 or `|w| <= 127` against `|p| <= 127`) and `vpmaddwd`
 //! (pairs to i32, optionally times a per-sub-block scale). `Q8_0` weights are signed: the sign of
 //! each weight is moved onto its activation (`|w| * sign(w) p`). `Q5_0`'s fifth bits are spread
-//! from the 32-bit mask to bytes with a byte shuffle and a per-byte bit test.
+//! from the 32-bit mask to bytes with a byte shuffle and a per-byte bit test. The 32-block types
+//! read the split row layout ([`crate::quant::layout`]), eight blocks' scales at a time.
 #![allow(clippy::missing_safety_doc)]
 use super::qact::{Row256, Row32};
 use super::qdot::Kernel;
@@ -125,69 +126,143 @@ mod imp {
         _mm256_loadu_si256(p as *const __m256i)
     }
 
-    /// Shared loop of the 32-blocks with unsigned weights: `acc += dw dx dot`,
-    /// `corr += c(block) dx s` where `c` is `-o dw` (offset) or `mw` (minimum).
+    /// Eight f16 at `p` (or the first `g < 8`, zeros after) as f32.
     #[inline(always)]
-    unsafe fn blocks32(
-        w: *const u8,
+    unsafe fn f16x8(p: *const u8, g: usize) -> __m256 {
+        if g == 8 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            let mut t = [0u16; 8];
+            std::ptr::copy_nonoverlapping(p, t.as_mut_ptr() as *mut u8, 2 * g);
+            _mm256_cvtph_ps(_mm_loadu_si128(t.as_ptr() as *const __m128i))
+        }
+    }
+
+    /// Eight f32 at `p` (or the first `g < 8`, zeros after).
+    #[inline(always)]
+    unsafe fn f32x8(p: *const f32, g: usize) -> __m256 {
+        if g == 8 {
+            _mm256_loadu_ps(p)
+        } else {
+            let mut t = [0f32; 8];
+            std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), g);
+            _mm256_loadu_ps(t.as_ptr())
+        }
+    }
+
+    /// Eight i32 at `p` (or the first `g < 8`, zeros after) as f32.
+    #[inline(always)]
+    unsafe fn i32x8(p: *const i32, g: usize) -> __m256 {
+        if g == 8 {
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(p as *const __m256i))
+        } else {
+            let mut t = [0i32; 8];
+            std::ptr::copy_nonoverlapping(p, t.as_mut_ptr(), g);
+            _mm256_cvtepi32_ps(_mm256_loadu_si256(t.as_ptr() as *const __m256i))
+        }
+    }
+
+    /// What the second term of a 32-block type is.
+    #[derive(Clone, Copy)]
+    enum Term {
+        /// `w = d (q - o)`: `- o d dx s`.
+        Offset(f32),
+        /// `w = d q + m`: `+ m dx s` (the `m` run starts at the pointer).
+        Min(*const u8),
+        /// Nothing (`Q8_0`).
+        None,
+    }
+
+    /// The split-layout loop of the 32-block types, eight blocks per group: the eight weight
+    /// scales (one `vcvtph2ps`) times the eight activation scales give the block factors; each
+    /// block's integer dot (`dot(i)`, 8 x i32) is converted and accumulated with its factor (two
+    /// accumulators, alternating); the offset/min term takes one FMA per group.
+    #[inline(always)]
+    unsafe fn split32(
+        d: *const u8,
         x: Row32<'_>,
         nb: usize,
-        bb: usize,
-        weights: impl Fn(*const u8) -> __m256i,
-        corr_of: impl Fn(*const u8, f32) -> f32,
+        term: Term,
+        dot: impl Fn(usize) -> __m256i,
     ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0f32;
-        let xp = x.qs.as_ptr();
-        for i in 0..nb {
-            let b = w.add(i * bb);
-            let dw = f16(b);
-            let dx = *x.d.get_unchecked(i);
-            let dot = dot_u8_i8(weights(b), load(xp.add(32 * i)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(dot), acc);
-            corr += corr_of(b, dw) * dx * *x.s.get_unchecked(i) as f32;
+        let mut acc = [_mm256_setzero_ps(); 2];
+        let mut corr = _mm256_setzero_ps();
+        let mut f = [0f32; 8];
+        let mut i = 0;
+        while i < nb {
+            let g = (nb - i).min(8);
+            let xd = f32x8(x.d.as_ptr().add(i), g);
+            let sc = _mm256_mul_ps(f16x8(d.add(2 * i), g), xd);
+            _mm256_storeu_ps(f.as_mut_ptr(), sc);
+            match term {
+                Term::Offset(_) => {
+                    corr = _mm256_fmadd_ps(sc, i32x8(x.s.as_ptr().add(i), g), corr);
+                }
+                Term::Min(m) => {
+                    let mx = _mm256_mul_ps(f16x8(m.add(2 * i), g), xd);
+                    corr = _mm256_fmadd_ps(mx, i32x8(x.s.as_ptr().add(i), g), corr);
+                }
+                Term::None => {}
+            }
+            for (b, &fb) in f.iter().enumerate().take(g) {
+                let v = _mm256_cvtepi32_ps(dot(i + b));
+                acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(fb), v, acc[b & 1]);
+            }
+            i += g;
         }
-        hsum(acc) + corr
+        let main = hsum(_mm256_add_ps(acc[0], acc[1]));
+        match term {
+            Term::Offset(o) => main - o * hsum(corr),
+            Term::Min(_) => main + hsum(corr),
+            Term::None => main,
+        }
+    }
+
+    /// `(d, m, qh, qs)` run pointers of a split row of `nb` blocks.
+    #[inline(always)]
+    unsafe fn runs(w: *const u8, ty: QuantType, nb: usize) -> [*const u8; 4] {
+        let r = crate::quant::layout::runs(ty, nb);
+        [w.add(r[0]), w.add(r[1]), w.add(r[2]), w.add(r[3])]
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
-        blocks32(w, x, nb, 18, |b| nibbles(b.add(2)), |_, dw| -8.0 * dw)
+        let [d, _, _, qs] = runs(w, QuantType::Q4_0, nb);
+        let xp = x.qs.as_ptr();
+        split32(d, x, nb, Term::Offset(8.0), |i| {
+            dot_u8_i8(nibbles(qs.add(16 * i)), load(xp.add(32 * i)))
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q4_1(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
-        blocks32(w, x, nb, 20, |b| nibbles(b.add(4)), |b, _| f16(b.add(2)))
+        let [d, m, _, qs] = runs(w, QuantType::Q4_1, nb);
+        let xp = x.qs.as_ptr();
+        split32(d, x, nb, Term::Min(m), |i| {
+            dot_u8_i8(nibbles(qs.add(16 * i)), load(xp.add(32 * i)))
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q5_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
-        blocks32(
-            w,
-            x,
-            nb,
-            22,
-            |b| {
-                let qh = std::ptr::read_unaligned(b.add(2) as *const u32);
-                _mm256_or_si256(nibbles(b.add(6)), fifth_bits(qh))
-            },
-            |_, dw| -16.0 * dw,
-        )
+        let [d, _, qh, qs] = runs(w, QuantType::Q5_0, nb);
+        let xp = x.qs.as_ptr();
+        split32(d, x, nb, Term::Offset(16.0), |i| {
+            let h = std::ptr::read_unaligned(qh.add(4 * i) as *const u32);
+            let q = _mm256_or_si256(nibbles(qs.add(16 * i)), fifth_bits(h));
+            dot_u8_i8(q, load(xp.add(32 * i)))
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn q8_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
-        let mut acc = _mm256_setzero_ps();
+        let [d, _, _, qs] = runs(w, QuantType::Q8_0, nb);
         let xp = x.qs.as_ptr();
-        for i in 0..nb {
-            let b = w.add(i * 34);
-            let q = _mm256_loadu_si256(b.add(2) as *const __m256i);
+        split32(d, x, nb, Term::None, |i| {
+            let q = _mm256_loadu_si256(qs.add(32 * i) as *const __m256i);
             let p = load(xp.add(32 * i));
-            let dot = dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q));
-            let s = f16(b) * *x.d.get_unchecked(i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(dot), acc);
-        }
-        hsum(acc)
+            dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q))
+        })
     }
 
     /// The eight 6-bit scales and mins of a `Q4_K`/`Q5_K` block as two `[u8; 8]`.

@@ -211,10 +211,12 @@ impl Llama {
             ModelPart::Server => None,
             _ => Some(match backend.embedding("model.embed_tokens.weight")? {
                 Some(t) if t.shape() == (v, d) => Embedding::Table(t),
-                Some(t) => return Err(ModelError::Mismatch(format!(
+                Some(t) => {
+                    return Err(ModelError::Mismatch(format!(
                     "tensor `model.embed_tokens.weight` has shape {:?}, config implies [{v}, {d}]",
                     t.shape()
-                ))),
+                )))
+                }
                 None => Embedding::Dense(load("model.embed_tokens.weight", &[v, d])?.contiguous()?),
             }),
         };

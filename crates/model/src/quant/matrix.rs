@@ -1,6 +1,9 @@
-//! [`QMatrix`]: a `[rows, cols]` matrix in one ggml block type, rows of whole blocks, as stored in
-//! a GGUF file (HF `[out, in]` orientation: one row per output feature).
+//! [`QMatrix`]: a `[rows, cols]` matrix in one ggml block type, rows of whole blocks (HF
+//! `[out, in]` orientation: one row per output feature). Rows of the 32-element types are held in
+//! the split layout of [`super::layout`] (same bytes, fields grouped); [`QMatrix::gguf_row`]
+//! gives them back in GGUF order.
 use super::dequant::dequantize;
+use super::layout;
 use super::QuantType;
 use crate::error::{ModelError, Result};
 
@@ -20,8 +23,8 @@ impl std::fmt::Debug for QMatrix {
 }
 
 impl QMatrix {
-    /// Wraps `data` (`rows` rows of `cols` elements of type `ty`); [`ModelError::Mismatch`] when
-    /// `cols` is not whole blocks or the byte count is wrong.
+    /// Wraps GGUF-ordered `data` (`rows` rows of `cols` elements of type `ty`);
+    /// [`ModelError::Mismatch`] when `cols` is not whole blocks or the byte count is wrong.
     pub fn new(ty: QuantType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
         let row_bytes = ty.bytes_for(cols).ok_or_else(|| {
             ModelError::Mismatch(format!(
@@ -36,6 +39,18 @@ impl QMatrix {
                 rows
             )));
         }
+        let data = if layout::is_split(ty) {
+            let mut out = vec![0u8; data.len()];
+            for (src, dst) in data
+                .chunks_exact(row_bytes.max(1))
+                .zip(out.chunks_exact_mut(row_bytes.max(1)))
+            {
+                layout::split_row(ty, src, dst);
+            }
+            out
+        } else {
+            data
+        };
         Ok(Self {
             ty,
             rows,
@@ -93,15 +108,34 @@ impl QMatrix {
         self.cols
     }
 
-    /// All packed bytes, row after row.
+    /// All packed bytes, row after row, in the in-memory layout.
     pub fn bytes(&self) -> &[u8] {
         &self.data
     }
 
-    /// The packed bytes of row `r` (panics when `r >= rows`).
+    /// The packed bytes of row `r` in the in-memory layout (panics when `r >= rows`).
     #[inline]
     pub fn row_bytes(&self, r: usize) -> &[u8] {
         &self.data[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Row `r` in GGUF block order (panics when `r >= rows`).
+    pub fn gguf_row(&self, r: usize) -> std::borrow::Cow<'_, [u8]> {
+        let row = self.row_bytes(r);
+        if layout::is_split(self.ty) {
+            let mut out = vec![0u8; row.len()];
+            layout::join_row(self.ty, row, &mut out);
+            out.into()
+        } else {
+            row.into()
+        }
+    }
+
+    /// All rows in GGUF block order (what a GGUF file holds).
+    pub fn gguf_bytes(&self) -> Vec<u8> {
+        (0..self.rows)
+            .flat_map(|r| self.gguf_row(r).into_owned())
+            .collect()
     }
 
     /// Row `r` dequantized into `out` (`cols` values).
@@ -112,7 +146,7 @@ impl QMatrix {
                 self.rows
             )));
         }
-        dequantize(self.ty, self.row_bytes(r), out)
+        dequantize(self.ty, &self.gguf_row(r), out)
     }
 
     /// Row `r` dequantized.
@@ -125,7 +159,9 @@ impl QMatrix {
     /// The whole matrix dequantized, `[rows, cols]` row-major.
     pub fn dequantize(&self) -> Result<Vec<f32>> {
         let mut out = vec![0f32; self.rows * self.cols];
-        dequantize(self.ty, &self.data, &mut out)?;
+        for (r, o) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            dequantize(self.ty, &self.gguf_row(r), o)?;
+        }
         Ok(out)
     }
 
@@ -142,7 +178,20 @@ impl QMatrix {
         for &r in order {
             data.extend_from_slice(self.row_bytes(r));
         }
-        Self::new(self.ty, self.rows, self.cols, data)
+        Ok(Self {
+            data,
+            ..self.clone_shape()
+        })
+    }
+
+    fn clone_shape(&self) -> Self {
+        Self {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            row_bytes: self.row_bytes,
+            data: vec![],
+        }
     }
 }
 
@@ -162,6 +211,15 @@ mod tests {
         assert_eq!(r.dequantize_row(1).unwrap(), m.dequantize_row(0).unwrap());
         assert!(m.dequantize_row(3).is_err());
         assert!(m.reorder_rows(&[0, 0]).is_err());
+        // The split in-memory layout gives the GGUF bytes back.
+        let g = m.gguf_bytes();
+        assert_eq!(
+            QMatrix::new(QuantType::Q8_0, 3, 64, g.clone())
+                .unwrap()
+                .gguf_bytes(),
+            g
+        );
+        assert_ne!(m.bytes(), &g[..]);
         let back = m.dequantize().unwrap();
         // Q8_0: within half a step (max |w| / 254) of each block.
         assert!(back

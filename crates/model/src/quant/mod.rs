@@ -27,6 +27,7 @@ use crate::error::{ModelError, Result};
 
 pub mod backend;
 pub mod dequant;
+pub mod layout;
 pub mod matrix;
 
 pub use backend::{QuantBackend, QuantLinear, QuantWeights, WeightDtype};
