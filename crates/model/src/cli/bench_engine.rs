@@ -96,7 +96,7 @@ pub fn run(a: &BenchEngineArgs) -> Result<serde_json::Value> {
         let rep = run_ours(&spec)?;
         let line = serde_json::to_string(&rep).map_err(|e| cmd_err("bench engine", e))?;
         println!("{line}");
-        return Ok(serde_json::to_value(rep).map_err(|e| cmd_err("bench engine", e))?);
+        return serde_json::to_value(rep).map_err(|e| cmd_err("bench engine", e));
     }
     let cache = Cache::from_env().map_err(|e| cmd_err("asset cache", e))?;
     let require = |asset| cache.require(asset).map_err(|e| cmd_err("bench engine", e));
