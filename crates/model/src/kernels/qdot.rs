@@ -15,23 +15,52 @@ use super::qact::{Row256, Row32};
 use crate::quant::dequant::{f16_at, scale_min_k4};
 use crate::quant::{layout, QuantType};
 
-/// A row-dot function for one weight type, with the activation format it reads.
+/// Row-dot functions for one weight type, with the activation format they read: one weight
+/// row against one activation row, and against four (the weights unpacked once for all four).
 #[derive(Clone, Copy)]
 pub enum Kernel {
     /// 32-element blocks against [`super::qact::Q8Rows32`].
-    B32(fn(&[u8], Row32<'_>) -> f32),
+    B32(
+        fn(&[u8], Row32<'_>) -> f32,
+        fn(&[u8], &[Row32<'_>; 4]) -> [f32; 4],
+    ),
     /// 256-element blocks against [`super::qact::Q8Rows256`].
-    B256(fn(&[u8], Row256<'_>) -> f32),
+    B256(
+        fn(&[u8], Row256<'_>) -> f32,
+        fn(&[u8], &[Row256<'_>; 4]) -> [f32; 4],
+    ),
 }
 
 impl std::fmt::Debug for Kernel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::B32(_) => "Kernel::B32",
-            Self::B256(_) => "Kernel::B256",
+            Self::B32(..) => "Kernel::B32",
+            Self::B256(..) => "Kernel::B256",
         })
     }
 }
+
+/// Four rows through a one-row kernel.
+macro_rules! four {
+    ($name:ident, $one:ident, $row:ident) => {
+        fn $name(w: &[u8], xs: &[$row<'_>; 4]) -> [f32; 4] {
+            [
+                $one(w, xs[0]),
+                $one(w, xs[1]),
+                $one(w, xs[2]),
+                $one(w, xs[3]),
+            ]
+        }
+    };
+}
+
+four!(q4_0_x4, q4_0, Row32);
+four!(q4_1_x4, q4_1, Row32);
+four!(q5_0_x4, q5_0, Row32);
+four!(q8_0_x4, q8_0, Row32);
+four!(q4_k_x4, q4_k, Row256);
+four!(q5_k_x4, q5_k, Row256);
+four!(q6_k_x4, q6_k, Row256);
 
 impl Kernel {
     /// The fastest kernel for `ty` on this CPU; `None` for types without one.
@@ -46,13 +75,13 @@ impl Kernel {
     /// The portable kernel for `ty`.
     pub fn portable(ty: QuantType) -> Option<Self> {
         Some(match ty {
-            QuantType::Q4_0 => Self::B32(q4_0),
-            QuantType::Q4_1 => Self::B32(q4_1),
-            QuantType::Q5_0 => Self::B32(q5_0),
-            QuantType::Q8_0 => Self::B32(q8_0),
-            QuantType::Q4_K => Self::B256(q4_k),
-            QuantType::Q5_K => Self::B256(q5_k),
-            QuantType::Q6_K => Self::B256(q6_k),
+            QuantType::Q4_0 => Self::B32(q4_0, q4_0_x4),
+            QuantType::Q4_1 => Self::B32(q4_1, q4_1_x4),
+            QuantType::Q5_0 => Self::B32(q5_0, q5_0_x4),
+            QuantType::Q8_0 => Self::B32(q8_0, q8_0_x4),
+            QuantType::Q4_K => Self::B256(q4_k, q4_k_x4),
+            QuantType::Q5_K => Self::B256(q5_k, q5_k_x4),
+            QuantType::Q6_K => Self::B256(q6_k, q6_k_x4),
             _ => return None,
         })
     }
@@ -81,7 +110,7 @@ fn fives(qs: &[u8], qh: u32) -> impl Iterator<Item = i32> + '_ {
 }
 
 /// The runs of a split row ([`crate::quant::layout`]): `(nb, d, m, qh, qs)`.
-fn runs<'a>(ty: QuantType, w: &'a [u8]) -> (usize, &'a [u8], &'a [u8], &'a [u8], &'a [u8]) {
+fn runs(ty: QuantType, w: &[u8]) -> (usize, &[u8], &[u8], &[u8], &[u8]) {
     let nb = w.len() / ty.block_bytes();
     let [d, m, qh, qs] = layout::runs(ty, nb);
     (nb, &w[d..m], &w[m..qh], &w[qh..qs], &w[qs..])
@@ -244,13 +273,13 @@ mod tests {
             for r in 0..3 {
                 let wr = m.dequantize_row(r).unwrap();
                 let (xs, want): (Vec<f32>, f64) = match Kernel::portable(ty).unwrap() {
-                    Kernel::B32(_) => {
+                    Kernel::B32(..) => {
                         let a = a32.row(0);
                         let xs: Vec<f32> = (0..k).map(|i| a.d[i / 32] * a.qs[i] as f32).collect();
                         let want = xs.iter().zip(&wr).map(|(a, b)| *a as f64 * *b as f64).sum();
                         (xs, want)
                     }
-                    Kernel::B256(_) => {
+                    Kernel::B256(..) => {
                         let a = a256.row(0);
                         let xs: Vec<f32> = (0..k).map(|i| a.d[i / 256] * a.qs[i] as f32).collect();
                         let want = xs.iter().zip(&wr).map(|(a, b)| *a as f64 * *b as f64).sum();
@@ -262,17 +291,111 @@ mod tests {
                     .zip(&wr)
                     .map(|(a, b)| (*a * *b).abs() as f64)
                     .sum();
-                for kern in [Kernel::portable(ty).unwrap(), Kernel::for_type(ty).unwrap()] {
-                    let got = match kern {
-                        Kernel::B32(f) => f(m.row_bytes(r), a32.row(0)),
-                        Kernel::B256(f) => f(m.row_bytes(r), a256.row(0)),
-                    } as f64;
+                let mut kernels = vec![Kernel::portable(ty).unwrap()];
+                #[cfg(target_arch = "x86_64")]
+                if super::super::has_avx2_fma() {
+                    kernels.extend(super::super::qdot_avx2::variants(ty));
+                }
+                for kern in kernels {
+                    let w = m.row_bytes(r);
+                    // One row, and four rows (the same activation row four times).
+                    let (one, four) = match kern {
+                        Kernel::B32(f, g) => (f(w, a32.row(0)), g(w, &[a32.row(0); 4])),
+                        Kernel::B256(f, g) => (f(w, a256.row(0)), g(w, &[a256.row(0); 4])),
+                    };
+                    // Bit for bit: a row's result does not depend on the batch around it.
                     assert!(
-                        (got - want).abs() <= 1e-5 * scale + 1e-6,
-                        "{ty} row {r}: {got} vs {want} ({kern:?})"
+                        four.iter().all(|v| v.to_bits() == one.to_bits()),
+                        "{ty} {kern:?}"
                     );
+                    for got in std::iter::once(one).chain(four) {
+                        let got = got as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * scale + 1e-6,
+                            "{ty} row {r}: {got} vs {want} ({kern:?})"
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// A/B of the kernel variants on a decode-sized matrix (576 x 1536 weights, the size of a
+    /// SmolLM2 MLP matrix): the AVX2 one-row kernel (`vpmaddubsw`), the VNNI one-row kernel
+    /// where the CPU has it, and the four-row kernels against four one-row calls. Prints ns per
+    /// weight row; asserts the variants agree.
+    /// `cargo test --release -p umbra-model --lib qdot_variants_speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    #[cfg(target_arch = "x86_64")]
+    fn qdot_variants_speed() {
+        use std::time::Instant;
+        if !super::super::has_avx2_fma() {
+            return;
+        }
+        let (n, k) = (576, 1536);
+        let x: Vec<f32> = (0..4 * k)
+            .map(|i| ((i * 131 % 97) as f32 - 48.0) / 17.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 300.0)
+            .collect();
+        let a32 = Q8Rows32::quantize(&x, k);
+        let a256 = Q8Rows256::quantize(&x, k);
+        let r32 = [a32.row(0), a32.row(1), a32.row(2), a32.row(3)];
+        let r256 = [a256.row(0), a256.row(1), a256.row(2), a256.row(3)];
+        let reps = 200;
+        for ty in [
+            QuantType::Q4_0,
+            QuantType::Q4_1,
+            QuantType::Q5_0,
+            QuantType::Q8_0,
+            QuantType::Q4_K,
+            QuantType::Q6_K,
+        ] {
+            let m = QMatrix::quantize(&w, n, k, ty).unwrap();
+            let mut line = format!("{ty}:");
+            let mut first: Option<f32> = None;
+            for (vi, kern) in super::super::qdot_avx2::variants(ty)
+                .into_iter()
+                .enumerate()
+            {
+                let time = |four: bool| {
+                    let t = Instant::now();
+                    let mut s = 0f32;
+                    for _ in 0..reps {
+                        for j in 0..n {
+                            let wr = m.row_bytes(j);
+                            s += match (kern, four) {
+                                (Kernel::B32(f, _), false) => {
+                                    (0..4).map(|r| f(wr, r32[r])).sum::<f32>()
+                                }
+                                (Kernel::B32(_, g), true) => g(wr, &r32).iter().sum::<f32>(),
+                                (Kernel::B256(f, _), false) => {
+                                    (0..4).map(|r| f(wr, r256[r])).sum::<f32>()
+                                }
+                                (Kernel::B256(_, g), true) => g(wr, &r256).iter().sum::<f32>(),
+                            };
+                        }
+                    }
+                    (t.elapsed().as_nanos() as f64 / (reps * n) as f64, s)
+                };
+                let (one, s1) = time(false);
+                let (four, s4) = time(true);
+                assert_eq!(s1.to_bits(), s4.to_bits(), "{ty} variant {vi}");
+                if let Some(f) = first {
+                    assert!((f - s1).abs() <= 1e-4 * f.abs(), "{ty} variant {vi}");
+                }
+                first = Some(s1);
+                let name = if vi == 0 { "avx2" } else { "vnni" };
+                line += &format!(
+                    "  {name}: 4 x one-row {:.0} ns, four-row {:.0} ns ({:.2}x)",
+                    one,
+                    four,
+                    one / four
+                );
+            }
+            println!("{line}");
         }
     }
 }

@@ -1,66 +1,121 @@
-//! AVX2/FMA/F16C versions of the [`super::qdot`] kernels (x86_64, selected at run time).
+//! AVX2/FMA/F16C versions of the [`super::qdot`] kernels (x86_64, selected at run time), for one
+//! or four activation rows per weight row (the weights are unpacked once for all four).
 //!
 //! Unsigned weight bytes times signed activation bytes go through `vpmaddubsw` (pairs summed
 //! to i16; no saturation: weights < 64 or `|w| <= 127` against `|p| <= 127`) and `vpmaddwd`
-//! (pairs to i32, optionally times a per-sub-block scale). `Q8_0` weights are signed: the sign of
-//! each weight is moved onto its activation (`|w| * sign(w) p`). `Q5_0`'s fifth bits are spread
-//! from the 32-bit mask to bytes with a byte shuffle and a per-byte bit test. The 32-block types
-//! read the split row layout ([`crate::quant::layout`]), eight blocks' scales at a time.
+//! (pairs to i32, optionally times a per-sub-block scale); on CPUs with AVX512-VNNI the
+//! 32-block types use `vpdpbusd` (both steps in one) instead. `Q8_0` weights are signed: the
+//! sign of each weight is moved onto its activation (`|w| * sign(w) p`). `Q5_0`'s fifth bits are
+//! spread from the 32-bit mask to bytes with a byte shuffle and a per-byte bit test. The
+//! 32-block types read the split row layout ([`crate::quant::layout`]), eight blocks' scales at
+//! a time.
 #![allow(clippy::missing_safety_doc)]
 use super::qact::{Row256, Row32};
 use super::qdot::Kernel;
 use crate::quant::QuantType;
 use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+/// Whether the CPU has AVX512-VNNI on 256-bit vectors (`vpdpbusd ymm`).
+fn has_vnni() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+    })
+}
 
 pub fn kernel(ty: QuantType) -> Option<Kernel> {
-    Some(match ty {
-        QuantType::Q4_0 => Kernel::B32(q4_0),
-        QuantType::Q4_1 => Kernel::B32(q4_1),
-        QuantType::Q5_0 => Kernel::B32(q5_0),
-        QuantType::Q8_0 => Kernel::B32(q8_0),
-        QuantType::Q4_K => Kernel::B256(q4_k),
-        QuantType::Q5_K => Kernel::B256(q5_k),
-        QuantType::Q6_K => Kernel::B256(q6_k),
+    kernel_with(ty, has_vnni())
+}
+
+/// Every SIMD variant this CPU can run for `ty` (tests check each).
+#[cfg(test)]
+pub fn variants(ty: QuantType) -> Vec<Kernel> {
+    let mut v: Vec<Kernel> = kernel_with(ty, false).into_iter().collect();
+    // Only the 32-block types have a VNNI variant.
+    let b32 = matches!(
+        ty,
+        QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q5_0 | QuantType::Q8_0
+    );
+    if b32 && has_vnni() {
+        v.extend(kernel_with(ty, true));
+    }
+    v
+}
+
+fn kernel_with(ty: QuantType, vnni: bool) -> Option<Kernel> {
+    Some(match (ty, vnni) {
+        (QuantType::Q4_0, false) => Kernel::B32(q4_0, q4_0_x4),
+        (QuantType::Q4_1, false) => Kernel::B32(q4_1, q4_1_x4),
+        (QuantType::Q5_0, false) => Kernel::B32(q5_0, q5_0_x4),
+        (QuantType::Q8_0, false) => Kernel::B32(q8_0, q8_0_x4),
+        (QuantType::Q4_0, true) => Kernel::B32(q4_0_v, q4_0_v_x4),
+        (QuantType::Q4_1, true) => Kernel::B32(q4_1_v, q4_1_v_x4),
+        (QuantType::Q5_0, true) => Kernel::B32(q5_0_v, q5_0_v_x4),
+        (QuantType::Q8_0, true) => Kernel::B32(q8_0_v, q8_0_v_x4),
+        (QuantType::Q4_K, _) => Kernel::B256(q4_k, q4_k_x4),
+        (QuantType::Q5_K, _) => Kernel::B256(q5_k, q5_k_x4),
+        (QuantType::Q6_K, _) => Kernel::B256(q6_k, q6_k_x4),
         _ => return None,
     })
 }
 
-/// Whether `w` holds whole blocks of `bb` bytes that `x` covers (else the kernels return NaN
-/// instead of reading out of bounds).
+/// Whether `w` holds whole blocks of `bb` bytes that every row of `xs` covers (else the kernels
+/// return NaN instead of reading out of bounds).
 #[inline(always)]
-fn fits32(w: &[u8], bb: usize, x: &Row32<'_>) -> Option<usize> {
+fn fits32(w: &[u8], bb: usize, xs: &[Row32<'_>]) -> Option<usize> {
     let nb = w.len() / bb;
-    (w.len() == nb * bb && x.qs.len() >= nb * 32 && x.d.len() >= nb && x.s.len() >= nb)
-        .then_some(nb)
+    (w.len() == nb * bb
+        && xs
+            .iter()
+            .all(|x| x.qs.len() >= nb * 32 && x.d.len() >= nb && x.s.len() >= nb))
+    .then_some(nb)
 }
 
 #[inline(always)]
-fn fits256(w: &[u8], bb: usize, x: &Row256<'_>) -> Option<usize> {
+fn fits256(w: &[u8], bb: usize, xs: &[Row256<'_>]) -> Option<usize> {
     let nb = w.len() / bb;
-    (w.len() == nb * bb && x.qs.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16)
-        .then_some(nb)
+    (w.len() == nb * bb
+        && xs
+            .iter()
+            .all(|x| x.qs.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16))
+    .then_some(nb)
 }
 
-macro_rules! safe_entry {
-    ($name:ident, $row:ident, $fits:ident, $bb:expr) => {
-        fn $name(w: &[u8], x: $row<'_>) -> f32 {
-            match $fits(w, $bb, &x) {
-                // SAFETY: this kernel is only handed out after AVX2, FMA and F16C were detected
-                // (`Kernel::for_type`), and `nb` whole blocks of `w` and `x` are in bounds.
-                Some(nb) => unsafe { imp::$name(w.as_ptr(), x, nb) },
+/// The safe entry points: one row (`$one`) and four rows (`$four`) of activations.
+macro_rules! entries {
+    ($one:ident, $four:ident, $imp:ident, $row:ident, $fits:ident, $bb:expr) => {
+        fn $one(w: &[u8], x: $row<'_>) -> f32 {
+            match $fits(w, $bb, std::slice::from_ref(&x)) {
+                // SAFETY: handed out only after the CPU features of `$imp` were detected
+                // (`kernel`), and `nb` whole blocks of `w` and `x` are in bounds.
+                Some(nb) => unsafe { imp::$imp::<1>(w.as_ptr(), &[x], nb)[0] },
                 None => f32::NAN,
+            }
+        }
+
+        fn $four(w: &[u8], xs: &[$row<'_>; 4]) -> [f32; 4] {
+            match $fits(w, $bb, xs) {
+                // SAFETY: as above, for each of the four rows.
+                Some(nb) => unsafe { imp::$imp::<4>(w.as_ptr(), xs, nb) },
+                None => [f32::NAN; 4],
             }
         }
     };
 }
 
-safe_entry!(q4_0, Row32, fits32, 18);
-safe_entry!(q4_1, Row32, fits32, 20);
-safe_entry!(q5_0, Row32, fits32, 22);
-safe_entry!(q8_0, Row32, fits32, 34);
-safe_entry!(q4_k, Row256, fits256, 144);
-safe_entry!(q5_k, Row256, fits256, 176);
-safe_entry!(q6_k, Row256, fits256, 210);
+entries!(q4_0, q4_0_x4, q4_0, Row32, fits32, 18);
+entries!(q4_1, q4_1_x4, q4_1, Row32, fits32, 20);
+entries!(q5_0, q5_0_x4, q5_0, Row32, fits32, 22);
+entries!(q8_0, q8_0_x4, q8_0, Row32, fits32, 34);
+entries!(q4_0_v, q4_0_v_x4, q4_0_v, Row32, fits32, 18);
+entries!(q4_1_v, q4_1_v_x4, q4_1_v, Row32, fits32, 20);
+entries!(q5_0_v, q5_0_v_x4, q5_0_v, Row32, fits32, 22);
+entries!(q8_0_v, q8_0_v_x4, q8_0_v, Row32, fits32, 34);
+entries!(q4_k, q4_k_x4, q4_k, Row256, fits256, 144);
+entries!(q5_k, q5_k_x4, q5_k, Row256, fits256, 176);
+entries!(q6_k, q6_k_x4, q6_k, Row256, fits256, 210);
 
 mod imp {
     use super::*;
@@ -115,10 +170,15 @@ mod imp {
         _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
-    /// 32 unsigned bytes times 32 signed bytes, summed in pairs of pairs: 8 x i32.
+    /// 32 unsigned bytes times 32 signed bytes, summed in fours: 8 x i32 (`vpdpbusd` with
+    /// `V`, else `vpmaddubsw` + `vpmaddwd`).
     #[inline(always)]
-    unsafe fn dot_u8_i8(u: __m256i, s: __m256i) -> __m256i {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    unsafe fn dot_u8_i8<const V: bool>(u: __m256i, s: __m256i) -> __m256i {
+        if V {
+            _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+        } else {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+        }
     }
 
     #[inline(always)]
@@ -173,49 +233,73 @@ mod imp {
         None,
     }
 
-    /// The split-layout loop of the 32-block types, eight blocks per group: the eight weight
-    /// scales (one `vcvtph2ps`) times the eight activation scales give the block factors; each
-    /// block's integer dot (`dot(i)`, 8 x i32) is converted and accumulated with its factor (two
-    /// accumulators, alternating); the offset/min term takes one FMA per group.
+    /// The split-layout loop of the 32-block types over `R` activation rows, eight blocks per
+    /// group: the eight weight scales (one `vcvtph2ps`) times each row's eight activation scales
+    /// give the block factors; each block's weights are unpacked once (`weights(i)`), dotted
+    /// with every row (`SIGNED`: `Q8_0`'s sign trick), converted and accumulated with the factor
+    /// (two alternating accumulators per row, so that one row and four rows give the same
+    /// result bit for bit); the offset/min term takes one FMA per group.
     #[inline(always)]
-    unsafe fn split32(
+    unsafe fn split32<const R: usize, const V: bool, const SIGNED: bool>(
         d: *const u8,
-        x: Row32<'_>,
+        xs: &[Row32<'_>; R],
         nb: usize,
         term: Term,
-        dot: impl Fn(usize) -> __m256i,
-    ) -> f32 {
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut corr = _mm256_setzero_ps();
-        let mut f = [0f32; 8];
+        weights: impl Fn(usize) -> __m256i,
+    ) -> [f32; R] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let mut corr = [_mm256_setzero_ps(); R];
+        let mut f = [[0f32; 8]; R];
         let mut i = 0;
         while i < nb {
             let g = (nb - i).min(8);
-            let xd = f32x8(x.d.as_ptr().add(i), g);
-            let sc = _mm256_mul_ps(f16x8(d.add(2 * i), g), xd);
-            _mm256_storeu_ps(f.as_mut_ptr(), sc);
-            match term {
-                Term::Offset(_) => {
-                    corr = _mm256_fmadd_ps(sc, i32x8(x.s.as_ptr().add(i), g), corr);
+            let wd = f16x8(d.add(2 * i), g);
+            let wm = match term {
+                Term::Min(m) => f16x8(m.add(2 * i), g),
+                _ => _mm256_setzero_ps(),
+            };
+            for r in 0..R {
+                let xd = f32x8(xs[r].d.as_ptr().add(i), g);
+                let sc = _mm256_mul_ps(wd, xd);
+                _mm256_storeu_ps(f[r].as_mut_ptr(), sc);
+                match term {
+                    Term::Offset(_) => {
+                        let s = i32x8(xs[r].s.as_ptr().add(i), g);
+                        corr[r] = _mm256_fmadd_ps(sc, s, corr[r]);
+                    }
+                    Term::Min(_) => {
+                        let s = i32x8(xs[r].s.as_ptr().add(i), g);
+                        corr[r] = _mm256_fmadd_ps(_mm256_mul_ps(wm, xd), s, corr[r]);
+                    }
+                    Term::None => {}
                 }
-                Term::Min(m) => {
-                    let mx = _mm256_mul_ps(f16x8(m.add(2 * i), g), xd);
-                    corr = _mm256_fmadd_ps(mx, i32x8(x.s.as_ptr().add(i), g), corr);
-                }
-                Term::None => {}
             }
-            for (b, &fb) in f.iter().enumerate().take(g) {
-                let v = _mm256_cvtepi32_ps(dot(i + b));
-                acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(fb), v, acc[b & 1]);
+            for b in 0..g {
+                let q = weights(i + b);
+                let aq = if SIGNED { _mm256_sign_epi8(q, q) } else { q };
+                for r in 0..R {
+                    let p = load(xs[r].qs.as_ptr().add(32 * (i + b)));
+                    let dot = if SIGNED {
+                        dot_u8_i8::<V>(aq, _mm256_sign_epi8(p, q))
+                    } else {
+                        dot_u8_i8::<V>(aq, p)
+                    };
+                    let a = &mut acc[r][b % 2];
+                    *a = _mm256_fmadd_ps(_mm256_set1_ps(f[r][b]), _mm256_cvtepi32_ps(dot), *a);
+                }
             }
             i += g;
         }
-        let main = hsum(_mm256_add_ps(acc[0], acc[1]));
-        match term {
-            Term::Offset(o) => main - o * hsum(corr),
-            Term::Min(_) => main + hsum(corr),
-            Term::None => main,
+        let mut out = [0f32; R];
+        for r in 0..R {
+            let main = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+            out[r] = match term {
+                Term::Offset(o) => main - o * hsum(corr[r]),
+                Term::Min(_) => main + hsum(corr[r]),
+                Term::None => main,
+            };
         }
+        out
     }
 
     /// `(d, m, qh, qs)` run pointers of a split row of `nb` blocks.
@@ -225,45 +309,72 @@ mod imp {
         [w.add(r[0]), w.add(r[1]), w.add(r[2]), w.add(r[3])]
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+    #[inline(always)]
+    unsafe fn q4_0_any<const R: usize, const V: bool>(
+        w: *const u8,
+        xs: &[Row32<'_>; R],
+        nb: usize,
+    ) -> [f32; R] {
         let [d, _, _, qs] = runs(w, QuantType::Q4_0, nb);
-        let xp = x.qs.as_ptr();
-        split32(d, x, nb, Term::Offset(8.0), |i| {
-            dot_u8_i8(nibbles(qs.add(16 * i)), load(xp.add(32 * i)))
-        })
+        split32::<R, V, false>(d, xs, nb, Term::Offset(8.0), |i| nibbles(qs.add(16 * i)))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_1(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+    #[inline(always)]
+    unsafe fn q4_1_any<const R: usize, const V: bool>(
+        w: *const u8,
+        xs: &[Row32<'_>; R],
+        nb: usize,
+    ) -> [f32; R] {
         let [d, m, _, qs] = runs(w, QuantType::Q4_1, nb);
-        let xp = x.qs.as_ptr();
-        split32(d, x, nb, Term::Min(m), |i| {
-            dot_u8_i8(nibbles(qs.add(16 * i)), load(xp.add(32 * i)))
-        })
+        split32::<R, V, false>(d, xs, nb, Term::Min(m), |i| nibbles(qs.add(16 * i)))
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q5_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+    #[inline(always)]
+    unsafe fn q5_0_any<const R: usize, const V: bool>(
+        w: *const u8,
+        xs: &[Row32<'_>; R],
+        nb: usize,
+    ) -> [f32; R] {
         let [d, _, qh, qs] = runs(w, QuantType::Q5_0, nb);
-        let xp = x.qs.as_ptr();
-        split32(d, x, nb, Term::Offset(16.0), |i| {
+        split32::<R, V, false>(d, xs, nb, Term::Offset(16.0), |i| {
             let h = std::ptr::read_unaligned(qh.add(4 * i) as *const u32);
-            let q = _mm256_or_si256(nibbles(qs.add(16 * i)), fifth_bits(h));
-            dot_u8_i8(q, load(xp.add(32 * i)))
+            _mm256_or_si256(nibbles(qs.add(16 * i)), fifth_bits(h))
         })
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q8_0(w: *const u8, x: Row32<'_>, nb: usize) -> f32 {
+    #[inline(always)]
+    unsafe fn q8_0_any<const R: usize, const V: bool>(
+        w: *const u8,
+        xs: &[Row32<'_>; R],
+        nb: usize,
+    ) -> [f32; R] {
         let [d, _, _, qs] = runs(w, QuantType::Q8_0, nb);
-        let xp = x.qs.as_ptr();
-        split32(d, x, nb, Term::None, |i| {
-            let q = _mm256_loadu_si256(qs.add(32 * i) as *const __m256i);
-            let p = load(xp.add(32 * i));
-            dot_u8_i8(_mm256_sign_epi8(q, q), _mm256_sign_epi8(p, q))
+        split32::<R, V, true>(d, xs, nb, Term::None, |i| {
+            _mm256_loadu_si256(qs.add(32 * i) as *const __m256i)
         })
     }
+
+    macro_rules! featured {
+        ($name:ident, $any:ident, $vnni:expr, $feat:literal) => {
+            #[target_feature(enable = $feat)]
+            pub unsafe fn $name<const R: usize>(
+                w: *const u8,
+                xs: &[Row32<'_>; R],
+                nb: usize,
+            ) -> [f32; R] {
+                $any::<R, $vnni>(w, xs, nb)
+            }
+        };
+    }
+
+    featured!(q4_0, q4_0_any, false, "avx2,fma,f16c");
+    featured!(q4_1, q4_1_any, false, "avx2,fma,f16c");
+    featured!(q5_0, q5_0_any, false, "avx2,fma,f16c");
+    featured!(q8_0, q8_0_any, false, "avx2,fma,f16c");
+    featured!(q4_0_v, q4_0_any, true, "avx2,fma,f16c,avx512vnni,avx512vl");
+    featured!(q4_1_v, q4_1_any, true, "avx2,fma,f16c,avx512vnni,avx512vl");
+    featured!(q5_0_v, q5_0_any, true, "avx2,fma,f16c,avx512vnni,avx512vl");
+    featured!(q8_0_v, q8_0_any, true, "avx2,fma,f16c,avx512vnni,avx512vl");
 
     /// The eight 6-bit scales and mins of a `Q4_K`/`Q5_K` block as two `[u8; 8]`.
     #[inline(always)]
@@ -289,42 +400,52 @@ mod imp {
         hsum_i32(_mm256_mullo_epi32(pairs, m))
     }
 
-    /// Shared `Q4_K`/`Q5_K` loop; `half(b, j)` gives the 64 values of part `j` (0..4) as the
-    /// unsigned bytes of sub-blocks `2j` and `2j + 1`.
+    /// Shared `Q4_K`/`Q5_K` loop over `R` activation rows; `part(b, j)` gives the 64 values of
+    /// part `j` (0..4) as the unsigned bytes of sub-blocks `2j` and `2j + 1`, unpacked once.
     #[inline(always)]
-    unsafe fn k4(
+    unsafe fn k4<const R: usize>(
         w: *const u8,
-        x: Row256<'_>,
+        xs: &[Row256<'_>; R],
         nb: usize,
         bb: usize,
         part: impl Fn(*const u8, usize) -> (__m256i, __m256i),
-    ) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut corr = 0f32;
-        let xp = x.qs.as_ptr();
+    ) -> [f32; R] {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut corr = [0f32; R];
         for i in 0..nb {
             let b = w.add(i * bb);
-            let dx = *x.d.get_unchecked(i);
             let (sc, mn) = scales_mins(b.add(4));
-            let mut sumi = _mm256_setzero_si256();
+            let (d, dmin) = (f16(b), f16(b.add(2)));
+            let mut sumi = [_mm256_setzero_si256(); R];
             for j in 0..4 {
                 let (lo, hi) = part(b, j);
-                let p0 = _mm256_maddubs_epi16(lo, load(xp.add(256 * i + 64 * j)));
-                let p1 = _mm256_maddubs_epi16(hi, load(xp.add(256 * i + 64 * j + 32)));
-                let p0 = _mm256_madd_epi16(p0, _mm256_set1_epi16(sc[2 * j] as i16));
-                let p1 = _mm256_madd_epi16(p1, _mm256_set1_epi16(sc[2 * j + 1] as i16));
-                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(p0, p1));
+                let s0 = _mm256_set1_epi16(sc[2 * j] as i16);
+                let s1 = _mm256_set1_epi16(sc[2 * j + 1] as i16);
+                for r in 0..R {
+                    let xp = xs[r].qs.as_ptr().add(256 * i + 64 * j);
+                    let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load(xp)), s0);
+                    let p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load(xp.add(32))), s1);
+                    sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p0, p1));
+                }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(f16(b) * dx), _mm256_cvtepi32_ps(sumi), acc);
-            corr += f16(b.add(2)) * dx * mins_dot(&mn, x.bsums.as_ptr().add(16 * i)) as f32;
+            for r in 0..R {
+                let dx = *xs[r].d.get_unchecked(i);
+                acc[r] =
+                    _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi[r]), acc[r]);
+                corr[r] += dmin * dx * mins_dot(&mn, xs[r].bsums.as_ptr().add(16 * i)) as f32;
+            }
         }
-        hsum(acc) - corr
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) - corr[r];
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q4_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+    pub unsafe fn q4_k<const R: usize>(w: *const u8, xs: &[Row256<'_>; R], nb: usize) -> [f32; R] {
         let m4 = _mm256_set1_epi8(0x0F);
-        k4(w, x, nb, 144, |b, j| {
+        k4::<R>(w, xs, nb, 144, |b, j| {
             let q = _mm256_loadu_si256(b.add(16 + 32 * j) as *const __m256i);
             (
                 _mm256_and_si256(q, m4),
@@ -334,16 +455,17 @@ mod imp {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q5_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+    pub unsafe fn q5_k<const R: usize>(w: *const u8, xs: &[Row256<'_>; R], nb: usize) -> [f32; R] {
         let m4 = _mm256_set1_epi8(0x0F);
         let one = _mm256_set1_epi8(1);
-        k4(w, x, nb, 176, |b, j| {
+        k4::<R>(w, xs, nb, 176, |b, j| {
             let qh = _mm256_loadu_si256(b.add(16) as *const __m256i);
             let q = _mm256_loadu_si256(b.add(48 + 32 * j) as *const __m256i);
-            let shift = _mm_cvtsi32_si128(2 * j as i32);
-            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
-            let shift1 = _mm_cvtsi32_si128(2 * j as i32 + 1);
-            let h1 = _mm256_and_si256(_mm256_srl_epi16(qh, shift1), one);
+            let h0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)), one);
+            let h1 = _mm256_and_si256(
+                _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32 + 1)),
+                one,
+            );
             (
                 _mm256_or_si256(_mm256_and_si256(q, m4), _mm256_slli_epi16(h0, 4)),
                 _mm256_or_si256(
@@ -355,15 +477,14 @@ mod imp {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn q6_k(w: *const u8, x: Row256<'_>, nb: usize) -> f32 {
+    pub unsafe fn q6_k<const R: usize>(w: *const u8, xs: &[Row256<'_>; R], nb: usize) -> [f32; R] {
         let m4 = _mm256_set1_epi8(0x0F);
         let m2 = _mm256_set1_epi8(3);
-        let mut acc = _mm256_setzero_ps();
-        let xp = x.qs.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); R];
         for i in 0..nb {
             let b = w.add(i * 210);
             let sc = b.add(192) as *const i8;
-            let mut sumi = _mm256_setzero_si256();
+            let mut sumi = [_mm256_setzero_si256(); R];
             for h in 0..2 {
                 let ql_a = _mm256_loadu_si256(b.add(64 * h) as *const __m256i);
                 let ql_b = _mm256_loadu_si256(b.add(64 * h + 32) as *const __m256i);
@@ -380,22 +501,32 @@ mod imp {
                 ];
                 for (t, q) in q.into_iter().enumerate() {
                     let g = 8 * h + 2 * t;
-                    let p = _mm256_maddubs_epi16(q, load(xp.add(256 * i + 128 * h + 32 * t)));
                     let s = _mm256_set_m128i(
                         _mm_set1_epi16(*sc.add(g + 1) as i16),
                         _mm_set1_epi16(*sc.add(g) as i16),
                     );
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, s));
+                    for r in 0..R {
+                        let xp = xs[r].qs.as_ptr().add(256 * i + 128 * h + 32 * t);
+                        let p = _mm256_maddubs_epi16(q, load(xp));
+                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_madd_epi16(p, s));
+                    }
                 }
             }
             // The -32 offset: 32 sum_g sc_g bsum_g.
             let scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(sc as *const __m128i));
-            let bs = _mm256_loadu_si256(x.bsums.as_ptr().add(16 * i) as *const __m256i);
-            let off = _mm256_slli_epi32(_mm256_madd_epi16(scales, bs), 5);
-            sumi = _mm256_sub_epi32(sumi, off);
-            let s = f16(b.add(208)) * *x.d.get_unchecked(i);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(sumi), acc);
+            let d = f16(b.add(208));
+            for r in 0..R {
+                let bs = _mm256_loadu_si256(xs[r].bsums.as_ptr().add(16 * i) as *const __m256i);
+                let off = _mm256_slli_epi32(_mm256_madd_epi16(scales, bs), 5);
+                let s = d * *xs[r].d.get_unchecked(i);
+                let v = _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[r], off));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), v, acc[r]);
+            }
         }
-        hsum(acc)
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]);
+        }
+        out
     }
 }

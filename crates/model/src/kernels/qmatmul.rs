@@ -63,8 +63,8 @@ pub fn matmul(
     if m == 0 {
         return Ok(());
     }
-    let need32 = segs.iter().any(|s| matches!(s.kernel, Kernel::B32(_)));
-    let need256 = segs.iter().any(|s| matches!(s.kernel, Kernel::B256(_)));
+    let need32 = segs.iter().any(|s| matches!(s.kernel, Kernel::B32(..)));
+    let need256 = segs.iter().any(|s| matches!(s.kernel, Kernel::B256(..)));
     if (need32 && !k.is_multiple_of(32)) || (need256 && !k.is_multiple_of(256)) {
         return Err(ModelError::Input(format!(
             "quantized product: {k} inputs are not whole blocks"
@@ -110,13 +110,34 @@ fn run(segs: &[Segment<'_>], a32: &Q8Rows32, a256: &Q8Rows256, m: usize, y: &mut
             for j in lo..hi {
                 let wr = s.w.row_bytes(j - s0);
                 let c = s.col0 + j - s0;
-                for r in 0..m {
+                // SAFETY (writes): column c belongs to exactly one weight row j, handed to one
+                // thread.
+                let put = |r: usize, v: f32| unsafe { out.write(r * n + c, v * s.scale) };
+                let mut r = 0;
+                while r + 4 <= m {
                     let v = match s.kernel {
-                        Kernel::B32(f) => f(wr, rows32[r]),
-                        Kernel::B256(f) => f(wr, rows256[r]),
+                        Kernel::B32(_, f) => f(
+                            wr,
+                            &[rows32[r], rows32[r + 1], rows32[r + 2], rows32[r + 3]],
+                        ),
+                        Kernel::B256(_, f) => f(
+                            wr,
+                            &[rows256[r], rows256[r + 1], rows256[r + 2], rows256[r + 3]],
+                        ),
                     };
-                    // SAFETY: column c belongs to exactly one weight row j, handed to one thread.
-                    unsafe { out.write(r * n + c, v * s.scale) };
+                    for (t, v) in v.into_iter().enumerate() {
+                        put(r + t, v);
+                    }
+                    r += 4;
+                }
+                for r in r..m {
+                    put(
+                        r,
+                        match s.kernel {
+                            Kernel::B32(f, _) => f(wr, rows32[r]),
+                            Kernel::B256(f, _) => f(wr, rows256[r]),
+                        },
+                    );
                 }
             }
         }
@@ -130,7 +151,7 @@ mod tests {
 
     #[test]
     fn segments_of_mixed_types_match_dequantized_product() {
-        let (k, m) = (512, 3);
+        let (k, m) = (512, 6);
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 40.0)
             .collect();
