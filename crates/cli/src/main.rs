@@ -50,9 +50,9 @@ enum Command {
     /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA, SDA, IMA, ISA, block key), scored against the key; sweeps.
     #[command(subcommand)]
     Attack(umbra_attacks::cli::AttackCommand),
-    /// Hallucination detection from internal states (HaluProbe): extract, train, report, score.
+    /// Hallucination detection from internal states (HaluProbe): generate, extract, train, report, transfer, score.
     #[command(subcommand)]
-    Halluc(umbra_haluprobe::cli::HallucCommand),
+    Halluc(umbra_haluprobe::cli::Command),
     /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
     #[command(subcommand)]
     Sap(umbra_sap::cli::Command),
@@ -62,6 +62,8 @@ enum Command {
 enum EvalCommand {
     /// Obfuscated vs plaintext on real text: top-1 agreement, perplexity ratio, greedy match.
     Fidelity(obfuscation_cmds::FidelityArgs),
+    /// Quantized paths (Q8_0, Q4) vs the F32 path of one model: top-1 agreement, ppl ratio.
+    Quant(umbra_model::cli::eval_quant::EvalQuantArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,6 +78,8 @@ enum BenchCommand {
     Split(umbra_r3elu::cli::BenchSplitArgs),
     /// SAP accuracy vs empirical privacy: none / d_chi / d_chi+CTI / Gaussian / centralized.
     Sap(umbra_sap::cli::BenchArgs),
+    /// Our engine vs llama.cpp: F32/Q8_0/Q4 decode, first-token latency, 1.5B Q4_K_M, peak RSS.
+    Engine(umbra_model::cli::bench_engine::BenchEngineArgs),
 }
 
 fn main() {
@@ -108,7 +112,13 @@ fn run(cmd: Command) -> Result<()> {
         Command::Generate(a) => model_cmds::generate(&a),
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
+        Command::Eval(EvalCommand::Quant(a)) => umbra_model::cli::eval_quant::run(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
+        Command::Bench(BenchCommand::Engine(a)) => umbra_model::cli::bench_engine::run(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Serve(a) => umbra_serve::cli::run_serve(&a).map_err(Into::into),
         Command::Proxy(a) => umbra_serve::cli::run_proxy(&a).map_err(Into::into),
         Command::Bench(BenchCommand::Serve(a)) => {
