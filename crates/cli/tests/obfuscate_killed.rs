@@ -72,12 +72,17 @@ fn siblings(out: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Waits until the run has started writing weights into its staging folder.
+/// Waits until the run has started writing weights into its own staging folder (named with its
+/// pid: `.NAME.tmp-PID-N`; another run's leftover may still be there).
 fn wait_for_weights(child: &mut Child, out: &Path) -> PathBuf {
     let t0 = Instant::now();
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    let own = format!(".{name}.tmp-{}-", child.id());
     loop {
         if let Some(s) = siblings(out).into_iter().find(|s| {
-            std::fs::metadata(s.join("model.safetensors")).is_ok_and(|m| m.len() > 1 << 20)
+            s.file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(&own))
+                && std::fs::metadata(s.join("model.safetensors")).is_ok_and(|m| m.len() > 1 << 20)
         }) {
             return s;
         }
