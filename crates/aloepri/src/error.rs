@@ -7,6 +7,8 @@ pub enum AloeError {
     Model(#[from] umbra_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Common(#[from] umbra_common::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -27,6 +29,10 @@ pub enum AloeError {
     Linalg(String),
     #[error("{0}")]
     Input(String),
+    /// A failure of a step another crate plugs into a command (e.g. the HaluProbe transform of
+    /// `umbra obfuscate --halluc-probe`).
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl AloeError {

@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
 
+/// What a compiled checkpoint records in `config.json` under this key (GGUF: `umbra.*`).
+pub const CONFIG_SECTION: &str = "umbra";
+
 /// Current key file format.
 pub const KEY_FORMAT_VERSION: u32 = 1;
 const KIND: &str = "umbra-aloepri-client-key";
@@ -112,37 +115,22 @@ impl ClientKey {
     }
 }
 
-/// Writes `bytes` to `path` through a 0600 temp file and a rename.
+/// Writes `bytes` to `path` through a locked 0600 staging file, fsync and a rename (an existing
+/// file is replaced).
 pub fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| AloeError::Input(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let write = || -> std::io::Result<()> {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        AloeError::io(path, e)
-    })
+    let (staging, mut f) = umbra_common::fs::Staging::file(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| AloeError::io(staging.path(), e))?;
+    }
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| AloeError::io(staging.path(), e))?;
+    drop(f);
+    staging.commit(true)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -94,8 +94,45 @@ impl ObfuscationParams {
     }
 }
 
+/// The smallest even `h' >= h` for which the obfuscated width `d + 2h'` is a multiple of
+/// `heads`, or `None` when there is none (odd `d` and an even head count). transformers 5.x
+/// refuses a `hidden_size` that is not a multiple of `num_attention_heads`, even with an
+/// explicit `head_dim` (SmolLM2, 9 heads: h 64 gives 704, refused; h 72 gives 720).
+pub fn round_h_for_heads(h: usize, d: usize, heads: usize) -> Option<usize> {
+    if heads == 0 {
+        return Some(h + h % 2);
+    }
+    let mut x = h + h % 2;
+    // (d + 2x) mod heads cycles with period <= heads over even x.
+    for _ in 0..=heads {
+        if (d + 2 * x).is_multiple_of(heads) {
+            return Some(x);
+        }
+        x += 2;
+    }
+    None
+}
+
 impl Default for ObfuscationParams {
     fn default() -> Self {
         Self::recommended()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn h_rounds_to_a_multiple_of_the_head_count() {
+        // SmolLM2: d 576, 9 heads.
+        assert_eq!(round_h_for_heads(64, 576, 9), Some(72));
+        assert_eq!(round_h_for_heads(0, 576, 9), Some(0));
+        assert_eq!(round_h_for_heads(128, 576, 9), Some(144));
+        // Qwen2.5-1.5B: d 1536, 12 heads; 0.5B: d 896, 14 heads.
+        assert_eq!(round_h_for_heads(128, 1536, 12), Some(132));
+        assert_eq!(round_h_for_heads(128, 896, 14), Some(140));
+        assert_eq!(round_h_for_heads(7, 32, 4), Some(8));
+        assert_eq!(round_h_for_heads(2, 33, 4), None);
     }
 }

@@ -18,6 +18,7 @@
 use crate::compiler::CONFIG_SECTION;
 use crate::error::{AloeError, Result};
 use std::path::{Path, PathBuf};
+use umbra_common::fs::Staging;
 use umbra_model::checkpoint::Checkpoint;
 use umbra_model::{LlamaConfig, ModelPart, Weights};
 
@@ -107,23 +108,28 @@ fn params(w: &Weights) -> usize {
 }
 
 /// Reads the exact obfuscated checkpoint at `obfuscated` and writes `out/server` and
-/// `out/client` ([`SERVER_DIR`], [`CLIENT_DIR`]). Atomic: both parts are written into a sibling
-/// staging folder that is renamed to `out` at the end; `out` must not exist.
+/// `out/client` ([`SERVER_DIR`], [`CLIENT_DIR`]). Atomic: both parts are written into a locked
+/// staging sibling that is renamed to `out` at the end; `out` must not exist.
 pub fn write_split(obfuscated: &Path, out: &Path) -> Result<SplitReport> {
     if out.exists() {
         return Err(AloeError::OutputExists(out.into()));
     }
     let (server, client) = split_parts(Checkpoint::open(obfuscated)?)?;
-    let staging = crate::compiler::staging_dir(out, "split")?;
-    let res = (|| -> Result<()> {
-        server.save_hf(&staging.join(SERVER_DIR), false)?;
-        client.save_hf(&staging.join(CLIENT_DIR), false)?;
-        std::fs::rename(&staging, out).map_err(|e| AloeError::io(out, e))
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(e);
-    }
+    let staging = Staging::dir(out)?;
+    let report = save_parts(&server, &client, staging.path(), out)?;
+    staging.commit(false)?;
+    Ok(report)
+}
+
+/// Writes both parts under `dir` (which becomes `out`).
+fn save_parts(
+    server: &Checkpoint,
+    client: &Checkpoint,
+    dir: &Path,
+    out: &Path,
+) -> Result<SplitReport> {
+    server.save_hf(&dir.join(SERVER_DIR), false)?;
+    client.save_hf(&dir.join(CLIENT_DIR), false)?;
     Ok(SplitReport {
         server_dir: out.join(SERVER_DIR),
         client_dir: out.join(CLIENT_DIR),
@@ -134,9 +140,10 @@ pub fn write_split(obfuscated: &Path, out: &Path) -> Result<SplitReport> {
     })
 }
 
-/// `umbra obfuscate --split`: compiles `input` under an exact key (`params.is_exact()`) into a
-/// hidden sibling of `out`, cuts that into `out/server` and `out/client` ([`write_split`]) and
-/// removes the sibling. On failure nothing is left: no `out`, no sibling, no key file.
+/// `umbra obfuscate --split`: compiles `input` under an exact key (`params.is_exact()`) and cuts
+/// it into `out/server` and `out/client` ([`write_split`]). Everything is built inside one
+/// locked staging sibling of `out` (the whole obfuscated checkpoint too, removed before the
+/// rename). On failure nothing is left: no `out`, no sibling, no key file.
 pub fn compile_split(
     input: &Path,
     out: &Path,
@@ -152,14 +159,22 @@ pub fn compile_split(
                 .into(),
         ));
     }
-    if out.exists() {
-        return Err(AloeError::OutputExists(out.into()));
+    for p in [out, key_path] {
+        if p.exists() {
+            return Err(AloeError::OutputExists(p.into()));
+        }
     }
-    let whole = crate::compiler::staging_path(out, "whole")?;
+    let staging = Staging::dir(out)?;
+    let whole = staging.path().join("whole");
     let report =
         crate::compiler::compile_checkpoint(input, &whole, key_path, params, seed, progress)?;
-    let split = write_split(&whole, out);
-    let _ = std::fs::remove_dir_all(&whole);
+    let split = (|| -> Result<SplitReport> {
+        let (server, client) = split_parts(Checkpoint::open(&whole)?)?;
+        std::fs::remove_dir_all(&whole).map_err(|e| AloeError::io(&whole, e))?;
+        let r = save_parts(&server, &client, staging.path(), out)?;
+        staging.commit(false)?;
+        Ok(r)
+    })();
     match split {
         Ok(r) => Ok((report, r)),
         Err(e) => {

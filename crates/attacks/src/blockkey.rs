@@ -36,7 +36,6 @@
 //! two of size `d'`, and one `V x V x d` nearest-neighbour pass.
 use crate::error::{AttackError, Result};
 use crate::linalg::{from_dmatrix, nearest_k, to_dmatrix};
-use crate::progress::bar;
 use crate::score::Recovery;
 use crate::target::Target;
 use crate::vote::from_lists;
@@ -44,6 +43,7 @@ use candle_core::{DType, Tensor};
 use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use umbra_common::progress::Progress;
 
 /// What the block-key attack found besides the tau estimate.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -190,14 +190,14 @@ fn recover_key_in(t: &Target, bs: DMatrix<f64>, seed: u64) -> Result<(Tensor, Bl
     let l = t.layers();
     let mut plain = Vec::with_capacity(2 * l);
     let mut obf = Vec::with_capacity(2 * l);
-    let pb = bar(l, "block-key products");
+    let pb = Progress::new(l as u64, "block-key products");
     for layer in 0..l {
         let [p, o] = t.attention(layer)?;
         plain.extend(products(&p, nh, nkv, hd)?);
         obf.extend(products(&o, nh, nkv, ohd)?);
         pb.set_position(layer as u64 + 1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let coef = |rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f64> {
         (0..plain.len())
             .map(|_| StandardNormal.sample(rng))
@@ -278,9 +278,9 @@ fn match_rows(t: &Target, back: Tensor, k: usize) -> Result<Vec<Vec<(u32, f32)>>
     } else {
         back
     };
-    let pb = bar(n, "block-key nn");
+    let pb = Progress::new(n as u64, "block-key nn");
     let nn = nearest_k(&back, &pe, k, &|i| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(nn)
 }
 
@@ -378,15 +378,16 @@ mod tests {
             .unwrap();
             let received = full.obf_embed().unwrap().index_select(&obf_ids, 0).unwrap();
             // The attacker's view: blocks only (no embedding, no head).
-            let mut server = umbra_model::Weights::new();
-            for (n, w) in &full.obf {
-                if n.starts_with("model.layers.") {
-                    server.insert(n.clone(), w.clone());
-                }
-            }
+            let layers = full.layers();
+            let server: umbra_model::Weights = full
+                .obf_weights(layers)
+                .unwrap()
+                .into_iter()
+                .filter(|(n, _)| n.starts_with("model.layers."))
+                .collect();
             let t = Target::from_parts(
                 full.plain_cfg.clone(),
-                full.plain.clone(),
+                full.plain_weights(layers).unwrap(),
                 full.obf_cfg.clone(),
                 server,
             )

@@ -267,16 +267,10 @@ impl KnobArgs {
     }
 }
 
-/// `smollm2` -> the cached HF folder; anything else must exist.
+/// A model path, or a model asset name (`smollm2`, the Qwen2.5 GGUFs):
+/// [`umbra_aloepri::cli::resolve_model`].
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    if spec == "smollm2" {
-        return Ok(umbra_assets::Cache::from_env()?.require_smollm2_hf()?);
-    }
-    let p = PathBuf::from(spec);
-    if !p.exists() {
-        return Err(AttackError::Input(format!("{spec}: no such model folder")));
-    }
-    Ok(p)
+    Ok(umbra_aloepri::cli::resolve_model(spec)?)
 }
 
 fn tokenizer(plain: &Path) -> Result<TextTokenizer> {
@@ -326,12 +320,12 @@ fn print_table(results: &[(String, AttackResult)]) {
 pub fn run_attacks(kinds: &[AttackKind], a: &AttackArgs) -> Result<Vec<(String, AttackResult)>> {
     let plain = resolve_model(&a.plain)?;
     let key = umbra_aloepri::ClientKey::load(&a.key)?;
-    umbra_aloepri::compiler::check_key_for(&a.obfuscated, &key)?;
-    let tau = key.permutation()?;
     let t0 = std::time::Instant::now();
     let target = Target::open(&plain, &a.obfuscated)?;
+    umbra_aloepri::compiler::check_key(&target.obf_cfg, &key)?;
+    let tau = key.permutation()?;
     eprintln!(
-        "loaded both checkpoints in {:.1}s",
+        "opened both checkpoints in {:.1}s (tensors are read as the attacks need them)",
         t0.elapsed().as_secs_f64()
     );
     let suite = a.knobs.suite(target.layers(), target.declared_exact())?;
@@ -388,7 +382,9 @@ pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
     let client_dir = a.split.join(umbra_aloepri::split::CLIENT_DIR);
     let server_dir = a.split.join(umbra_aloepri::split::SERVER_DIR);
     let key = umbra_aloepri::ClientKey::load(&a.key)?;
-    umbra_aloepri::compiler::check_key_for(&client_dir, &key)?;
+    // Harness: the client part (its config proves the key; its embedding simulates the traffic).
+    let client = Checkpoint::open(&client_dir)?;
+    umbra_aloepri::compiler::check_key(&client.config, &key)?;
     let tau = key.permutation()?;
     let tok = tokenizer(&plain)?;
     let victims: Vec<Vec<u32>> = load_texts(a.corpus.as_deref(), a.victims)?
@@ -405,8 +401,7 @@ pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
             "no victim prompts (empty corpus)".into(),
         ));
     }
-    // Harness: what the client sends (its embedding rows of tau(ids)).
-    let client = Checkpoint::open(&client_dir)?;
+    // What the client sends: its embedding rows of tau(ids).
     let cm = Llama::new_part(&client.config, &client.weights, &Device::Cpu)?;
     let sent = victims.concat();
     let n = sent.len();

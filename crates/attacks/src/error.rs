@@ -11,6 +11,8 @@ pub enum AttackError {
     Asset(#[from] umbra_assets::AssetError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Common(#[from] umbra_common::Error),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -19,8 +21,6 @@ pub enum AttackError {
     },
     #[error("{0}")]
     Input(String),
-    #[error("plot: {0}")]
-    Plot(String),
 }
 
 impl AttackError {

@@ -16,12 +16,14 @@
 //!
 //! Cost: one `V x d'^2` Gram per head, `(V + pool) x V x d` for signatures, `V x V x 2 top` for
 //! the bootstrap match and `V x V x d` per round (SmolLM2: about 3 + 0.5 + 2.8 per round TFLOP).
+//! At vocabulary scale (Qwen2.5, V 151,936) the signatures use the `columns` rows of largest
+//! leverage instead of all V and the matching passes shortlist in a random projection
+//! ([`crate::linalg::nearest_k`]): about `(V + pool) x columns x d` + `V x V x 96` per round.
 use crate::error::{AttackError, Result};
 use crate::linalg::{
     column_basis, dm_rows, from_dmatrix, nearest_k, procrustes, ridge, row_signatures, select_rows,
-    tensor, to_dmatrix,
+    tensor, to_dmatrix, top_k_indices,
 };
-use crate::progress::bar;
 use crate::score::Recovery;
 use crate::target::Target;
 use crate::vote::from_lists;
@@ -29,6 +31,7 @@ use candle_core::Tensor;
 use nalgebra::DMatrix;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use umbra_common::progress::Progress;
 
 #[derive(Debug, Clone)]
 pub struct HatConfig {
@@ -45,6 +48,10 @@ pub struct HatConfig {
     /// Candidates kept per obfuscated id.
     pub k: usize,
     pub seed: u64,
+    /// Hat-row signatures over this many columns: the rows of largest leverage `||U_i||^2` (a
+    /// key-free invariant). `None`: all V columns, or 4096 when a full `V x V` signature pass
+    /// exceeds [`crate::linalg::PROJECT_ABOVE`] (0.5B/1.5B vocabularies).
+    pub columns: Option<usize>,
 }
 
 impl Default for HatConfig {
@@ -57,6 +64,7 @@ impl Default for HatConfig {
             rounds: 2,
             k: 10,
             seed: 0,
+            columns: None,
         }
     }
 }
@@ -167,10 +175,26 @@ pub fn run(t: &Target, cfg: &HatConfig) -> Result<HatOutput> {
         ids.truncate(cfg.pool.min(v));
         ids
     };
-    let pb = bar(v + 2 * pool.len(), "hat signatures");
-    let sp = row_signatures(&u_sim, &u_sim, cfg.top, &|n| pb.set_position(n as u64))?;
+    // Signature columns: all of them, or at vocabulary scale the rows of largest leverage on
+    // each side (the hat matrix's diagonal is invariant: H~[tau(i), tau(i)] = H[i, i]).
+    let columns = cfg.columns.or_else(|| {
+        ((v as f64) * (v as f64) * (d as f64) > crate::linalg::PROJECT_ABOVE).then_some(4096)
+    });
+    let cols = |u: &Tensor| -> Result<Tensor> {
+        match columns {
+            None => Ok(u.clone()),
+            Some(n) => {
+                let lev = u.sqr()?.sum(1)?.to_vec1::<f32>()?;
+                select_rows(u, &top_k_indices(&lev, n.clamp(2 * cfg.top, v)))
+            }
+        }
+    };
+    let pb = Progress::new((v + 2 * pool.len()) as u64, "hat signatures");
+    let sp = row_signatures(&u_sim, &cols(&u_sim)?, cfg.top, &|n| {
+        pb.set_position(n as u64)
+    })?;
     let uo_pool = select_rows(&u_o, &pool)?;
-    let so = row_signatures(&uo_pool, &u_o, cfg.top, &|n| {
+    let so = row_signatures(&uo_pool, &cols(&u_o)?, cfg.top, &|n| {
         pb.set_position((v + n) as u64)
     })?;
     let c = 2 * cfg.top;
@@ -179,7 +203,7 @@ pub fn run(t: &Target, cfg: &HatConfig) -> Result<HatOutput> {
     let nn = nearest_k(&so, &sp, 2, &|n| {
         pb.set_position((v + pool.len() + n) as u64)
     })?;
-    pb.finish_and_clear();
+    pb.finish();
     let anchors = confident_pairs(&pool, &nn, cfg.anchors);
     if anchors.len() < d {
         return Err(AttackError::Input(format!(
@@ -201,9 +225,9 @@ pub fn run(t: &Target, cfg: &HatConfig) -> Result<HatOutput> {
     let mut round = 0;
     loop {
         let x = u_o.matmul(&from_dmatrix(&map)?)?;
-        let pb = bar(v, &format!("hat match {round}"));
+        let pb = Progress::new(v as u64, &format!("hat match {round}"));
         lists = nearest_k(&x, &u_p, cfg.k.max(2), &|n| pb.set_position(n as u64))?;
-        pb.finish_and_clear();
+        pb.finish();
         if round == cfg.rounds {
             break;
         }

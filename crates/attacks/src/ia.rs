@@ -7,15 +7,15 @@
 //!   `R H^-1 Zb` cancel in the product and head permutations only reorder the sum.
 //!
 //! Features of the chosen layers are standardised (plaintext column statistics) and matched by
-//! nearest neighbour. Only embedding noise (`alpha_e`) protects. Cost: `V x d x (d_ffn + q + k)`
-//! per layer and side, plus `V x V x 3L` for matching.
+//! nearest neighbour. Only embedding noise (`alpha_e`) protects. Cost: `2 V d^2` per layer and
+//! side (the features are quadratic forms of the embedding rows), plus `V x V x 3L` for matching.
 use crate::error::{AttackError, Result};
 use crate::linalg::{nearest_k, tensor, CHUNK};
-use crate::progress::bar;
 use crate::score::Recovery;
 use crate::target::Target;
 use crate::vote::from_lists;
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use umbra_common::progress::Progress;
 
 #[derive(Debug, Clone)]
 pub struct IaConfig {
@@ -23,46 +23,63 @@ pub struct IaConfig {
     pub k: usize,
 }
 
-/// `[V, 3 L]` features: per layer mean and std of `e Wgate^T`, and the self score.
-fn features(
-    embed: &Tensor,
-    per_layer: &[(Tensor, Tensor, Tensor)],
-    groups: usize,
-    hd: usize,
-    progress: &dyn Fn(usize),
-) -> Result<Vec<f32>> {
-    let (v, _) = embed.dims2()?;
-    let nl = per_layer.len();
+/// One layer's feature maps: the mean row of `Wgate` (`[d]`), and `[G | A]` (`[d, 2d]`) with
+/// `G = Wgate^T Wgate / ffn` and `A = sum_h Wq_h^T Wk_g(h)`, so that for an embedding row `e`:
+/// mean = `e . m`, second moment = `e G e^T`, self score = `e A e^T`.
+struct LayerForms {
+    mean: Tensor,
+    forms: Tensor,
+}
+
+fn layer_forms(g: &Tensor, q: &Tensor, k: &Tensor, groups: usize, hd: usize) -> Result<LayerForms> {
+    let (ffn, d) = g.dims2()?;
+    let (nq, _) = q.dims2()?;
+    let (nk, _) = k.dims2()?;
+    let (nh, nkv) = (nq / hd, nk / hd);
+    if nh != nkv * groups || nq != nh * hd || nk != nkv * hd {
+        return Err(AttackError::Input(
+            "q/k head counts do not match the config".into(),
+        ));
+    }
+    let g64 = g.to_dtype(DType::F64)?;
+    let mean = g64.mean(0)?.to_dtype(DType::F32)?;
+    let gram = (g64.t()?.matmul(&g64)? / ffn as f64)?;
+    // Repeat each kv head's rows over its query group: [nkv, 1, hd, d] -> [nh*hd, d].
+    let kexp = k
+        .to_dtype(DType::F64)?
+        .reshape((nkv, 1, hd, d))?
+        .broadcast_as((nkv, groups, hd, d))?
+        .reshape((nh * hd, d))?;
+    let a = q.to_dtype(DType::F64)?.t()?.matmul(&kexp)?;
+    let forms = Tensor::cat(&[&gram, &a], 1)?.to_dtype(DType::F32)?;
+    Ok(LayerForms { mean, forms })
+}
+
+/// `[V, 3 L]` features: per layer mean and std of `e Wgate^T` over the FFN neurons, and the
+/// position-0 self score `sum_h (e Wq_h)(e Wk_g(h))^T`, computed as quadratic forms of the
+/// embedding rows (`2 V d^2` multiply-adds per layer instead of `V d (ffn + q + k)`; the same
+/// numbers up to rounding).
+fn features(embed: &Tensor, layers: &[LayerForms], progress: &dyn Fn(usize)) -> Result<Vec<f32>> {
+    let (v, d) = embed.dims2()?;
+    let nl = layers.len();
     let mut out = vec![0f32; v * 3 * nl];
     let mut start = 0;
     while start < v {
         let len = (4 * CHUNK).min(v - start);
-        let e = embed.narrow(0, start, len)?;
-        for (l, (g, q, k)) in per_layer.iter().enumerate() {
-            let gv = e.matmul(&g.t()?)?;
-            let mean = gv.mean(1)?.to_vec1::<f32>()?;
-            let var = gv.broadcast_sub(&gv.mean_keepdim(1)?)?.sqr()?.mean(1)?;
-            let std = var.sqrt()?.to_vec1::<f32>()?;
-            let qv = e.matmul(&q.t()?)?; // [len, nh*hd]
-            let kv = e.matmul(&k.t()?)?; // [len, nkv*hd]
-            let nkv = kv.dims2()?.1 / hd;
-            let nh = qv.dims2()?.1 / hd;
-            if nh != nkv * groups {
-                return Err(AttackError::Input(
-                    "q/k head counts do not match the config".into(),
-                ));
-            }
-            // Repeat each kv head over its query group: [len, nkv, 1, hd] -> [len, nh*hd].
-            let kr = kv
-                .reshape((len, nkv, 1, hd))?
-                .broadcast_as((len, nkv, groups, hd))?
-                .reshape((len, nh * hd))?;
-            let s = (qv * kr)?.sum(1)?.to_vec1::<f32>()?;
+        let e = embed.narrow(0, start, len)?.to_dtype(DType::F32)?;
+        for (l, f) in layers.iter().enumerate() {
+            let mean = e
+                .matmul(&f.mean.unsqueeze(1)?)?
+                .squeeze(1)?
+                .to_vec1::<f32>()?;
+            let ef = e.matmul(&f.forms)?; // [len, 2d]
+            let second = (ef.narrow(1, 0, d)? * &e)?.sum(1)?.to_vec1::<f32>()?;
+            let score = (ef.narrow(1, d, d)? * &e)?.sum(1)?.to_vec1::<f32>()?;
             for r in 0..len {
                 let base = (start + r) * 3 * nl + 3 * l;
                 out[base] = mean[r];
-                out[base + 1] = std[r];
-                out[base + 2] = s[r];
+                out[base + 1] = (second[r] - mean[r] * mean[r]).max(0.0).sqrt();
+                out[base + 2] = score[r];
             }
         }
         start += len;
@@ -91,14 +108,12 @@ pub fn run(t: &Target, cfg: &IaConfig) -> Result<Recovery> {
         }
         let (pg, og) = t.gate(l)?;
         let [pq, pk, oq, ok] = t.qk(l)?;
-        plain_l.push((pg, pq, pk));
-        obf_l.push((og, oq, ok));
+        plain_l.push(layer_forms(&pg, &pq, &pk, nh / nkv, hd)?);
+        obf_l.push(layer_forms(&og, &oq, &ok, nh / nkv, hd)?);
     }
-    let pb = bar(3 * v, "ia");
-    let fp = features(&t.plain_embed()?, &plain_l, nh / nkv, hd, &|n| {
-        pb.set_position(n as u64)
-    })?;
-    let fo = features(&t.obf_embed()?, &obf_l, nh / nkv, hd, &|n| {
+    let pb = Progress::new((3 * v) as u64, "ia");
+    let fp = features(&t.plain_embed()?, &plain_l, &|n| pb.set_position(n as u64))?;
+    let fo = features(&t.obf_embed()?, &obf_l, &|n| {
         pb.set_position((v + n) as u64)
     })?;
     let c = 3 * cfg.layers.len();
@@ -128,6 +143,6 @@ pub fn run(t: &Target, cfg: &IaConfig) -> Result<Recovery> {
     let fp = tensor(z(fp), v, c)?;
     let fo = tensor(z(fo), v, c)?;
     let nn = nearest_k(&fo, &fp, cfg.k, &|n| pb.set_position((2 * v + n) as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(from_lists(&nn))
 }

@@ -22,13 +22,13 @@
 //! recovers almost everything: that is the test that the inverter itself works.
 use crate::error::{AttackError, Result};
 use crate::linalg::{nearest_k, select_rows, to_dmatrix};
-use crate::progress::bar;
 use crate::states::{unit_rows, StateLayer, StateModel};
 use crate::target::Target;
 use candle_core::{DType, Tensor};
 use nalgebra::DMatrix;
 use umbra_aloepri::compiler::compile_in_memory;
 use umbra_aloepri::ObfuscationParams;
+use umbra_common::progress::Progress;
 use umbra_model::{LlamaConfig, Weights};
 
 /// Where the inverter's labelled training states come from.
@@ -116,7 +116,7 @@ pub fn own_obfuscation(
     params: &ObfuscationParams,
     seed: u64,
 ) -> Result<(LlamaConfig, Weights, Vec<u32>)> {
-    let (cfg, w) = truncated(&t.plain_cfg, &t.plain, blocks);
+    let (cfg, w) = truncated(&t.plain_cfg, &t.plain_weights(blocks)?, blocks);
     let (out, compiled) = compile_in_memory(&cfg, w, &[], params, seed)?;
     Ok((compiled.config, out, compiled.key.tau))
 }
@@ -130,7 +130,10 @@ pub fn reference_states(
 ) -> Result<(Tensor, Vec<u32>)> {
     let labels: Vec<u32> = public.iter().flatten().copied().collect();
     let x = match reference {
-        Reference::Plain => StateModel::new(&t.plain_cfg, &t.plain, layer)?.states(public)?,
+        Reference::Plain => {
+            StateModel::new(&t.plain_cfg, &t.plain_weights(layer.blocks())?, layer)?
+                .states(public)?
+        }
         Reference::OwnKey { params, seed } => {
             let blocks = match layer {
                 StateLayer::Embeddings => 1,
@@ -173,9 +176,9 @@ pub fn decode_embeddings(t: &Target, pred: &Tensor, k: usize, what: &str) -> Res
     let e = unit_rows(&t.plain_embed()?)?;
     let q = unit_rows(pred)?;
     let n = q.dims2()?.0;
-    let pb = bar(n, what);
+    let pb = Progress::new(n as u64, what);
     let nn = nearest_k(&q, &e, k, &|i| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(nn
         .into_iter()
         .map(|l| l.into_iter().map(|(i, _)| i).collect())
@@ -206,7 +209,8 @@ pub fn run(
     });
     tracing::info!("ima: reference {reference:?}");
     let (x, labels) = reference_states(t, cfg.layer, &reference, public)?;
-    let s = StateModel::new(&t.obf_cfg, &t.obf, cfg.layer)?.states(victim)?;
+    let s = StateModel::new(&t.obf_cfg, &t.obf_weights(cfg.layer.blocks())?, cfg.layer)?
+        .states(victim)?;
     let (xw, sw) = (x.dims2()?.1, s.dims2()?.1);
     if xw != sw {
         return Err(AttackError::Input(format!(

@@ -20,11 +20,11 @@ use crate::error::{AttackError, Result};
 use crate::linalg::{
     from_dmatrix, nearest_k, procrustes, rows_of, select_rows, tensor, to_dmatrix,
 };
-use crate::progress::bar;
 use crate::states::{unit_rows, StateLayer, StateModel};
 use crate::target::Target;
 use candle_core::Tensor;
 use nalgebra::DMatrix;
+use umbra_common::progress::Progress;
 
 /// Knobs of ISA.
 #[derive(Debug, Clone)]
@@ -93,10 +93,18 @@ pub fn run(
     cfg: &IsaConfig,
 ) -> Result<Vec<Vec<u32>>> {
     let labels: Vec<u32> = public.iter().flatten().copied().collect();
-    let x = StateModel::new(&t.plain_cfg, &t.plain, cfg.layer)?.states(public)?;
+    let x = StateModel::new(
+        &t.plain_cfg,
+        &t.plain_weights(cfg.layer.blocks())?,
+        cfg.layer,
+    )?
+    .states(public)?;
     let (c, tokens) = centroids(&x, &labels)?;
     let c = unit_rows(&c)?;
-    let s = unit_rows(&StateModel::new(&t.obf_cfg, &t.obf, cfg.layer)?.states(victim)?)?;
+    let s = unit_rows(
+        &StateModel::new(&t.obf_cfg, &t.obf_weights(cfg.layer.blocks())?, cfg.layer)?
+            .states(victim)?,
+    )?;
     let (n, dp) = s.dims2()?;
     let d = c.dims2()?.1;
     if n == 0 || tokens.is_empty() {
@@ -110,7 +118,7 @@ pub fn run(
         a[(i, i)] = 1.0;
     }
     let sd = to_dmatrix(&s)?;
-    let pb = bar(cfg.rounds, "isa align");
+    let pb = Progress::new(cfg.rounds as u64, "isa align");
     for round in 0..cfg.rounds {
         let q = unit_rows(&s.matmul(&from_dmatrix(&a)?)?)?;
         let nn = nearest_k(&q, &c, 1, &|_| {})?;
@@ -122,11 +130,11 @@ pub fn run(
         tracing::info!("isa: round {}: alignment moved {change:.4}", round + 1);
         pb.set_position(round as u64 + 1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let q = unit_rows(&s.matmul(&from_dmatrix(&a)?)?)?;
-    let pb = bar(n, "isa");
+    let pb = Progress::new(n as u64, "isa");
     let nn = nearest_k(&q, &c, cfg.k, &|i| pb.set_position(i as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(nn
         .into_iter()
         .map(|l| l.into_iter().map(|(j, _)| tokens[j as usize]).collect())

@@ -19,6 +19,7 @@
 //! [`suite`] runs them and [`sweep`] runs them with the fidelity evaluation over a parameter grid.
 
 pub mod blockkey;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod error;
 pub mod hat;
@@ -27,7 +28,6 @@ pub mod ima;
 pub mod isa;
 pub mod linalg;
 pub mod nn;
-pub mod progress;
 pub mod score;
 pub mod sda;
 pub mod states;

@@ -100,9 +100,40 @@ pub fn row_signatures(
     Ok(out)
 }
 
+/// Above this many multiply-adds (`n m c`), [`nearest_k`] shortlists candidates in a random
+/// projection first ([`nearest_k_projected`]). SmolLM2 (`V^2 d` = 1.4e12) stays exact; a
+/// vocabulary of 151,936 at width 896 or 1536 (2e13-3.5e13) is projected.
+pub const PROJECT_ABOVE: f64 = 4e12;
+/// Width of the random projection of [`nearest_k_projected`].
+pub const PROJECTION_DIM: usize = 96;
+/// Candidates per query kept from the projection and re-ranked exactly.
+pub const SHORTLIST: usize = 64;
+
 /// The `k` nearest rows of `refs` (`[m, c]`) for every row of `queries` (`[n, c]`) by Euclidean
-/// distance, best first, as `(ref_index, distance)`.
+/// distance, best first, as `(ref_index, distance)`. Exact up to [`PROJECT_ABOVE`]; above it
+/// (vocabulary-by-vocabulary searches of a 0.5B/1.5B model) the candidates come from
+/// [`nearest_k_projected`].
 pub fn nearest_k(
+    queries: &Tensor,
+    refs: &Tensor,
+    k: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    let (n, c) = queries.dims2()?;
+    let (m, c2) = refs.dims2()?;
+    if c != c2 {
+        return Err(AttackError::Input(format!(
+            "nearest neighbours between widths {c} and {c2}"
+        )));
+    }
+    if n as f64 * m as f64 * c as f64 > PROJECT_ABOVE && c > 2 * PROJECTION_DIM {
+        return nearest_k_projected(queries, refs, k, progress);
+    }
+    nearest_k_exact(queries, refs, k, progress)
+}
+
+/// [`nearest_k`] by a full scan (`n m c` multiply-adds).
+pub fn nearest_k_exact(
     queries: &Tensor,
     refs: &Tensor,
     k: usize,
@@ -128,16 +159,7 @@ pub fn nearest_k(
         let rn = &rn;
         let qn = &qn;
         let res = par_rows(&data, m, &|r, row| {
-            // Keep the k smallest of |r|^2 - 2 q.r in a small sorted buffer.
-            let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
-            for (j, &dot) in row.iter().enumerate() {
-                let dist = rn[j] - 2.0 * dot;
-                if best.len() < k || dist < best[best.len() - 1].1 {
-                    let pos = best.partition_point(|b| b.1 <= dist);
-                    best.insert(pos, (j as u32, dist));
-                    best.truncate(k);
-                }
-            }
+            let best = smallest_k(row, k, |j, dot| rn[j] - 2.0 * dot);
             let q = qn[start + r];
             best.into_iter()
                 .map(|(j, d)| (j, (d + q).max(0.0).sqrt()))
@@ -148,6 +170,77 @@ pub fn nearest_k(
         progress(start);
     }
     Ok(out)
+}
+
+/// The `k` smallest `score(j, row[j])` of a row, ascending, as `(j, score)`.
+fn smallest_k(row: &[f32], k: usize, score: impl Fn(usize, f32) -> f32) -> Vec<(u32, f32)> {
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    for (j, &x) in row.iter().enumerate() {
+        let dist = score(j, x);
+        if best.len() < k || dist < best[best.len() - 1].1 {
+            let pos = best.partition_point(|b| b.1 <= dist);
+            best.insert(pos, (j as u32, dist));
+            best.truncate(k);
+        }
+    }
+    best
+}
+
+/// Approximate [`nearest_k`] for vocabulary-sized searches: both sides are projected on
+/// [`PROJECTION_DIM`] random orthonormal directions (fixed seed; distances shrink by the same
+/// factor for every pair), the [`SHORTLIST`] nearest candidates of each query in the projection
+/// are kept, and those are re-ranked by their exact distance. Cost `n m PROJECTION_DIM + n
+/// SHORTLIST c` instead of `n m c` (16x less at c = 1536). A true neighbour is lost only when
+/// more than [`SHORTLIST`] others are closer in the projection; the exact matches the attacks
+/// look for (distance ~0) always survive.
+pub fn nearest_k_projected(
+    queries: &Tensor,
+    refs: &Tensor,
+    k: usize,
+    progress: &dyn Fn(usize),
+) -> Result<Vec<Vec<(u32, f32)>>> {
+    use rand::SeedableRng;
+    let (n, c) = queries.dims2()?;
+    let (m, _) = refs.dims2()?;
+    let r = PROJECTION_DIM.min(c);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x9e37_79b9);
+    let g = DMatrix::<f64>::from_fn(c, r, |_, _| {
+        rand_distr::Distribution::<f64>::sample(&rand_distr::StandardNormal, &mut rng)
+    });
+    let basis = from_dmatrix(&g.qr().q())?; // [c, r], orthonormal columns
+    let qp = queries.to_dtype(DType::F32)?.matmul(&basis)?;
+    let rp = refs.to_dtype(DType::F32)?.matmul(&basis)?;
+    let short = nearest_k_exact(&qp, &rp, SHORTLIST.max(k).min(m), &|i| progress(i / 2))?;
+    let (qv, _, _) = rows_of(queries)?;
+    let (rv, _, _) = rows_of(refs)?;
+    let rv = &rv;
+    let lists = par_rows(&qv, c, &|i, q| {
+        let mut cands: Vec<(u32, f32)> = short[i]
+            .iter()
+            .map(|&(j, _)| {
+                let row = &rv[j as usize * c..(j as usize + 1) * c];
+                let d: f32 = q.iter().zip(row).map(|(a, b)| (a - b) * (a - b)).sum();
+                (j, d.sqrt())
+            })
+            .collect();
+        cands.sort_by(|a, b| a.1.total_cmp(&b.1));
+        cands.truncate(k);
+        cands
+    });
+    progress(n);
+    Ok(lists)
+}
+
+/// Indices of the `k` largest values, descending (ties: smaller index first).
+pub fn top_k_indices(values: &[f32], k: usize) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    idx.sort_by(|&a, &b| {
+        values[b as usize]
+            .total_cmp(&values[a as usize])
+            .then(a.cmp(&b))
+    });
+    idx.truncate(k);
+    idx
 }
 
 /// Rows `ids` of `x`.

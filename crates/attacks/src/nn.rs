@@ -6,11 +6,11 @@
 //! shows what the noise alone does. Cost: one `V x V x d` product.
 use crate::error::Result;
 use crate::linalg::nearest_k;
-use crate::progress::bar;
 use crate::score::Recovery;
 use crate::target::Target;
 use crate::vote::from_lists;
 use candle_core::Tensor;
+use umbra_common::progress::Progress;
 
 fn unit_rows(x: &Tensor) -> Result<Tensor> {
     let n = x.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
@@ -25,8 +25,8 @@ pub fn run(t: &Target, k: usize) -> Result<Recovery> {
     let pe = unit_rows(&pe.narrow(1, 0, w)?.contiguous()?)?;
     let oe = unit_rows(&oe.narrow(1, 0, w)?.contiguous()?)?;
     let v = t.vocab();
-    let pb = bar(v, "nn");
+    let pb = Progress::new(v as u64, "nn");
     let nn = nearest_k(&oe, &pe, k, &|n| pb.set_position(n as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(from_lists(&nn))
 }

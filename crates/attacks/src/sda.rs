@@ -15,10 +15,10 @@
 //! The `k` candidates of a cipher id are its final assignment followed by the other tried
 //! plaintext ids, best score first. Cipher ids never seen in traffic get no guess. Cost per sweep:
 //! `2 window x (bigram types in traffic)` hash look-ups (SmolLM2, 2000 passages, window 100: ~5 s).
-use crate::progress::bar;
 use crate::score::Recovery;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use umbra_common::progress::Progress;
 
 /// Multiply-xorshift hasher for `u64` bigram keys (the default SipHash is the bottleneck here).
 #[derive(Default)]
@@ -221,7 +221,7 @@ pub fn run(traffic: &[u32], public: &[u32], vocab: usize, cfg: &SdaConfig) -> Sd
     };
     let mut cands: Vec<Vec<(u32, f64)>> = vec![vec![]; vocab];
     let (mut moves, mut sweeps) = (0usize, 0usize);
-    let pb = bar(cfg.sweeps * cipher.len(), "sda");
+    let pb = Progress::new((cfg.sweeps * cipher.len()) as u64, "sda");
     'outer: for sweep in 0..cfg.sweeps {
         sweeps = sweep + 1;
         let mut moved = 0usize;
@@ -278,7 +278,7 @@ pub fn run(traffic: &[u32], public: &[u32], vocab: usize, cfg: &SdaConfig) -> Sd
             break;
         }
     }
-    pb.finish_and_clear();
+    pb.finish();
     let final_score = full_score(&m);
     let mut rec = Recovery::new(vocab);
     for &a in &cipher {

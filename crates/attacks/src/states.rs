@@ -24,7 +24,8 @@ impl StateLayer {
         }
     }
 
-    fn blocks(self) -> usize {
+    /// Blocks a model must run to reach this state.
+    pub fn blocks(self) -> usize {
         match self {
             Self::Embeddings => 1,
             Self::Block(i) => i + 1,

@@ -7,6 +7,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use umbra_aloepri::fidelity::{evaluate, FidelityOptions};
+use umbra_aloepri::source::CheckpointSource;
 use umbra_aloepri::ObfuscationParams;
 
 /// A grid such as `alpha_e=0,0.5,1;h=32,128;lambda=0,0.3` over the paper's defaults; keys:
@@ -90,31 +91,15 @@ pub struct SweepSetup<'a> {
     pub keep: bool,
 }
 
-/// Writes `bytes` through a temp file and a rename.
+/// Writes `bytes` atomically ([`umbra_common::fs::write_atomic`]).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| AttackError::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| AttackError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        AttackError::io(path, e)
-    })
+    Ok(umbra_common::fs::write_atomic(path, bytes)?)
 }
 
 /// Runs the sweep; writes the JSON after every point and the report at the end.
 pub fn run(grid: &[(String, ObfuscationParams)], s: &SweepSetup) -> Result<Vec<SweepPoint>> {
     let dev = candle_core::Device::Cpu;
-    let pck = umbra_model::checkpoint::Checkpoint::open(s.plain)?;
-    let plain_model = umbra_model::llama::Llama::new(&pck.config, &pck.weights, &dev)?;
-    drop(pck);
+    let plain_model = CheckpointSource::open(s.plain)?.load_model(&dev)?;
     let mut points = vec![];
     for (i, (label, params)) in grid.iter().enumerate() {
         eprintln!("[{}/{}] {label}", i + 1, grid.len());
@@ -151,9 +136,7 @@ pub fn run(grid: &[(String, ObfuscationParams)], s: &SweepSetup) -> Result<Vec<S
             attacks.insert(k.name().to_string(), r);
         }
         drop(target);
-        let ock = umbra_model::checkpoint::Checkpoint::open(&dir)?;
-        let obf_model = umbra_model::llama::Llama::new(&ock.config, &ock.weights, &dev)?;
-        drop(ock);
+        let obf_model = CheckpointSource::open(&dir)?.load_model(&dev)?;
         let opts = FidelityOptions {
             greedy_prompts: 0,
             ..FidelityOptions::default()
@@ -190,6 +173,7 @@ pub fn run(grid: &[(String, ObfuscationParams)], s: &SweepSetup) -> Result<Vec<S
         &s.out.join("report.md"),
         markdown(&points, &s.attacks).as_bytes(),
     )?;
+    #[cfg(feature = "plot")]
     write_atomic(
         &s.out.join("frontier.svg"),
         frontier_svg(&points, &s.attacks)?.as_bytes(),
@@ -227,58 +211,35 @@ pub fn markdown(points: &[SweepPoint], attacks: &[AttackKind]) -> String {
     s
 }
 
-/// SVG scatter: x = top-1 agreement, y = TTRSR, one colour per attack.
+/// SVG scatter: x = top-1 agreement, y = TTRSR, one colour per attack
+/// ([`umbra_common::plot`]; feature `plot`).
+#[cfg(feature = "plot")]
 pub fn frontier_svg(points: &[SweepPoint], attacks: &[AttackKind]) -> Result<String> {
-    use plotters::prelude::*;
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (800, 520)).into_drawing_area();
-        let perr = |e: &dyn std::fmt::Display| AttackError::Plot(e.to_string());
-        root.fill(&WHITE).map_err(|e| perr(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                "privacy vs accuracy (each point: one grid setting)",
-                ("sans-serif", 20),
-            )
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..1.02f64, 0f64..1.02f64)
-            .map_err(|e| perr(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("top-1 agreement with plaintext")
-            .y_desc("TTRSR (tau entries recovered)")
-            .draw()
-            .map_err(|e| perr(&e))?;
-        for (ci, a) in attacks.iter().enumerate() {
-            let color = Palette99::pick(ci).to_rgba();
-            let pts: Vec<(f64, f64)> = points
+    use umbra_common::plot::{Figure, Panel, Series, Style};
+    let series = attacks
+        .iter()
+        .map(|a| Series {
+            name: a.name().to_string(),
+            points: points
                 .iter()
                 .filter_map(|p| {
                     p.attacks
                         .get(a.name())
                         .map(|r| (p.top1_agreement, r.score.ttrsr))
                 })
-                .collect();
-            chart
-                .draw_series(
-                    pts.iter()
-                        .map(|&(x, y)| Circle::new((x, y), 5, color.filled())),
-                )
-                .map_err(|e| perr(&e))?
-                .label(a.name())
-                .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| perr(&e))?;
-        root.present().map_err(|e| perr(&e))?;
-    }
-    Ok(svg)
+                .collect(),
+            style: Style::Points,
+        })
+        .collect();
+    Ok(Figure::single(Panel {
+        title: "privacy vs accuracy (each point: one grid setting)".into(),
+        x_label: "top-1 agreement with plaintext".into(),
+        y_label: "TTRSR (tau entries recovered)".into(),
+        x_range: (0.0, 1.02),
+        y_range: (0.0, 1.02),
+        series,
+    })
+    .svg()?)
 }
 
 #[cfg(test)]
@@ -327,7 +288,10 @@ mod tests {
             md.contains("| alpha_e=0 | 0.9000 | 1.100 | 0.5000 |"),
             "{md}"
         );
-        let svg = frontier_svg(&[p], &[AttackKind::Hat]).unwrap();
-        assert!(svg.contains("<svg") && svg.contains("circle"));
+        #[cfg(feature = "plot")]
+        {
+            let svg = frontier_svg(&[p], &[AttackKind::Hat]).unwrap();
+            assert!(svg.contains("<svg") && svg.contains("circle"));
+        }
     }
 }

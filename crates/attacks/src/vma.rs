@@ -12,12 +12,12 @@
 //! Cost: per source two `V x d x m` products (`m` = V for the head, d_ffn for a gate) plus
 //! `V x V x 2 top` for matching: on SmolLM2 (V 49152) about 3 TFLOP for the head source.
 use crate::error::Result;
-use crate::linalg::{nearest_k, row_signatures};
-use crate::progress::bar;
+use crate::linalg::{nearest_k, row_signatures, select_rows, top_k_indices};
 use crate::score::Recovery;
 use crate::target::Target;
 use crate::vote::{from_lists, vote};
 use candle_core::Tensor;
+use umbra_common::progress::Progress;
 
 #[derive(Debug, Clone)]
 pub struct VmaConfig {
@@ -29,6 +29,11 @@ pub struct VmaConfig {
     pub gate_layers: Vec<usize>,
     /// Candidates kept per obfuscated id.
     pub k: usize,
+    /// Head-source signatures over this many columns: the tokens of largest `We[i] . Wh[i]` on
+    /// each side (key-free: `P Q = I` makes the diagonal of `We~ Wh~^T` that of `We Wh^T`,
+    /// permuted). `None`: all V, or 4096 when a full `V x V` pass exceeds
+    /// [`crate::linalg::PROJECT_ABOVE`].
+    pub columns: Option<usize>,
 }
 
 impl Default for VmaConfig {
@@ -38,6 +43,7 @@ impl Default for VmaConfig {
             head: true,
             gate_layers: vec![0],
             k: 10,
+            columns: None,
         }
     }
 }
@@ -52,14 +58,14 @@ fn source(
     what: &str,
 ) -> Result<Recovery> {
     let (v, _) = plain_x.dims2()?;
-    let pb = bar(3 * v, what);
+    let pb = Progress::new((3 * v) as u64, what);
     let sp = row_signatures(plain_x, plain_y, cfg.top, &|n| pb.set_position(n as u64))?;
     let so = row_signatures(obf_x, obf_y, cfg.top, &|n| pb.set_position((v + n) as u64))?;
     let c = 2 * cfg.top;
     let sp = crate::linalg::tensor(sp, v, c)?;
     let so = crate::linalg::tensor(so, v, c)?;
     let nn = nearest_k(&so, &sp, cfg.k, &|n| pb.set_position((2 * v + n) as u64))?;
-    pb.finish_and_clear();
+    pb.finish();
     Ok(from_lists(&nn))
 }
 
@@ -71,6 +77,21 @@ pub fn run(t: &Target, cfg: &VmaConfig) -> Result<Recovery> {
     if cfg.head {
         let ph = t.fold_final_norm(&t.plain_head_raw()?)?;
         let oh = t.obf_head()?;
+        let (v, d) = pe.dims2()?;
+        let columns = cfg.columns.or_else(|| {
+            ((v as f64) * (v as f64) * (d as f64) > crate::linalg::PROJECT_ABOVE).then_some(4096)
+        });
+        let (ph, oh) = if let Some(n) = columns {
+            let diag = |e: &Tensor, h: &Tensor| -> Result<Vec<f32>> {
+                Ok((e * h)?.sum(1)?.to_vec1::<f32>()?)
+            };
+            let n = n.clamp(2 * cfg.top, v);
+            let pc = top_k_indices(&diag(&pe, &ph)?, n);
+            let oc = top_k_indices(&diag(&oe, &oh)?, n);
+            (select_rows(&ph, &pc)?, select_rows(&oh, &oc)?)
+        } else {
+            (ph, oh)
+        };
         sources.push(source(&pe, &ph, &oe, &oh, cfg, "vma head")?);
         tracing::info!("vma: head source done");
     }

@@ -151,6 +151,67 @@ fn hat_recovers_tau_under_every_key_without_head_noise() {
     assert!(s.ttrsr > 0.99, "{s:?}");
 }
 
+/// The paths the attacks take at vocabulary scale (Qwen2.5, V 151,936): signatures over a
+/// key-free subset of columns (hat: largest leverage; VMA: largest `We[i] . Wh[i]`) and
+/// nearest neighbours shortlisted in a random projection, forced here on a tiny model.
+#[test]
+fn scale_paths_recover_tau_too() {
+    let (cfg, w) = tiny();
+    let (t, tau) = obfuscate(&cfg, &w, ObfuscationParams::exact(8), 31);
+    let h = hat::run(
+        &t,
+        &HatConfig {
+            columns: Some(128),
+            assume_alpha_h: 0.0,
+            ..hat_cfg(0.0)
+        },
+    )
+    .unwrap();
+    let s = score(&h.recovery, &tau);
+    assert!(s.ttrsr > 0.99, "hat on 128 columns: {s:?}");
+    let vcfg = VmaConfig {
+        gate_layers: vec![],
+        columns: Some(128),
+        ..VmaConfig::default()
+    };
+    let s = score(&vma::run(&t, &vcfg).unwrap(), &tau);
+    assert!(s.ttrsr > 0.99, "vma head on 128 columns: {s:?}");
+
+    // Projected nearest neighbours: 3000 rows of width 400, queried with a permutation of
+    // themselves plus noise at 5% of their norm.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let (n, c) = (3000usize, 400usize);
+    let refs: Vec<f32> = (0..n * c).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let perm: Vec<usize> = {
+        let mut p: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            p.swap(i, rng.random_range(0..=i));
+        }
+        p
+    };
+    let mut q = vec![0f32; n * c];
+    for (i, &j) in perm.iter().enumerate() {
+        for x in 0..c {
+            q[i * c + x] = refs[j * c + x] + 0.05 * rng.random_range(-1.0f32..1.0);
+        }
+    }
+    let refs = Tensor::from_vec(refs, (n, c), &Device::Cpu).unwrap();
+    let q = Tensor::from_vec(q, (n, c), &Device::Cpu).unwrap();
+    let got = umbra_attacks::linalg::nearest_k_projected(&q, &refs, 3, &|_| {}).unwrap();
+    let exact = umbra_attacks::linalg::nearest_k_exact(&q, &refs, 3, &|_| {}).unwrap();
+    let hits = got
+        .iter()
+        .zip(&perm)
+        .filter(|(l, &j)| l[0].0 as usize == j)
+        .count();
+    assert_eq!(hits, n, "projected search lost true neighbours");
+    for (a, b) in got.iter().zip(&exact) {
+        assert_eq!(a[0].0, b[0].0);
+        assert!((a[0].1 - b[0].1).abs() < 1e-3);
+    }
+}
+
 #[test]
 fn suite_scores_tfma_on_simulated_traffic() {
     let (cfg, w) = tiny();

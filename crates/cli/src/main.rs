@@ -96,6 +96,8 @@ enum EvalCommand {
 enum BenchCommand {
     /// Obfuscation time and memory, and generation speed plain vs obfuscated (and llama.cpp).
     Obfuscation(bench::BenchObfuscationArgs),
+    /// Obfuscated GGUF checkpoints (F32, Q8_0, Q4_K) in an unmodified llama.cpp vs the plaintext model.
+    Llamacpp(obfuscation_cmds::LlamacppArgs),
     /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients.
     Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
@@ -133,7 +135,7 @@ fn main() {
 
 fn run(cmd: Command) -> Result<()> {
     match cmd {
-        Command::Demo(a) => obfuscation_cmds::demo(&a),
+        Command::Demo(a) => umbra_aloepri::cli::run_demo(&a).map_err(Into::into),
         Command::Attack(AttackCmd::Obfuscation(c)) => {
             umbra_attacks::cli::run(&c).map_err(Into::into)
         }
@@ -144,8 +146,13 @@ fn run(cmd: Command) -> Result<()> {
         Command::Convert(a) => model_cmds::convert(&a),
         Command::Generate(a) => model_cmds::generate(&a),
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
-        Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
+        Command::Eval(EvalCommand::Fidelity(a)) => umbra_aloepri::cli::run_fidelity(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Eval(EvalCommand::Quant(a)) => umbra_model::cli::eval_quant::run(&a)
+            .map(|_| ())
+            .map_err(Into::into),
+        Command::Bench(BenchCommand::Llamacpp(a)) => umbra_aloepri::cli::run_llamacpp(&a)
             .map(|_| ())
             .map_err(Into::into),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),

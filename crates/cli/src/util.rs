@@ -1,21 +1,6 @@
-//! Small helpers shared by the subcommands: progress bars, JSON output, peak memory.
+//! Small helpers shared by the subcommands: JSON output, peak memory.
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-pub fn bar(total: usize, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(total as u64);
-    pb.set_style(
-        ProgressStyle::with_template(
-            "{msg:>12} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta} {prefix}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
 
 /// Writes pretty JSON atomically (temp file + rename).
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {

@@ -14,6 +14,7 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::TextTokenizer;
 use crate::weights::{load_safetensors_dir, save_safetensors_atomic, write_file_atomic, Weights};
 use std::path::{Path, PathBuf};
+use umbra_common::fs::Staging;
 
 /// A loaded checkpoint. `weights` are F32 on the CPU, HF naming and layout, and match `config`
 /// (see [`expected_shapes`]).
@@ -218,10 +219,13 @@ impl Checkpoint {
     /// Writes an HF folder: `config.json`, `model.safetensors` (F32), `tokenizer.json` +
     /// `tokenizer_config.json` (when there is a tokenizer) and `generation_config.json`.
     ///
-    /// Atomic: everything is written into the sibling `.{name}.tmp-{pid}` folder, which is renamed
-    /// to `out_dir` at the end and removed on any error. An existing non-empty `out_dir` is only
-    /// replaced when `overwrite` is set. The weights are validated against the config first.
+    /// Atomic: everything is written into a locked staging sibling (`.{name}.tmp-{pid}-{n}`,
+    /// `umbra_common::fs::Staging`), which is renamed to `out_dir` at the end and removed on any
+    /// error; a process killed meanwhile leaves the sibling, and the next save to the same
+    /// folder removes it (never one a live process holds). An existing non-empty `out_dir` is
+    /// only replaced when `overwrite` is set. The weights are validated against the config first.
     pub fn save_hf(&self, out_dir: &Path, overwrite: bool) -> Result<()> {
+        let mut replace = overwrite;
         if out_dir.exists() {
             if !out_dir.is_dir() {
                 return Err(ModelError::Input(format!(
@@ -239,51 +243,11 @@ impl Checkpoint {
                     out_dir.display()
                 )));
             }
+            replace = true;
         }
-        let name = out_dir
-            .file_name()
-            .ok_or_else(|| {
-                ModelError::Input(format!(
-                    "{}: output path has no folder name",
-                    out_dir.display()
-                ))
-            })?
-            .to_string_lossy()
-            .into_owned();
-        let parent = match out_dir.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent).map_err(|e| ModelError::io(&parent, e))?;
-        let pid = std::process::id();
-        let tmp = parent.join(format!(".{name}.tmp-{pid}"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        }
-        std::fs::create_dir(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        if let Err(e) = self.write_into(&tmp) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        let res = (|| -> Result<()> {
-            if out_dir.exists() {
-                let old = parent.join(format!(".{name}.old-{pid}"));
-                std::fs::rename(out_dir, &old).map_err(|e| ModelError::io(out_dir, e))?;
-                if let Err(e) = std::fs::rename(&tmp, out_dir) {
-                    let _ = std::fs::rename(&old, out_dir);
-                    return Err(ModelError::io(out_dir, e));
-                }
-                let _ = std::fs::remove_dir_all(&old);
-            } else {
-                std::fs::rename(&tmp, out_dir).map_err(|e| ModelError::io(out_dir, e))?;
-            }
-            crate::weights::sync_parent(out_dir);
-            Ok(())
-        })();
-        if res.is_err() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        res
+        let staging = Staging::dir(out_dir).map_err(common_err)?;
+        self.write_into(staging.path())?;
+        staging.commit(replace).map_err(common_err)
     }
 
     fn write_into(&self, dir: &Path) -> Result<()> {
@@ -298,6 +262,13 @@ impl Checkpoint {
         let gen = serde_json::to_string_pretty(&self.generation_config_json()).expect("json");
         write_file_atomic(&dir.join("generation_config.json"), gen.as_bytes())?;
         Ok(())
+    }
+}
+
+fn common_err(e: umbra_common::Error) -> ModelError {
+    match e {
+        umbra_common::Error::Io { path, source } => ModelError::io(path, source),
+        other => ModelError::Input(other.to_string()),
     }
 }
 
