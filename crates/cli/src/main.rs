@@ -34,10 +34,9 @@ enum Command {
     /// Measure things: fidelity of an obfuscated checkpoint.
     #[command(subcommand)]
     Eval(EvalCommand),
-    /// Serve any checkpoint (plain or obfuscated) over the OpenAI HTTP API; knows nothing of keys.
-    Serve(umbra_serve::cli::ServeArgs),
-    /// Client-side privacy proxy: OpenAI API for local apps, tau-mapped token ids upstream.
-    Proxy(umbra_serve::cli::ProxyArgs),
+    /// `umbra serve` and `umbra proxy`.
+    #[command(flatten)]
+    Serving(umbra_serve::cli::Command),
     /// Two-party split learning on vertically split data (PubSub-VFL).
     #[command(subcommand)]
     Vfl(VflCommand),
@@ -98,7 +97,7 @@ enum EvalCommand {
 enum BenchCommand {
     /// Obfuscation time and memory, and generation speed plain vs obfuscated (and llama.cpp).
     Obfuscation(bench::BenchObfuscationArgs),
-    /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients.
+    /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients (--soak: a max-context prompt beside short chats).
     Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
     Vfl(umbra_vfl::cli::BenchVflArgs),
@@ -133,10 +132,9 @@ fn run(cmd: Command) -> Result<()> {
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
-        Command::Serve(a) => umbra_serve::cli::run_serve(&a).map_err(Into::into),
-        Command::Proxy(a) => umbra_serve::cli::run_proxy(&a).map_err(Into::into),
+        Command::Serving(c) => umbra_serve::cli::run(&c).map_err(Into::into),
         Command::Bench(BenchCommand::Serve(a)) => {
-            umbra_serve::cli::run_bench_serve(&a).map_err(Into::into)
+            umbra_serve::cli::run_bench(&a).map_err(Into::into)
         }
         Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a)
             .map(|_| ())

@@ -193,13 +193,7 @@ async fn collect(
                 finish = Some(f.as_str());
                 break;
             }
-            Event::Error(e) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    e,
-                ))
-            }
+            Event::Error(e) => return Err(e),
         }
     }
     drop(rx);
@@ -310,10 +304,12 @@ fn stream(
                     break;
                 }
                 Event::Error(e) => {
-                    let err = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e);
+                    // The status line went out with the first chunk: the error is an event,
+                    // and the stream still ends with [DONE].
                     let _ = tx
-                        .send(SseEvent::default().data(err.body().to_string()))
+                        .send(SseEvent::default().data(e.body().to_string()))
                         .await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
             }
@@ -328,6 +324,7 @@ fn stream(
             let _ = tx
                 .send(SseEvent::default().data(err.body().to_string()))
                 .await;
+            let _ = tx.send(SseEvent::default().data("[DONE]")).await;
             return;
         };
         let rest = out.finish();
