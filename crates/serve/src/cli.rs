@@ -72,10 +72,14 @@ pub struct ServeArgs {
     /// memory is at most heads x this x context floats).
     #[arg(long, default_value_t = 256)]
     pub prefill_chunk: usize,
-    /// With nobody decoding, the milliseconds a pass of prompt chunks aims at (a request that
-    /// arrives during a long prompt waits about this long for its turn).
+    /// With nobody decoding, the most milliseconds a pass of prompt chunks aims at (16
+    /// decode steps' time if shorter): a request that arrives during a long prompt waits about
+    /// this long for its turn.
     #[arg(long, default_value_t = 250.0)]
     pub prefill_step_ms: f64,
+    /// CPU threads of the engine's forward passes (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// HaluProbe probe file: every completion carries `hallucination_score`,
     /// `hallucination_stage` and `hallucinated` (hidden-state and logit probes; lookback and
     /// FFN-statistics probes are refused at startup; for an obfuscated checkpoint, the probe
@@ -259,6 +263,7 @@ fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
     }
     cfg.prefill_chunk = args.prefill_chunk;
     cfg.prefill_step = secs(args.prefill_step_ms / 1e3, "--prefill-step-ms")?;
+    cfg.threads = args.threads.filter(|&n| n > 0);
     cfg.halluc_probe = args.halluc_probe.clone();
     cfg.split_idle = secs(args.split_idle_s, "--split-idle-s")?;
     cfg.access = args.access.policy()?;
@@ -310,6 +315,7 @@ pub fn run_bench(a: &BenchServeArgs) -> Result<(), ServeError> {
             chats: a.soak_chats.max(1),
             max_tokens: a.max_tokens,
             rounds: a.requests_per_client,
+            threads: None,
         }),
     };
     runtime()?.block_on(crate::bench::run(&opts))

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub prompt_tokens: AtomicU64,
     /// Prompt tokens run through the model so far (prompts are read in chunks).
     pub prefill_tokens: AtomicU64,
+    /// Prompt chunks run (one per prefilling cohort per pass).
+    pub prefill_chunks: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub cancelled: AtomicU64,
     /// Batched decode forwards, and the rows they carried (mean batch = rows / steps).
@@ -127,6 +129,13 @@ impl Metrics {
             "Prompt tokens run through the model (prompts are read in chunks).",
             "counter",
             self.prefill_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut s,
+            "umbra_prefill_chunks_total",
+            "Prompt chunks run (one per prefilling cohort per forward pass).",
+            "counter",
+            self.prefill_chunks.load(Ordering::Relaxed).to_string(),
         );
         gauge(
             &mut s,

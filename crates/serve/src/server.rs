@@ -77,7 +77,8 @@ pub struct ServeConfig {
     pub batch_window: Duration,
     /// Most prompt tokens one forward pass carries (the memory bound of prefill).
     pub prefill_chunk: usize,
-    /// With nobody decoding, the duration a pass of prompt chunks aims at.
+    /// With nobody decoding, the longest a pass of prompt chunks aims at
+    /// ([`engine::EngineOptions::prefill_step`]).
     pub prefill_step: Duration,
     /// A HaluProbe probe file (`umbra halluc train`; for an obfuscated checkpoint the one
     /// `umbra obfuscate --halluc-probe` wrote): every completion then carries a
@@ -88,6 +89,8 @@ pub struct ServeConfig {
     pub split_idle: Duration,
     /// API key and browser origins ([`crate::guard`]).
     pub access: AccessPolicy,
+    /// CPU threads of the engine's forward passes (`None`: all of the global pool's).
+    pub threads: Option<usize>,
 }
 
 impl ServeConfig {
@@ -112,6 +115,7 @@ impl ServeConfig {
             halluc_probe: None,
             split_idle: Duration::from_secs(300),
             access: AccessPolicy::default(),
+            threads: None,
         }
     }
 }
@@ -228,6 +232,7 @@ pub async fn serve(
         halluc_probe,
         split_idle,
         mut access,
+        threads,
     } = config;
     access.local_hosts_only = addr.ip().is_loopback();
     let (llama, tokenizer, eos_ids, default_name, probe) =
@@ -285,6 +290,7 @@ pub async fn serve(
             prefill_chunk,
             prefill_step,
             probe,
+            threads,
         },
     )?;
     let state = Arc::new(AppState {

@@ -38,6 +38,8 @@ pub struct SoakOptions {
     pub max_tokens: usize,
     /// Rounds of `chats` concurrent chats in each phase.
     pub rounds: usize,
+    /// The server engine's CPU threads (`None`: all cores).
+    pub threads: Option<usize>,
 }
 
 /// `q`-quantile (nearest rank) of `v`, in milliseconds.
@@ -120,6 +122,7 @@ pub async fn soak(model: &Path, o: &SoakOptions) -> Result<Value, ServeError> {
     );
     cfg.model_name = Some("soak".into());
     cfg.max_batch = o.chats + 1;
+    cfg.threads = o.threads;
     let srv: ServerHandle = start(cfg).await?;
     let (base, chat_url) = (srv.url(), format!("{}/v1/chat/completions", srv.url()));
     let context = reqwest::get(format!("{base}/v1/models"))
@@ -182,6 +185,7 @@ pub async fn soak(model: &Path, o: &SoakOptions) -> Result<Value, ServeError> {
         "long_prompt_s": long_end.duration_since(t_long).as_secs_f64(),
         "long_overlapped_chats": long_end > chats_end,
         "chats": o.chats, "rounds": o.rounds, "chat_max_tokens": o.max_tokens,
+        "engine_threads": o.threads,
         "alone": a, "beside_long_prompt": b,
         "p99_ratio": ratio,
         "rss_mib_idle": rss_idle,

@@ -92,11 +92,15 @@ pub struct EngineOptions {
     /// Most prompt tokens one pass carries, over all prefilling cohorts: bounds the transient
     /// attention scores to `heads x prefill_chunk x L` floats.
     pub prefill_chunk: usize,
-    /// With no sequence decoding, the time a pass of prompt chunks aims at (a request that
-    /// arrives meanwhile waits about this long).
+    /// With no sequence decoding, the longest a pass of prompt chunks aims at (16 decode
+    /// passes' time once one was measured, if shorter); a request that arrives meanwhile waits
+    /// about this long.
     pub prefill_step: Duration,
     /// Scores every completion (`--halluc-probe`).
     pub probe: Option<HalluProbe>,
+    /// CPU threads of the forward passes (a pool of the engine's own); `None`: the process's
+    /// global pool.
+    pub threads: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -109,6 +113,7 @@ impl Default for EngineOptions {
             prefill_chunk: 256,
             prefill_step: Duration::from_millis(250),
             probe: None,
+            threads: None,
         }
     }
 }

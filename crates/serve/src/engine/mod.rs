@@ -9,9 +9,9 @@
 //! contributes a *chunk* of it (`[b, c]`; attention `[c, L]`, never the whole `n x n`); a
 //! decoding cohort contributes its last tokens (`[b, 1]`). How many prompt tokens a pass may
 //! carry is the [`PrefillBudget`]'s decision: with sequences decoding, prefill may make a pass
-//! at most about twice as slow as a decode-only one, so a long prompt cannot starve short
-//! chats; with nobody decoding, a pass is kept near `prefill_step` so that a new arrival waits
-//! at most about that long. A new request never waits for running ones to finish. A finished
+//! at most about 1.5 times as slow as a decode-only one, so a long prompt cannot starve short
+//! chats; with nobody decoding, a pass is kept near 16 decode passes' time (at most
+//! `prefill_step`), so that a new arrival waits at most about that long. A new request never waits for running ones to finish. A finished
 //! or cancelled sequence (the client hung up, during prefill too) frees its slot at once and
 //! its cache rows are dropped before the next pass.
 //!
@@ -87,9 +87,22 @@ pub fn spawn(
     opts: EngineOptions,
 ) -> std::io::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(opts.max_queue.max(1));
+    let pool = match opts.threads {
+        Some(n) => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n.max(1))
+                .thread_name(|i| format!("umbra-engine-{i}"))
+                .build()
+                .map_err(std::io::Error::other)?,
+        ),
+        None => None,
+    };
     let batcher = ContinuousBatcher::new(model, rx, metrics.clone(), opts);
     let join = std::thread::Builder::new()
         .name("umbra-engine".into())
-        .spawn(move || batcher.run())?;
+        .spawn(move || match pool {
+            Some(pool) => pool.install(|| batcher.run()),
+            None => batcher.run(),
+        })?;
     Ok((EngineHandle { tx, info, metrics }, join))
 }

@@ -72,18 +72,12 @@ pub(super) async fn forward(
     let obf = tau
         .apply(&ids)
         .map_err(|e| ApiError::bad_request(format!("prompt: {e}")))?;
-    let req = up
-        .post("/v1/completions")
-        .json(&upstream_body(&obf, &ctx.opts));
+    let body = upstream_body(&obf, &ctx.opts);
     let guard = OverheadGuard {
         stats: stats.clone(),
         ns: t0.elapsed().saturating_sub(tok_time).as_nanos() as u64,
     };
-    let resp = match tokio::time::timeout(up.timeout, req.send()).await {
-        Err(_) => return Err(up.timed_out()),
-        Ok(Err(e)) => return Err(up.failed(&e)),
-        Ok(Ok(r)) => r,
-    };
+    let resp = up.post_json("/v1/completions", &body).await?;
     if !resp.status().is_success() {
         return Err(up.relay_error(resp).await);
     }

@@ -61,6 +61,27 @@ impl Upstream {
         }
     }
 
+    /// POSTs `body` to `path` within the timeout. A send that fails before any answer (a
+    /// pooled connection the upstream closed meanwhile) is retried once on a new connection.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, ApiError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match tokio::time::timeout(self.timeout, self.post(path).json(body).send()).await {
+                Err(_) => return Err(self.timed_out()),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if tries < 2 && !e.is_timeout() => {
+                    tracing::debug!("upstream {}: {e}; retrying once", self.url);
+                }
+                Ok(Err(e)) => return Err(self.failed(&e)),
+            }
+        }
+    }
+
     /// 502 (unreachable, broken) or 504 (timed out) for a transport error.
     pub fn failed(&self, e: &reqwest::Error) -> ApiError {
         if e.is_timeout() {
@@ -112,6 +133,16 @@ impl Upstream {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        if status == 401 || status == 403 {
+            return ApiError::upstream(
+                StatusCode::BAD_GATEWAY,
+                &self.url,
+                format!(
+                    "refused the proxy's credentials ({status}: {msg}); start the proxy with \
+                     the upstream's key (--upstream-api-key)"
+                ),
+            );
+        }
         if !(400..500).contains(&status) {
             return ApiError::upstream(
                 StatusCode::BAD_GATEWAY,
