@@ -39,13 +39,13 @@ enum Command {
     Serving(umbra_serve::cli::Command),
     /// Two-party split learning on vertically split data (PubSub-VFL).
     #[command(subcommand)]
-    Vfl(VflCommand),
+    Vfl(umbra_vfl::cli::Command),
     /// Benchmarks that print a table and write JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Private SplitNN with R3eLU (guest features, host labels) and the attacks it stops.
     #[command(subcommand)]
-    Split(SplitCommand),
+    Split(umbra_r3elu::cli::Command),
     /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA, SDA, IMA, ISA, block key), scored against the key; sweeps.
     #[command(subcommand)]
     Attack(umbra_attacks::cli::AttackCommand),
@@ -68,26 +68,6 @@ enum SapCommand {
 }
 
 #[derive(Subcommand)]
-enum VflCommand {
-    /// Train in one process: vfl, vfl-ps, avfl, avfl-ps or pubsub mode.
-    Train(umbra_vfl::cli::VflTrainArgs),
-    /// Profile both parties and propose worker counts and batch size.
-    Plan(umbra_vfl::cli::VflPlanArgs),
-    /// Run one party in its own process, talking to the other through NATS.
-    Party(umbra_vfl::cli::VflPartyArgs),
-}
-
-#[derive(Subcommand)]
-enum SplitCommand {
-    /// Train guest and host in one process with a cut-layer defense; --json for the report.
-    Train(umbra_r3elu::cli::SplitTrainArgs),
-    /// Train, then attack the traffic as the host: reconstruction, property inference, FSHA.
-    Attack(umbra_r3elu::cli::SplitAttackArgs),
-    /// Run one party (guest or host) in its own process, talking through NATS.
-    Party(umbra_r3elu::cli::SplitPartyArgs),
-}
-
-#[derive(Subcommand)]
 enum EvalCommand {
     /// Obfuscated vs plaintext on real text: top-1 agreement, perplexity ratio, greedy match.
     Fidelity(obfuscation_cmds::FidelityArgs),
@@ -101,7 +81,7 @@ enum BenchCommand {
     Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
     Vfl(umbra_vfl::cli::BenchVflArgs),
-    /// Accuracy vs attack success for none / R3eLU / Gaussian DP over an epsilon grid.
+    /// Accuracy vs attack success for none / R3eLU / Gaussian DP over a total-epsilon grid.
     Split(umbra_r3elu::cli::BenchSplitArgs),
     /// SAP accuracy vs empirical privacy: none / d_chi / d_chi+CTI / Gaussian / centralized.
     Sap(umbra_sap::cli::BenchArgs),
@@ -109,6 +89,12 @@ enum BenchCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Vfl(_) | Command::Bench(BenchCommand::Vfl(_))
+    ) {
+        umbra_vfl::cli::one_compute_thread_per_worker();
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -142,15 +128,7 @@ fn run(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Split(a)) => umbra_r3elu::cli::run_bench(&a)
             .map(|_| ())
             .map_err(Into::into),
-        Command::Split(SplitCommand::Train(a)) => umbra_r3elu::cli::run_train(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Split(SplitCommand::Attack(a)) => umbra_r3elu::cli::run_attack(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Split(SplitCommand::Party(a)) => umbra_r3elu::cli::run_party(&a)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Split(c) => umbra_r3elu::cli::run(&c).map_err(Into::into),
         Command::Halluc(c) => umbra_haluprobe::cli::run(&c).map_err(Into::into),
         Command::Sap(SapCommand::Finetune(a)) => umbra_sap::cli::run_finetune(&a)
             .map(|_| ())
@@ -164,14 +142,6 @@ fn run(cmd: Command) -> Result<()> {
         Command::Bench(BenchCommand::Sap(a)) => umbra_sap::cli::run_bench(&a)
             .map(|_| ())
             .map_err(Into::into),
-        Command::Vfl(VflCommand::Train(a)) => umbra_vfl::cli::run_train(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Vfl(VflCommand::Plan(a)) => {
-            umbra_vfl::cli::run_plan(&a).map(|_| ()).map_err(Into::into)
-        }
-        Command::Vfl(VflCommand::Party(a)) => umbra_vfl::cli::run_party(&a)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Vfl(c) => umbra_vfl::cli::run(&c).map_err(Into::into),
     }
 }

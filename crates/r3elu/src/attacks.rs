@@ -16,14 +16,24 @@
 //!   guest the discriminator's gradient instead of a task gradient, steering the bottom into the
 //!   pilot's (invertible) space; the pilot decoder then inverts real traffic. Non-saturating GAN
 //!   loss instead of WGAN-GP (simpler, stable at this size).
+//!
+//! The victims' traffic is one release of each victim row ([`victim_traffic`], the inference
+//! release the ledger counts); reconstruction and property inference attack that same release.
+//! FSHA trains its own (malicious) run, walking through the private rows without replacement,
+//! and reports how often it released the most-released row.
+use crate::config::{make_cut, SplitConfig};
 use crate::data::Dataset;
 use crate::error::{R3Error, Result};
-use crate::split::{make_cut, smash, Bottom, SplitConfig, Trained};
+use crate::guest::{smash, Bottom};
+use crate::host::cross_entropy;
+use crate::training::Trained;
 use candle_core::{Device, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use umbra_common::metrics::auroc;
+use umbra_common::progress::Progress;
 use umbra_vfl::model::{grads_of, Adam, Mlp};
 
 /// Attack budgets.
@@ -63,13 +73,6 @@ impl Default for AttackConfig {
             seed: 11,
         }
     }
-}
-
-/// ROC AUC by the Mann-Whitney statistic (ties count one half). 0.5 without both classes.
-pub fn auc(scores: &[f32], labels: &[u8]) -> f64 {
-    let n = scores.len().min(labels.len());
-    let y: Vec<f32> = labels[..n].iter().map(|&l| f32::from(l == 1)).collect();
-    umbra_vfl::metrics::auc(&scores[..n], &y).unwrap_or(0.5)
 }
 
 fn t2(v: &[f32], r: usize, c: usize) -> Result<Tensor> {
@@ -139,6 +142,9 @@ pub struct ReconResult {
     pub classmean_ssim: Option<f64>,
     pub recon_feature_acc: Option<f64>,
     pub majority_feature_acc: Option<f64>,
+    /// FSHA: releases of the most-released private row during the malicious run.
+    #[serde(default)]
+    pub max_releases: usize,
     /// Up to 8 (original, reconstruction) pairs for images.
     #[serde(skip)]
     pub examples: Vec<(Vec<f32>, Vec<f32>)>,
@@ -230,7 +236,16 @@ fn feature_scores(ds: &Dataset, x: &[f32], rec: &[f32], res: &mut ReconResult) {
     res.majority_feature_acc = Some(maj as f64 / tot.max(1) as f64);
 }
 
-/// The victims: the first `victims` private training rows.
+/// The victims (the first `victims` private training rows) and one release of each.
+#[derive(Debug, Clone)]
+pub struct Victims {
+    pub x: Vec<f32>,
+    pub y: Vec<u32>,
+    pub attr: Vec<u8>,
+    /// What the guest published for them: `[victims, N]`.
+    pub z: Vec<f32>,
+}
+
 fn victims(ds: &Dataset, k: usize) -> (Vec<f32>, Vec<u32>, Vec<u8>) {
     let k = k.min(ds.train.n);
     (
@@ -240,35 +255,62 @@ fn victims(ds: &Dataset, k: usize) -> (Vec<f32>, Vec<u32>, Vec<u8>) {
     )
 }
 
+/// One release of every victim row through the trained bottom and its cut layer.
+pub fn victim_traffic(tr: &Trained, ds: &Dataset, cfg: &AttackConfig) -> Result<Victims> {
+    if cfg.victims == 0 {
+        return Err(R3Error::Config("--victims must be >= 1".into()));
+    }
+    let (x, y, attr) = victims(ds, cfg.victims);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x71C7);
+    let z = smash(&tr.bottom, tr.cut.as_ref(), &x, ds.train.d, &mut rng)?;
+    Ok(Victims { x, y, attr, z })
+}
+
+/// The attacker's auxiliary rows must exist for the attacks that learn from them.
+fn need_aux(ds: &Dataset) -> Result<()> {
+    if ds.aux.n == 0 {
+        return Err(R3Error::Config(
+            "the auxiliary split is empty (--aux 0): the attacks train on the host's auxiliary rows"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Data reconstruction by an inverse network trained on aux.
-pub fn reconstruction(tr: &Trained, ds: &Dataset, cfg: &AttackConfig) -> Result<ReconResult> {
+pub fn reconstruction(
+    tr: &Trained,
+    ds: &Dataset,
+    v: &Victims,
+    cfg: &AttackConfig,
+) -> Result<ReconResult> {
+    need_aux(ds)?;
     let d = ds.train.d;
     let nc = tr.cfg.cut;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5EC0);
     let aux_z = smash(&tr.bottom, tr.cut.as_ref(), &ds.aux.x, d, &mut rng)?;
-    let (vx, vy, _) = victims(ds, cfg.victims);
-    let vz = smash(&tr.bottom, tr.cut.as_ref(), &vx, d, &mut rng)?;
+    let (vx, vy, vz) = (&v.x, &v.y, &v.z);
     let unit = ds.image.is_some();
     let inv = Mlp::new(nc, cfg.hidden, d, 2, cfg.seed ^ 0x1A)?;
     fit_regressor(&inv, &aux_z, nc, &ds.aux.x, d, unit, cfg)?;
-    let rec = predict(&inv, &vz, nc, unit)?;
+    let rec = predict(&inv, vz, nc, unit)?;
     let mut res = ReconResult::default();
     if unit {
-        image_scores(ds, &vx, &vy, &rec, &mut res);
+        image_scores(ds, vx, vy, &rec, &mut res);
     } else {
-        feature_scores(ds, &vx, &rec, &mut res);
+        feature_scores(ds, vx, &rec, &mut res);
     }
     Ok(res)
 }
 
 /// Property inference: AUC of a classifier from published rows to the private attribute.
-pub fn property(tr: &Trained, ds: &Dataset, cfg: &AttackConfig) -> Result<f64> {
+pub fn property(tr: &Trained, ds: &Dataset, v: &Victims, cfg: &AttackConfig) -> Result<f64> {
+    need_aux(ds)?;
     let d = ds.train.d;
     let nc = tr.cfg.cut;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x9A09);
     let aux_z = smash(&tr.bottom, tr.cut.as_ref(), &ds.aux.x, d, &mut rng)?;
-    let (vx, _, va) = victims(ds, cfg.victims);
-    let vz = smash(&tr.bottom, tr.cut.as_ref(), &vx, d, &mut rng)?;
+    let (va, vz) = (&v.attr, v.z.clone());
     let net = Mlp::new(nc, 64, 2, 2, cfg.seed ^ 0x2B)?;
     let vars = net.vars();
     let mut opt = Adam::new(&vars, cfg.lr)?;
@@ -283,13 +325,14 @@ pub fn property(tr: &Trained, ds: &Dataset, cfg: &AttackConfig) -> Result<f64> {
         for c in idx.chunks(cfg.batch) {
             let x = t2(&gather(&az, nc, c), c.len(), nc)?;
             let y: Vec<u32> = c.iter().map(|&i| ds.aux.attr[i] as u32).collect();
-            let loss = crate::split::cross_entropy(&net.forward(&x)?, &y)?;
+            let loss = cross_entropy(&net.forward(&x)?, &y)?;
             opt.step(&vars, &grads_of(&loss.backward()?, &vars)?)?;
         }
     }
     let logits = predict(&net, &vz, nc, false)?;
     let scores: Vec<f32> = logits.chunks(2).map(|l| l[1] - l[0]).collect();
-    Ok(auc(&scores, &va))
+    // 0.5 (no information) when the victims hold one value of the attribute only
+    Ok(auroc(&scores, va).unwrap_or(0.5))
 }
 
 /// Squared MMD between the rows of `a: [n, N]` and `b: [m, N]`, Gaussian kernels with
@@ -327,6 +370,10 @@ pub fn fsha(split: &SplitConfig, ds: &Dataset, cfg: &AttackConfig) -> Result<Rec
     let img = ds
         .image
         .ok_or_else(|| R3Error::Config("FSHA is implemented for image data".into()))?;
+    need_aux(ds)?;
+    if cfg.victims == 0 {
+        return Err(R3Error::Config("--victims must be >= 1".into()));
+    }
     let d = ds.train.d;
     let nc = split.cut;
     let (cut, _) = make_cut(split)?;
@@ -341,13 +388,7 @@ pub fn fsha(split: &SplitConfig, ds: &Dataset, cfg: &AttackConfig) -> Result<Rec
     let mut opt_d = Adam::new(&dv, cfg.fsha_lr)?;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xF5A);
     let b = split.batch;
-    let pb = if split.progress {
-        let p = indicatif::ProgressBar::new(cfg.fsha_steps as u64);
-        p.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-        p
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let pb = Progress::maybe(!split.progress, cfg.fsha_steps as u64, "fsha");
     // rows by class (one pool when not matching class by class)
     let pools = |y: &[u32]| -> Vec<Vec<usize>> {
         let k = if cfg.fsha_by_class { ds.classes } else { 1 };
@@ -358,14 +399,13 @@ pub fn fsha(split: &SplitConfig, ds: &Dataset, cfg: &AttackConfig) -> Result<Rec
         p
     };
     let (tr_pool, ax_pool) = (pools(&ds.train.y), pools(&ds.aux.y));
+    let mut walk = PoolWalk::new(tr_pool, ds.train.n, &mut rng);
     for step in 0..cfg.fsha_steps {
-        let c = step % tr_pool.len();
-        if tr_pool[c].is_empty() || ax_pool[c].is_empty() {
+        let c = step % ax_pool.len();
+        if walk.pools[c].is_empty() || ax_pool[c].is_empty() {
             continue;
         }
-        let bt: Vec<usize> = (0..b)
-            .map(|_| tr_pool[c][rng.random_range(0..tr_pool[c].len())])
-            .collect();
+        let bt = walk.next(c, b, &mut rng);
         let ba: Vec<usize> = (0..b)
             .map(|_| ax_pool[c][rng.random_range(0..ax_pool[c].len())])
             .collect();
@@ -404,14 +444,62 @@ pub fn fsha(split: &SplitConfig, ds: &Dataset, cfg: &AttackConfig) -> Result<Rec
         }
         pb.inc(1);
     }
-    pb.finish_and_clear();
+    pb.finish();
     let (vx, vy, _) = victims(ds, cfg.victims);
     let vz = smash(&bottom, cut.as_ref(), &vx, d, &mut rng)?;
     let rec = predict(&dec, &vz, nc, true)?;
-    let mut res = ReconResult::default();
+    let mut res = ReconResult {
+        // the victims' traffic is one more release of each of them
+        max_releases: walk.max_releases() + 1,
+        ..Default::default()
+    };
     let _ = img;
     image_scores(ds, &vx, &vy, &rec, &mut res);
     Ok(res)
+}
+
+/// Rows drawn pool by pool without replacement: each pool is walked in a shuffled order and
+/// reshuffled when used up, so every row of a pool is released equally often (within one);
+/// counts each row's releases.
+struct PoolWalk {
+    pools: Vec<Vec<usize>>,
+    cursor: Vec<usize>,
+    releases: Vec<usize>,
+}
+
+impl PoolWalk {
+    fn new(mut pools: Vec<Vec<usize>>, n: usize, rng: &mut ChaCha8Rng) -> Self {
+        for p in pools.iter_mut() {
+            p.shuffle(rng);
+        }
+        let cursor = vec![0; pools.len()];
+        PoolWalk {
+            pools,
+            cursor,
+            releases: vec![0; n],
+        }
+    }
+
+    /// The next `b` rows of pool `c` (fewer only when the pool is smaller than `b`).
+    fn next(&mut self, c: usize, b: usize, rng: &mut ChaCha8Rng) -> Vec<usize> {
+        let len = self.pools[c].len();
+        let mut out = Vec::with_capacity(b.min(len));
+        while out.len() < b.min(len) {
+            if self.cursor[c] == len {
+                self.pools[c].shuffle(rng);
+                self.cursor[c] = 0;
+            }
+            let i = self.pools[c][self.cursor[c]];
+            self.cursor[c] += 1;
+            self.releases[i] += 1;
+            out.push(i);
+        }
+        out
+    }
+
+    fn max_releases(&self) -> usize {
+        self.releases.iter().copied().max().unwrap_or(0)
+    }
 }
 
 #[cfg(test)]
@@ -419,10 +507,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auc_matches_hand_computed_values() {
-        assert_eq!(auc(&[0.1, 0.4, 0.35, 0.8], &[0, 0, 1, 1]), 0.75);
-        assert_eq!(auc(&[1.0, 2.0], &[0, 1]), 1.0);
-        assert_eq!(auc(&[1.0, 1.0], &[0, 1]), 0.5);
-        assert_eq!(auc(&[1.0, 2.0], &[1, 1]), 0.5);
+    fn the_fsha_walk_releases_every_row_equally_often() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        // two pools of 10 and 5 rows; 6 draws of 4 from each
+        let pools = vec![(0..10).collect(), (10..15).collect()];
+        let mut w = PoolWalk::new(pools, 15, &mut rng);
+        for _ in 0..6 {
+            assert_eq!(w.next(0, 4, &mut rng).len(), 4);
+            assert_eq!(w.next(1, 4, &mut rng).len(), 4);
+        }
+        // 24 draws over 10 rows: each row 2 or 3 times; 24 over 5: 4 or 5 times
+        assert!(w.releases[..10].iter().all(|&r| r == 2 || r == 3));
+        assert!(w.releases[10..].iter().all(|&r| r == 4 || r == 5));
+        assert_eq!(w.max_releases(), 5);
+        // a pool smaller than the batch gives what it has, each row once
+        let mut w = PoolWalk::new(vec![vec![0, 1]], 2, &mut rng);
+        assert_eq!(w.next(0, 4, &mut rng).len(), 2);
+        assert_eq!(w.releases, vec![1, 1]);
     }
 }

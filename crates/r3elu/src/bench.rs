@@ -1,13 +1,21 @@
-//! `umbra bench split`: accuracy vs attack success for every defense over a grid of per-release
-//! epsilons, as a Markdown table, `report.json`, an SVG frontier figure and PNG reconstructions.
+//! `umbra bench split`: accuracy vs attack success for every defense over a grid of **total**
+//! epsilons per record, as a Markdown table, `report.json` and PNG reconstructions (the `cli`
+//! edge adds the SVG frontier).
+//!
+//! At each total `T` both defenses spend exactly `T` on a record (see [`crate::ledger`]):
+//! R3eLU releases at `T / releases` each (pure, basic composition), the Gaussian baseline's
+//! noise is calibrated so that its releases compose (exact GDP) to `(T, delta)`. FSHA's
+//! malicious run walks through the private rows as often as training does, so its point is at
+//! the same total.
 use crate::attacks::AttackConfig;
-use crate::cli::{attack_with, AttackReport};
+use crate::config::{Defense, SplitConfig};
 use crate::data;
-use crate::error::{write_atomic, R3Error, Result};
-use crate::split::{Defense, SplitConfig};
+use crate::error::{R3Error, Result};
+use crate::experiment::{self, AttackReport, Attacks};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::time::Instant;
+use umbra_common::fs::{write_atomic, write_json};
 
 /// Everything the bench measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,8 +25,11 @@ pub struct BenchReport {
     pub n_test: usize,
     pub n_aux: usize,
     pub epochs: usize,
+    /// Releases of one record (epochs + inference).
+    pub releases: usize,
     pub cut: usize,
     pub victims: usize,
+    pub fsha_steps: usize,
     pub wall_s: f64,
     pub points: Vec<AttackReport>,
 }
@@ -27,21 +38,25 @@ fn f(x: Option<f64>) -> String {
     x.map(|v| format!("{v:.3}")).unwrap_or_else(|| "-".into())
 }
 
+fn eps(x: Option<f64>) -> String {
+    match x {
+        Some(e) if e >= 1e4 => format!("{e:.2e}"),
+        Some(e) => format!("{}", (e * 1000.0).round() / 1000.0),
+        None => "inf".into(),
+    }
+}
+
 /// The Markdown table of a report.
 pub fn table(r: &BenchReport) -> String {
     let mut s = String::from(
-        "| defense | eps/release | epsilon_total | test_acc | recon_ssim | recon_mse | classmean_ssim | recon_feature_acc | property_auc | fsha_ssim |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| defense | epsilon_total | eps/release | test_acc | recon_ssim | recon_mse | classmean_ssim | recon_feature_acc | property_auc | fsha_ssim | fsha_epsilon_total |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for p in &r.points {
         s += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             p.defense,
-            p.epsilon
-                .map(|e| format!("{e}"))
-                .unwrap_or_else(|| "inf".into()),
-            p.epsilon_total
-                .map(|e| format!("{e:.1}"))
-                .unwrap_or_else(|| "inf".into()),
+            eps(p.epsilon_total),
+            eps(p.epsilon_release),
             f(p.test_acc),
             f(p.recon_ssim),
             f(p.recon_mse),
@@ -49,157 +64,152 @@ pub fn table(r: &BenchReport) -> String {
             f(p.recon_feature_acc),
             f(p.property_auc),
             f(p.fsha_ssim),
+            if p.fsha_ssim.is_some() {
+                eps(p.fsha_epsilon_total)
+            } else {
+                "-".into()
+            },
         );
     }
     s
 }
 
-/// Three panels (reconstruction SSIM / property AUC / FSHA SSIM against test accuracy), one
-/// line per defense across the epsilon grid.
-pub fn frontier_svg(r: &BenchReport) -> Result<String> {
-    use plotters::prelude::*;
-    let perr = |e: &dyn std::fmt::Display| R3Error::Plot(e.to_string());
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (1350, 460)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| perr(&e))?;
-        let panels = root.split_evenly((1, 3));
-        type Get = fn(&AttackReport) -> Option<f64>;
-        let metrics: [(&str, Get); 3] = [
-            ("reconstruction SSIM", |p| {
-                p.recon_ssim.or(p.recon_feature_acc)
-            }),
-            ("property AUC", |p| p.property_auc),
-            ("FSHA SSIM", |p| p.fsha_ssim),
-        ];
-        for (panel, (name, get)) in panels.iter().zip(metrics) {
-            let mut chart = ChartBuilder::on(panel)
-                .caption(format!("{name} vs test accuracy"), ("sans-serif", 18))
-                .margin(12)
-                .x_label_area_size(36)
-                .y_label_area_size(44)
-                .build_cartesian_2d(0f64..1.0f64, 0f64..1.0f64)
-                .map_err(|e| perr(&e))?;
-            chart
-                .configure_mesh()
-                .x_desc("test accuracy")
-                .y_desc(name)
-                .draw()
-                .map_err(|e| perr(&e))?;
-            for (ci, def) in ["none", "r3elu", "gaussian-dp"].iter().enumerate() {
-                let color = Palette99::pick(ci).to_rgba();
-                let mut pts: Vec<(f64, f64)> = r
-                    .points
-                    .iter()
-                    .filter(|p| p.defense == *def)
-                    .filter_map(|p| Some((p.test_acc?, get(p)?)))
-                    .collect();
-                if pts.is_empty() {
-                    continue;
-                }
-                pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-                chart
-                    .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                    .map_err(|e| perr(&e))?
-                    .label(*def)
-                    .legend(move |(x, y)| Circle::new((x, y), 5, color.filled()));
-                chart
-                    .draw_series(
-                        pts.iter()
-                            .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
-                    )
-                    .map_err(|e| perr(&e))?;
+/// The sweep: `none` once, then R3eLU and the Gaussian baseline at every total epsilon (`inf`:
+/// R3eLU's randomized response alone; the Gaussian at `inf` would be `none` again).
+pub fn plan(base: &SplitConfig, totals: &[f64]) -> Vec<SplitConfig> {
+    let mut out = vec![SplitConfig {
+        defense: Defense::None,
+        epsilon_total: None,
+        ..base.clone()
+    }];
+    for &t in totals {
+        for d in [Defense::R3elu, Defense::GaussianDp] {
+            if d == Defense::GaussianDp && t.is_infinite() {
+                continue;
             }
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(|e| perr(&e))?;
+            let c = SplitConfig {
+                defense: d,
+                ..base.clone()
+            };
+            out.push(if t.is_finite() {
+                c.with_total(t)
+            } else {
+                let mut c = c;
+                c.epsilon_total = None;
+                c.r3.eps = f64::INFINITY;
+                c
+            });
         }
-        root.present().map_err(|e| perr(&e))?;
     }
-    Ok(svg)
+    out
 }
 
-/// Run the sweep: `none` once, then R3eLU and the Gaussian baseline at every epsilon.
+/// Run the sweep and write `report.json` (after every point), `table.md` and the PNGs into `out`.
 pub fn run(
     base: &SplitConfig,
-    eps: &[f64],
+    totals: &[f64],
     acfg: &AttackConfig,
     with_fsha: bool,
     out: &Path,
 ) -> Result<BenchReport> {
     let t0 = Instant::now();
-    let ds = data::load(base.data, base.sizes, base.seed)?;
-    let fsha = with_fsha && ds.image.is_some();
-    let mut plan = vec![(Defense::None, f64::INFINITY)];
-    for &e in eps {
-        plan.push((Defense::R3elu, e));
-        plan.push((Defense::GaussianDp, e));
+    if totals.iter().any(|t| t.is_nan() || *t <= 0.0) {
+        return Err(R3Error::Config("every total epsilon must be > 0".into()));
     }
+    let ds = data::load(base.data, base.sizes, base.seed)?;
+    let which = Attacks {
+        fsha: with_fsha && ds.image.is_some(),
+        ..Attacks::ALL
+    };
     let mut report = BenchReport {
         data: base.data.to_string(),
         n_train: base.sizes.train,
         n_test: base.sizes.test,
         n_aux: base.sizes.aux,
         epochs: base.epochs,
+        releases: base.releases(),
         cut: base.cut,
         victims: acfg.victims,
+        fsha_steps: if which.fsha { acfg.fsha_steps } else { 0 },
         wall_s: 0.0,
         points: Vec::new(),
     };
     std::fs::create_dir_all(out).map_err(|e| R3Error::io(out, e))?;
-    for (def, e) in plan {
-        // Gaussian at eps = inf is the identity: skip the duplicate of `none`
-        if def == Defense::GaussianDp && e.is_infinite() {
-            continue;
-        }
-        let mut cfg = base.clone();
-        cfg.defense = def;
-        cfg.r3.eps = e;
-        tracing::info!("bench split: {def} eps {e}");
-        let (rep, rec, fs) = attack_with(&cfg, &ds, true, true, fsha, acfg)?;
+    for cfg in plan(base, totals) {
+        tracing::info!("bench split: {} total {:?}", cfg.defense, cfg.epsilon_total);
+        let p = experiment::run(&cfg, &ds, which, acfg)?;
         if let Some((h, w)) = ds.image {
-            for (tag, ex) in [("recon", &rec), ("fsha", &fs)] {
+            let tag_eps = cfg
+                .epsilon_total
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| "inf".into());
+            for (tag, ex) in [("recon", &p.recon_examples), ("fsha", &p.fsha_examples)] {
                 if ex.is_empty() {
                     continue;
                 }
                 let mut imgs: Vec<Vec<f32>> = ex.iter().map(|x| x.0.clone()).collect();
                 imgs.extend(ex.iter().map(|x| x.1.clone()));
-                let name = format!(
-                    "{tag}_{def}_eps{}.png",
-                    if e.is_finite() {
-                        e.to_string()
-                    } else {
-                        "inf".into()
-                    }
-                );
+                let name = format!("{tag}_{}_total{tag_eps}.png", cfg.defense);
                 crate::image::write_grid(&out.join(name), &imgs, ex.len(), h, w)?;
             }
         }
+        let r = &p.report;
         eprintln!(
-            "{def} eps {e}: acc {} recon_ssim {} property_auc {} fsha_ssim {}",
-            f(rep.test_acc),
-            f(rep.recon_ssim.or(rep.recon_feature_acc)),
-            f(rep.property_auc),
-            f(rep.fsha_ssim)
+            "{} total {}: acc {} recon {} property_auc {} fsha_ssim {}",
+            r.defense,
+            eps(r.epsilon_total),
+            f(r.test_acc),
+            f(r.recon_ssim.or(r.recon_feature_acc)),
+            f(r.property_auc),
+            f(r.fsha_ssim)
         );
-        report.points.push(rep);
+        report.points.push(p.report);
         report.wall_s = t0.elapsed().as_secs_f64();
         // keep partial results on disk as the sweep goes
-        write_atomic(
-            &out.join("report.json"),
-            serde_json::to_string_pretty(&report)?.as_bytes(),
-        )?;
+        write_json(&out.join("report.json"), &report)?;
     }
     let t = table(&report);
     println!("{t}");
     write_atomic(&out.join("table.md"), t.as_bytes())?;
-    write_atomic(&out.join("frontier.svg"), frontier_svg(&report)?.as_bytes())?;
-    write_atomic(
-        &out.join("report.json"),
-        serde_json::to_string_pretty(&report)?.as_bytes(),
-    )?;
+    write_json(&out.join("report.json"), &report)?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger;
+
+    #[test]
+    fn the_sweep_spends_each_total_on_both_defenses() {
+        let base = SplitConfig {
+            epochs: 3,
+            ..Default::default()
+        };
+        let p = plan(&base, &[4.0, 64.0, f64::INFINITY]);
+        let names: Vec<String> = p.iter().map(|c| c.defense.to_string()).collect();
+        assert_eq!(
+            names,
+            [
+                "none",
+                "r3elu",
+                "gaussian-dp",
+                "r3elu",
+                "gaussian-dp",
+                "r3elu"
+            ]
+        );
+        for c in &p[1..5] {
+            let t = c.epsilon_total.unwrap();
+            let a = ledger::account(c);
+            assert!(
+                (a.epsilon_total.unwrap() - t).abs() < 1e-6 * t,
+                "{}",
+                c.defense
+            );
+        }
+        // R3eLU at total 4 over 3 epochs + 1 inference: 1 per release
+        assert_eq!(p[1].r3.eps, 1.0);
+        assert!(p[5].r3.eps.is_infinite() && ledger::account(&p[5]).epsilon_total.is_none());
+    }
 }

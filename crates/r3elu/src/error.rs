@@ -22,10 +22,10 @@ pub enum R3Error {
     Asset(#[from] umbra_assets::AssetError),
     #[error("tensor: {0}")]
     Tensor(#[from] candle_core::Error),
-    #[error("plot: {0}")]
-    Plot(String),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Common(#[from] umbra_common::Error),
 }
 
 impl R3Error {
@@ -38,22 +38,3 @@ impl R3Error {
 }
 
 pub type Result<T> = std::result::Result<T, R3Error>;
-
-/// Write `bytes` to `path` atomically (temp file in the same folder, then rename).
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| R3Error::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| R3Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| R3Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| R3Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| R3Error::io(path, e))
-}

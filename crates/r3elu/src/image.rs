@@ -106,7 +106,10 @@ pub fn write_grid(path: &Path, images: &[Vec<f32>], cols: usize, h: usize, w: us
             }
         }
     }
-    crate::error::write_atomic(path, &png_gray(&canvas, gh, gw))
+    Ok(umbra_common::fs::write_atomic(
+        path,
+        &png_gray(&canvas, gh, gw),
+    )?)
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ fn guest_and_host_train_over_nats() {
     let party = |role: &str| {
         Command::new(env!("CARGO_BIN_EXE_r3elu_party"))
             .args([
+                "party",
                 "--role",
                 role,
                 "--broker",

@@ -222,8 +222,7 @@ pub fn recovery(pred: &[u32], truth: &[u32], special: &[u32]) -> f64 {
 /// ROC AUC of scores against binary labels (Mann-Whitney, ties count half); 0.5 when a class
 /// is missing.
 pub fn auc(scores: &[f32], labels: &[bool]) -> f64 {
-    let y: Vec<f32> = labels.iter().map(|&l| f32::from(l)).collect();
-    umbra_vfl::metrics::auc(scores, &y).unwrap_or(0.5)
+    umbra_common::metrics::auroc(scores, labels).unwrap_or(0.5)
 }
 
 /// Mean of each sequence's rows: `[sum(len), d] -> [n, d]`.

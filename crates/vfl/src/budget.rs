@@ -25,6 +25,29 @@ fn one() -> f64 {
     1.0
 }
 
+impl std::str::FromStr for PartyMachine {
+    type Err = String;
+
+    /// `CORES` or `CORES:SLOWDOWN` (e.g. `1` or `1:3` = one core, three times slower).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (c, sl) = s.split_once(':').unwrap_or((s, "1"));
+        let cores: usize = c
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: expected CORES or CORES:SLOWDOWN, e.g. 1:3"))?;
+        let slowdown: f64 = sl
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{s}`: slowdown must be a number >= 1"))?;
+        if cores == 0 || !(1.0..=1000.0).contains(&slowdown) {
+            return Err(format!(
+                "`{s}`: cores must be >= 1 and slowdown in [1, 1000]"
+            ));
+        }
+        Ok(PartyMachine { cores, slowdown })
+    }
+}
+
 /// Counting semaphore plus slowdown; see the module docs.
 #[derive(Debug)]
 pub struct ComputeBudget {
@@ -119,5 +142,16 @@ mod tests {
         );
         let (v, w) = ComputeBudget::unlimited().run(|| 7);
         assert_eq!((v, w), (7, 0.0));
+    }
+
+    #[test]
+    fn machines_parse_from_the_command_line_form() {
+        let m: PartyMachine = "1:3".parse().unwrap();
+        assert_eq!((m.cores, m.slowdown), (1, 3.0));
+        let m: PartyMachine = "4".parse().unwrap();
+        assert_eq!((m.cores, m.slowdown), (4, 1.0));
+        for bad in ["0", "1:0.5", "x", "2:y", "1:2000"] {
+            assert!(bad.parse::<PartyMachine>().is_err(), "{bad}");
+        }
     }
 }

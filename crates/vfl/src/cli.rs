@@ -1,17 +1,71 @@
-//! Arguments and entry points for `umbra vfl train|plan|party` and `umbra bench vfl`.
+//! The command-line edge (feature `cli`): clap arguments and entry points of `umbra vfl
+//! train|plan|party|bench` (and `umbra bench vfl`); the `vfl_party` binary parses the same
+//! [`Command`]. Each entry point turns its arguments into a job, calls the library, prints and
+//! writes JSON; the work itself lives in [`crate::engine`], [`crate::plan`] and [`crate::bench`].
+use crate::bench::{self, BenchConfig};
 use crate::budget::PartyMachine;
 use crate::config::{DpConfig, JobConfig, Mode};
 use crate::engine::{self, Role};
 use crate::error::{Result, VflError};
 use crate::metrics::TrainReport;
-use crate::party;
 use crate::plan::{self, PlanReport};
-use crate::transport::{Nats, Transport};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
+use umbra_common::fs::write_json;
+
+/// `umbra vfl <command>` (and the `vfl_party` binary).
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Train in one process: vfl, vfl-ps, avfl, avfl-ps or pubsub mode.
+    Train(VflTrainArgs),
+    /// Profile both parties and propose worker counts and batch size.
+    Plan(VflPlanArgs),
+    /// Run one party in its own process, talking to the other through NATS.
+    Party(VflPartyArgs),
+    /// The five modes on one dataset, one table (also `umbra bench vfl`).
+    Bench(BenchVflArgs),
+}
+
+/// Runs one command.
+pub fn run(cmd: &Command) -> Result<()> {
+    match cmd {
+        Command::Train(a) => run_train(a).map(|_| ()),
+        Command::Plan(a) => run_plan(a).map(|_| ()),
+        Command::Party(a) => run_party(a).map(|_| ()),
+        Command::Bench(a) => run_bench(a).map(|_| ()),
+    }
+}
+
+/// The `main` of a stand-alone party binary (`vfl_party`, `sap_party`, `r3elu_party`): logs at
+/// `warn` unless `RUST_LOG` says otherwise, runs `run`, and on failure prints `error: ...` and
+/// exits with status 1. Only binaries call it (it installs the process's log subscriber).
+pub fn party_main<E: std::fmt::Display>(run: impl FnOnce() -> std::result::Result<(), E>) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// For binaries only, first thing in `main` (before any thread starts): candle 0.11 chooses its
+/// matrix products' parallelism from `RAYON_NUM_THREADS` on every call, whatever rayon pool
+/// runs them, so the workers' one-thread pools ([`crate::threads`]) alone do not stop a product
+/// from being split for two threads and run on one. Measured (`umbra vfl train --data adult
+/// --mode vfl-ps --epochs 2`, 2 shared cores): 5.4-7.8 s wall and 1.4 s CPU with
+/// `RAYON_NUM_THREADS=1`, 11.9-15.7 s and 3.3-3.4 s CPU without. Sets it to 1 unless the user
+/// chose a value; the `umbra` binary calls this for the `vfl` commands only.
+pub fn one_compute_thread_per_worker() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+}
 
 /// `umbra vfl train`
 #[derive(Debug, Clone, clap::Args)]
@@ -110,39 +164,6 @@ impl VflTrainArgs {
     }
 }
 
-/// Write JSON atomically (temp file + rename).
-pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
-    let text = serde_json::to_string_pretty(v)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text).map_err(|e| VflError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| VflError::io(path, e))
-}
-
-fn metric(r: &TrainReport) -> String {
-    match (r.auc, r.rmse) {
-        (Some(a), _) => format!("auc {:.4}", a),
-        (_, Some(e)) => format!("rmse {:.4}", e),
-        _ => "no metric".into(),
-    }
-}
-
-/// One human line per report.
-pub fn summary_line(r: &TrainReport) -> String {
-    let mut s = format!(
-        "{:<12} {}  wall {:.2} s  cpu_util {:.1}%  wait {:.2} s  bytes {:.2} MB",
-        r.mode,
-        metric(r),
-        r.wall_s,
-        100.0 * r.cpu_util,
-        r.wait_s,
-        r.bytes as f64 / 1e6
-    );
-    if let (Some(mu), Some(sigma)) = (r.dp_mu, r.dp_sigma) {
-        s.push_str(&format!("  dp mu {mu:.3} (sigma {sigma:.3})"));
-    }
-    s
-}
-
 /// `umbra vfl train`: both parties in this process (in-process transport).
 pub fn run_train(args: &VflTrainArgs) -> Result<TrainReport> {
     let cfg = args.job_config()?;
@@ -160,10 +181,10 @@ pub fn run_train(args: &VflTrainArgs) -> Result<TrainReport> {
             e.reassigned
         );
     }
-    println!("{}", summary_line(&r));
+    println!("{}", r.summary_line());
     if args.centralised {
         let c = engine::train_centralised(&cfg)?;
-        println!("{}", summary_line(&c));
+        println!("{}", c.summary_line());
         if let Some(p) = &args.json {
             let mut m = BTreeMap::new();
             m.insert(r.mode.clone(), r.clone());
@@ -193,78 +214,12 @@ pub struct VflPartyArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The `main` of a stand-alone party binary (`vfl_party`, `sap_party`, `r3elu_party`): logs at
-/// `warn` unless `RUST_LOG` says otherwise, runs `run`, and on failure prints `error: ...` and
-/// exits with status 1.
-pub fn party_main<E: std::fmt::Display>(run: impl FnOnce() -> std::result::Result<(), E>) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(1);
-    }
-}
-
 /// `umbra vfl party`: run one party as its own process over NATS.
 pub fn run_party(args: &VflPartyArgs) -> Result<TrainReport> {
     let mut cfg = JobConfig::from_toml_file(&args.job)?;
     cfg.progress = cfg.progress && std::io::stderr().is_terminal();
-    engine::one_thread_per_worker();
-    let data = engine::prepare_role(&cfg, args.role)?;
-    let t: Arc<dyn Transport> = Arc::new(Nats::connect(&args.broker, &cfg.job, cfg.buffers)?);
-    let r = match args.role {
-        Role::Passive => {
-            let cut = engine::cut_layer(&cfg, data.n_train);
-            let nb = data.n_train.div_ceil(cfg.batch);
-            let pb = engine::progress_bar(&cfg, (cfg.epochs * nb) as u64);
-            let p = party::run_passive(&cfg, &data, t, cut.clone(), pb.clone())?;
-            pb.finish_and_clear();
-            engine::report(&cfg, &p, p.active.as_ref(), &*cut, data.n_train)
-        }
-        Role::Active => {
-            let a = party::run_active(&cfg, &data, t)?;
-            let last = a.per_epoch.last().cloned().unwrap_or_default();
-            let (wa, wp) = cfg.workers();
-            TrainReport {
-                mode: cfg.mode.to_string(),
-                data: cfg.data.clone(),
-                auc: last.auc,
-                accuracy: last.accuracy,
-                rmse: last.rmse,
-                wall_s: a.wall_s,
-                cpu_util: a.cpu_util,
-                cores: cfg.cores(),
-                wait_s: a.wait_s,
-                bytes: a.bytes_sent + a.bytes_received,
-                bytes_to_active: a.bytes_received,
-                bytes_to_passive: a.bytes_sent,
-                workers_active: wa,
-                workers_passive: wp,
-                batch: cfg.batch,
-                epochs: cfg.epochs,
-                rejected_messages: a.rejected,
-                per_epoch: a
-                    .per_epoch
-                    .iter()
-                    .map(|e| crate::metrics::EpochReport {
-                        epoch: e.epoch,
-                        auc: e.auc,
-                        accuracy: e.accuracy,
-                        rmse: e.rmse,
-                        train_loss: e.train_loss,
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }
-        }
-    };
-    println!("{}", summary_line(&r));
+    let r = engine::run_party(&cfg, args.role, &args.broker)?;
+    println!("{}", r.summary_line());
     if let Some(p) = &args.json {
         write_json(p, &r)?;
     }
@@ -287,31 +242,13 @@ pub struct VflPlanArgs {
     pub max_rows: usize,
     /// Simulate the active party on a machine of its own: `CORES` or `CORES:SLOWDOWN`
     /// (e.g. `1` or `1:3` = one core, three times slower). Default: both share the host.
-    #[arg(long, value_parser = parse_machine)]
+    #[arg(long)]
     pub active_machine: Option<PartyMachine>,
     /// Simulate the passive party on a machine of its own (as `--active-machine`).
-    #[arg(long, value_parser = parse_machine)]
+    #[arg(long)]
     pub passive_machine: Option<PartyMachine>,
     #[arg(long)]
     pub json: Option<PathBuf>,
-}
-
-fn parse_machine(s: &str) -> std::result::Result<PartyMachine, String> {
-    let (c, sl) = s.split_once(':').unwrap_or((s, "1"));
-    let cores: usize = c
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}`: expected CORES or CORES:SLOWDOWN, e.g. 1:3"))?;
-    let slowdown: f64 = sl
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}`: slowdown must be a number >= 1"))?;
-    if cores == 0 || !(1.0..=1000.0).contains(&slowdown) {
-        return Err(format!(
-            "`{s}`: cores must be >= 1 and slowdown in [1, 1000]"
-        ));
-    }
-    Ok(PartyMachine { cores, slowdown })
 }
 
 /// `umbra vfl plan`: profile, fit the power-law time model, search (w_a, w_p, B), measure.
@@ -353,10 +290,10 @@ pub struct BenchVflArgs {
     pub target_auc: Option<f64>,
     /// Simulate the active party on a machine of its own, as in `umbra vfl plan`
     /// (`CORES` or `CORES:SLOWDOWN`).
-    #[arg(long, value_parser = parse_machine)]
+    #[arg(long)]
     pub active_machine: Option<PartyMachine>,
     /// Simulate the passive party on a machine of its own.
-    #[arg(long, value_parser = parse_machine)]
+    #[arg(long)]
     pub passive_machine: Option<PartyMachine>,
     /// Runs of every mode; the modes take turns, each round starting one mode later (vfl first,
     /// then vfl-ps first, ...), so that changes in machine load and the position in a round hit
@@ -367,116 +304,29 @@ pub struct BenchVflArgs {
     pub json: Option<PathBuf>,
 }
 
-/// The run with the median wall time (the lower middle one for an even count), carrying the
-/// wall times of all runs in `wall_s_runs`.
-fn median_run(mut runs: Vec<TrainReport>) -> Option<TrainReport> {
-    runs.sort_by(|a, b| a.wall_s.total_cmp(&b.wall_s));
-    let walls: Vec<f64> = runs.iter().map(|r| r.wall_s).collect();
-    let mid = runs.len().checked_sub(1)? / 2;
-    let mut r = runs.swap_remove(mid);
-    r.wall_s_runs = walls;
-    Some(r)
-}
-
 /// `umbra bench vfl`: all five modes on the same data in one run, `repeats` times each, one
 /// table of median runs; JSON maps mode name to its median run's report.
 pub fn run_bench(args: &BenchVflArgs) -> Result<BTreeMap<String, TrainReport>> {
-    let mut out = BTreeMap::new();
-    let mut runs: Vec<Vec<TrainReport>> = vec![Vec::new(); Mode::ALL.len()];
-    let n = Mode::ALL.len();
-    for rep in 0..args.repeats as usize {
-        for i in (0..n).map(|k| (k + rep) % n) {
-            let mode = Mode::ALL[i];
-            let mut cfg = JobConfig::new(&args.data, mode);
-            cfg.epochs = args.epochs;
-            cfg.batch = args.batch;
-            cfg.workers_active = args.workers_active;
-            cfg.workers_passive = args.workers_passive;
-            cfg.max_rows = args.max_rows;
-            cfg.machine_active = args.active_machine;
-            cfg.machine_passive = args.passive_machine;
-            if let Some(d) = args.depth {
-                cfg.model.bottom_depth = d;
-            }
-            cfg.progress = std::io::stderr().is_terminal();
-            let r = engine::train_inproc(&cfg)?;
-            eprintln!("[run {}/{}] {}", rep + 1, args.repeats, summary_line(&r));
-            runs[i].push(r);
-        }
-    }
-    let mut rows = Vec::new();
-    for (mode, rs) in Mode::ALL.into_iter().zip(runs) {
-        if let Some(r) = median_run(rs) {
-            rows.push(r.clone());
-            out.insert(mode.to_string(), r);
-        }
-    }
-    let target = args.target_auc.or_else(|| {
-        rows.iter()
-            .filter_map(|r| r.auc)
-            .min_by(|a, b| a.total_cmp(b))
-    });
-    if let Some(t) = target {
-        for r in rows.iter_mut() {
-            r.time_to_target_s = r.time_to_auc(t);
-            if let Some(o) = out.get_mut(&r.mode) {
-                o.time_to_target_s = r.time_to_target_s;
-            }
-        }
-    }
-    let base = rows.first().map(|r| r.wall_s).unwrap_or(1.0);
-    let base_tt = rows.first().and_then(|r| r.time_to_target_s);
-    println!(
-        "target auc {}",
-        target
-            .map(|t| format!("{t:.4}"))
-            .unwrap_or_else(|| "-".into())
-    );
-    println!(
-        "median of {} run(s) per mode; wall_range = fastest..slowest run",
-        args.repeats
-    );
-    println!(
-        "{:<10} {:>8} {:>9} {:>13} {:>9} {:>11} {:>9} {:>9} {:>10} {:>10}",
-        "mode",
-        "auc",
-        "wall_s",
-        "wall_range",
-        "speedup",
-        "to_target_s",
-        "speedup",
-        "cpu_util",
-        "wait_s",
-        "MB"
-    );
-    for r in &rows {
-        let tt = r.time_to_target_s;
-        let range = match (r.wall_s_runs.first(), r.wall_s_runs.last()) {
-            (Some(lo), Some(hi)) => format!("{lo:.2}..{hi:.2}"),
-            _ => "-".into(),
-        };
-        println!(
-            "{:<10} {:>8} {:>9.2} {:>13} {:>8.2}x {:>11} {:>9} {:>8.1}% {:>10.2} {:>10.2}",
-            r.mode,
-            r.auc
-                .map(|a| format!("{a:.4}"))
-                .or(r.rmse.map(|e| format!("{e:.4}")))
-                .unwrap_or_default(),
-            r.wall_s,
-            range,
-            base / r.wall_s.max(1e-9),
-            tt.map(|t| format!("{t:.2}")).unwrap_or_else(|| "-".into()),
-            match (base_tt, tt) {
-                (Some(b), Some(t)) => format!("{:.2}x", b / t.max(1e-9)),
-                _ => "-".into(),
-            },
-            100.0 * r.cpu_util,
-            r.wait_s,
-            r.bytes as f64 / 1e6
-        );
-    }
+    let cfg = BenchConfig {
+        data: args.data.clone(),
+        epochs: args.epochs,
+        batch: args.batch,
+        workers_active: args.workers_active,
+        workers_passive: args.workers_passive,
+        max_rows: args.max_rows,
+        depth: args.depth,
+        target_auc: args.target_auc,
+        machine_active: args.active_machine,
+        machine_passive: args.passive_machine,
+        repeats: args.repeats,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let r = bench::run(&cfg, |rep, r| {
+        eprintln!("[run {}/{}] {}", rep + 1, cfg.repeats, r.summary_line())
+    })?;
+    print!("{}", bench::table(&r));
     if let Some(p) = &args.json {
-        write_json(p, &out)?;
+        write_json(p, &r.runs)?;
     }
-    Ok(out)
+    Ok(r.runs)
 }

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// Training modes: the four baselines of the paper and PubSub-VFL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Synchronous SplitNN: one worker per party, the passive party waits for each gradient.
@@ -24,7 +25,7 @@ pub enum Mode {
     /// epoch's while the last ones are in flight: no barrier between epochs), bounded buffers,
     /// deadline with reassignment, semi-asynchronous parameter servers; worker counts of the two
     /// parties are independent.
-    #[value(name = "pubsub")]
+    #[cfg_attr(feature = "cli", value(name = "pubsub"))]
     #[serde(rename = "pubsub")]
     PubSub,
 }

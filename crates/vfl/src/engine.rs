@@ -1,24 +1,25 @@
-//! Putting it together: data preparation, in-process runs of both parties, the centralised
-//! baseline, and the report.
+//! Putting it together: data preparation, in-process runs of both parties, one party over NATS,
+//! the centralised baseline, and the report.
 use crate::config::JobConfig;
 use crate::cut::{CutLayer, GaussianDp, Identity};
 use crate::data::{self, PartyData, Table};
 use crate::dp;
 use crate::error::{Result, VflError};
-use crate::metrics::{CpuMeter, EpochReport, TrainReport};
+use crate::metrics::{self, CpuMeter, EpochReport, TrainReport};
 use crate::model::{self, Adam, Mlp};
 use crate::party::{self, ActiveSummary, Batches, PassiveSummary};
-use crate::transport::{Faulty, InProc, InProcHandle, Transport};
+use crate::threads;
+use crate::transport::{Faulty, InProc, InProcHandle, Nats, Transport};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::time::Duration;
+use umbra_common::progress::Progress;
 
 /// Which side of the split.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Role {
     Active,
     Passive,
@@ -111,37 +112,15 @@ fn transport_for(cfg: &JobConfig) -> Arc<dyn Transport> {
     t
 }
 
-pub fn progress_bar(cfg: &JobConfig, steps: u64) -> indicatif::ProgressBar {
-    if !cfg.progress {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(steps);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} batches ({eta})",
-    ) {
-        pb.set_style(style);
-    }
-    pb.set_prefix(cfg.mode.to_string());
-    pb
-}
-
-/// One compute thread per worker: candle's CPU kernels otherwise start a thread pool of their
-/// own per call site, which oversubscribes the cores given to the party's workers. Only set when
-/// the user has not chosen `RAYON_NUM_THREADS` themselves, and only once per process (changing
-/// the environment while other threads read it is racy, so it happens at the first run).
-pub fn one_thread_per_worker() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            std::env::set_var("RAYON_NUM_THREADS", "1");
-        }
-    });
+/// The progress of a run's batches (drawn only where `cfg.progress` and the binary's
+/// `progress` feature say so).
+pub fn progress(cfg: &JobConfig, steps: u64) -> Progress {
+    Progress::maybe(!cfg.progress, steps, cfg.mode.name())
 }
 
 /// Train with both parties in this process over the in-process transport.
 pub fn train_inproc(cfg: &JobConfig) -> Result<TrainReport> {
     cfg.validate()?;
-    one_thread_per_worker();
     let (da, dpas) = prepare(cfg)?;
     let dpas = PartyData {
         train_y: vec![0.0; dpas.n_train],
@@ -152,12 +131,12 @@ pub fn train_inproc(cfg: &JobConfig) -> Result<TrainReport> {
     let cut = cut_layer(cfg, dpas.n_train);
     let meter = CpuMeter::start(cfg.cores());
     let nb = Batches::new(dpas.n_train, cfg.batch, cfg.seed).count();
-    let pb = progress_bar(cfg, (cfg.epochs * nb) as u64);
+    let pb = progress(cfg, (cfg.epochs * nb) as u64);
     let (active, passive, (wall, _, util)) = std::thread::scope(|s| {
         let ta = t.clone();
         let (cfg_a, da) = (cfg, &da);
         let h = s.spawn(move || party::run_active(cfg_a, da, ta));
-        let p = party::run_passive(cfg, &dpas, t.clone(), cut.clone(), pb.clone());
+        let p = party::run_passive(cfg, &dpas, t.clone(), cut.clone(), &pb);
         // The run ends when the passive party holds the active party's report; the active
         // thread's remaining work is resending that report (for lossy transports).
         let m = meter.read();
@@ -166,7 +145,7 @@ pub fn train_inproc(cfg: &JobConfig) -> Result<TrainReport> {
             .unwrap_or_else(|_| Err(VflError::Training("active party panicked".into())));
         (a, p, m)
     });
-    pb.finish_and_clear();
+    pb.finish();
     let active = active?;
     let passive = passive?;
     let mut r = report(cfg, &passive, Some(&active), &*cut, dpas.n_train);
@@ -249,9 +228,72 @@ pub fn report(
     }
 }
 
+/// One party of the job in this process, talking to the other through the NATS broker at
+/// `broker`: the passive party returns the merged report (with the active party's numbers when
+/// they arrived), the active party its own.
+pub fn run_party(cfg: &JobConfig, role: Role, broker: &str) -> Result<TrainReport> {
+    cfg.validate()?;
+    let data = prepare_role(cfg, role)?;
+    let t: Arc<dyn Transport> = Arc::new(Nats::connect(broker, &cfg.job, cfg.buffers)?);
+    Ok(match role {
+        Role::Passive => {
+            let cut = cut_layer(cfg, data.n_train);
+            let nb = data.n_train.div_ceil(cfg.batch);
+            let pb = progress(cfg, (cfg.epochs * nb) as u64);
+            let p = party::run_passive(cfg, &data, t, cut.clone(), &pb)?;
+            pb.finish();
+            report(cfg, &p, p.active.as_ref(), &*cut, data.n_train)
+        }
+        Role::Active => active_report(cfg, &party::run_active(cfg, &data, t)?),
+    })
+}
+
+/// The active party's own report (metrics of the last epoch, its timing and traffic).
+pub fn active_report(cfg: &JobConfig, a: &ActiveSummary) -> TrainReport {
+    let last = a.per_epoch.last().cloned().unwrap_or_default();
+    let (wa, wp) = cfg.workers();
+    TrainReport {
+        mode: cfg.mode.to_string(),
+        data: cfg.data.clone(),
+        auc: last.auc,
+        accuracy: last.accuracy,
+        rmse: last.rmse,
+        wall_s: a.wall_s,
+        cpu_util: a.cpu_util,
+        cores: cfg.cores(),
+        wait_s: a.wait_s,
+        bytes: a.bytes_sent + a.bytes_received,
+        bytes_to_active: a.bytes_received,
+        bytes_to_passive: a.bytes_sent,
+        workers_active: wa,
+        workers_passive: wp,
+        batch: cfg.batch,
+        epochs: cfg.epochs,
+        rejected_messages: a.rejected,
+        per_epoch: a
+            .per_epoch
+            .iter()
+            .map(|e| EpochReport {
+                epoch: e.epoch,
+                auc: e.auc,
+                accuracy: e.accuracy,
+                rmse: e.rmse,
+                train_loss: e.train_loss,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// The centralised baseline: one model on the joined features (a bottom MLP of the same depth on
-/// all columns, then the 2-layer top), same optimiser, batches and epochs. Returns the report.
+/// all columns, then the 2-layer top), same optimiser, batches and epochs, on one compute thread
+/// like each worker of the split runs. Returns the report.
 pub fn train_centralised(cfg: &JobConfig) -> Result<TrainReport> {
+    threads::one_thread(|| centralised(cfg))
+}
+
+fn centralised(cfg: &JobConfig) -> Result<TrainReport> {
     let (a, p) = prepare(cfg)?;
     let d = a.d + p.d;
     let join = |xa: &[f32], xp: &[f32], n: usize| {
@@ -297,7 +339,7 @@ pub fn train_centralised(cfg: &JobConfig) -> Result<TrainReport> {
             .forward(&bottom.forward(&x)?)?
             .flatten_all()?
             .to_vec1()?;
-        last = party::evaluate(&out, &a.test_y, a.task);
+        last = metrics::evaluate(&out, &a.test_y, a.task);
         let (wall, _, util) = em.read();
         per_epoch.push(EpochReport {
             epoch,

@@ -32,6 +32,8 @@ pub enum VflError {
     Training(String),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Common(#[from] umbra_common::Error),
 }
 
 impl VflError {

@@ -9,10 +9,18 @@
 //! - [`message`]: the versioned wire format; [`transport`]: the [`transport::Transport`] trait,
 //!   in-process bounded channels and NATS;
 //! - [`ps`]: parameter servers and the staleness schedule; [`party`]: the passive and active
-//!   roles; [`engine`]: in-process runs, centralised baseline, reports;
-//! - [`plan`]: the profile-based choice of workers and batch size; [`cli`]: clap arguments and
-//!   entry points for `umbra vfl ...` and `umbra bench vfl`.
+//!   roles; [`threads`]: one compute thread per worker; [`budget`]: simulated machines;
+//! - [`engine`]: in-process runs, one party over NATS, centralised baseline, reports;
+//! - [`plan`]: the profile-based choice of workers and batch size; [`bench`]: the five modes
+//!   side by side;
+//! - [`cli`] (feature `cli`): clap arguments and entry points for `umbra vfl ...` and
+//!   `umbra bench vfl`, shared by the `vfl_party` binary.
+//!
+//! The library never installs a log subscriber and never changes process-wide settings; the
+//! binaries do the former ([`cli::party_main`]).
+pub mod bench;
 pub mod budget;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
 pub mod cut;
@@ -27,6 +35,7 @@ pub mod party;
 pub mod plan;
 pub mod ps;
 pub mod testing;
+pub mod threads;
 pub mod transport;
 
 pub use config::{JobConfig, Mode};

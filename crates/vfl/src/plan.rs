@@ -22,19 +22,21 @@
 //! underestimates small batches; the trials catch that.
 //!
 //! The profile runs with the same threading as training (one compute thread per worker, see
-//! [`engine::one_thread_per_worker`]): profiling with the kernels' own thread pool measured
-//! large batches on both cores (gamma ~0.6 instead of ~0.93) and made the planner favour them.
+//! [`crate::threads`]): profiling with the kernels' own thread pool measured large batches on
+//! both cores (gamma ~0.6 instead of ~0.93) and made the planner favour them.
 //!
 //! Heterogeneous parties (simulated with [`crate::budget`]): a party with its own machine of
 //! `c_x` cores that is `s_x` times slower has per-batch time `s_x T_x(B) max(1, w_x/c_x) / w_x`
 //! instead of a proportional share of the common cores.
 use crate::budget::PartyMachine;
 use crate::config::{JobConfig, Mode};
+use crate::data::PartyData;
 use crate::engine;
 use crate::error::Result;
 use crate::message::{Envelope, Kind};
 use crate::model::{self, ActiveModel, Mlp};
 use crate::party;
+use crate::threads;
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
 use tracing::info;
@@ -253,6 +255,167 @@ pub fn plan(
     plan_on(data, cores, max_batch, max_rows, (None, None))
 }
 
+/// The measured costs the time model is fitted from.
+#[derive(Debug, Clone)]
+struct Profile {
+    /// Batch sizes profiled (`<= B_max` and `<=` the training rows).
+    sizes: Vec<usize>,
+    active: PowerLaw,
+    passive: PowerLaw,
+    /// Parameter-server step + pull per batch (active, passive), seconds.
+    ps: (f64, f64),
+    /// Transport bytes per second (encode + decode of a 256-row embedding message).
+    bandwidth: f64,
+    /// The passive party's forward pass over the test split, seconds.
+    eval_s: f64,
+}
+
+impl Profile {
+    /// Profiles both parties' compute at each batch size, the parameter servers, the
+    /// transport and the evaluation, on one thread (as each worker trains).
+    fn measure(cfg: &JobConfig, da: &PartyData, dp: &PartyData, max_batch: usize) -> Result<Self> {
+        threads::one_thread(|| {
+            let m = &cfg.model;
+            let fa = ActiveModel::new(da.d, m, 1)?;
+            let fp = Mlp::new(dp.d, m.hidden, m.emb, m.bottom_depth, 2)?;
+            let sizes: Vec<usize> = [64usize, 128, 256, 512, 1024, 2048]
+                .into_iter()
+                .filter(|&b| b <= max_batch.max(32) && b <= da.n_train)
+                .collect();
+            let (pa, pp) = compute_times(cfg, da, dp, &fa, &fp, &sizes)?;
+            Ok(Profile {
+                active: PowerLaw::fit(&pa),
+                passive: PowerLaw::fit(&pp),
+                ps: (ps_time(fa.vars())?, ps_time(fp.vars())?),
+                bandwidth: bandwidth(m.emb)?,
+                eval_s: eval_time(dp, &fp)?,
+                sizes,
+            })
+        })
+    }
+}
+
+/// Forward + backward seconds per batch of each party at each size: `(B, T_a(B))`,
+/// `(B, T_p(B))`.
+type Points = Vec<(f64, f64)>;
+
+fn compute_times(
+    cfg: &JobConfig,
+    da: &PartyData,
+    dp: &PartyData,
+    fa: &ActiveModel,
+    fp: &Mlp,
+    sizes: &[usize],
+) -> Result<(Points, Points)> {
+    let emb = cfg.model.emb;
+    let (mut pa, mut pp) = (Vec::new(), Vec::new());
+    for &b in sizes {
+        let rows: Vec<usize> = (0..b).collect();
+        let reps = (4096 / b).clamp(3, 40);
+        let xp = model::tensor2(dp.rows(&rows), b, dp.d)?;
+        let tp = time_it(reps, || {
+            let z = fp.forward(&xp)?;
+            let _ = z.sum_all()?.backward()?;
+            Ok(())
+        })?;
+        let xa = model::tensor2(da.rows(&rows), b, da.d)?;
+        let y = model::tensor1(da.labels(&rows))?;
+        let zp = candle_core::Var::from_tensor(&model::tensor2(vec![0.1; b * emb], b, emb)?)?;
+        let ta = time_it(reps, || {
+            let out = fa.forward(&xa, zp.as_tensor())?;
+            let _ = model::loss(&out, &y, da.task)?.backward()?;
+            Ok(())
+        })?;
+        pa.push((b as f64, ta));
+        pp.push((b as f64, tp));
+    }
+    Ok((pa, pp))
+}
+
+/// Parameter-server step + pull for a party's variables.
+fn ps_time(vars: Vec<candle_core::Var>) -> Result<f64> {
+    let ps = crate::ps::ParamServer::new(&vars, 1e-3, crate::ps::Sync::Async)?;
+    let grads: Vec<candle_core::Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    time_it(20, || {
+        ps.push(grads.clone(), 1)?;
+        ps.pull(&vars)
+    })
+}
+
+/// Transport bytes per second: encode + decode of an embedding message of 256 rows.
+fn bandwidth(emb: usize) -> Result<f64> {
+    let probe = vec![0.5f32; 256 * emb];
+    let t_msg = time_it(50, || {
+        let e = Envelope::tensor(Kind::Embedding, "plan", 0, 0, 0, 256, emb, &probe).encode();
+        let _ = Envelope::decode(&e)?;
+        Ok(())
+    })?;
+    Ok((256 * emb * 4) as f64 / t_msg.max(1e-9))
+}
+
+/// End of epoch: the passive party's forward pass over the test split.
+fn eval_time(dp: &PartyData, fp: &Mlp) -> Result<f64> {
+    let rows = dp.n_test.min(party::EVAL_CHUNK);
+    let x = model::tensor2(dp.test_x[..rows * dp.d].to_vec(), rows, dp.d)?;
+    let t = time_it(3, || {
+        let _ = fp.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        Ok(())
+    })?;
+    Ok(t * dp.n_test as f64 / rows.max(1) as f64)
+}
+
+/// The best batch size of each of the model's best few worker pairs (pairs the model cannot
+/// tell apart count once), the best pair at 2x and 4x its batch (the power law leaves out
+/// per-batch costs of the real pipeline — messages, scheduling, wake-ups — and so favours
+/// small batches), and the default. `grid` is sorted best first: `(predicted s, w_a, w_p, B)`.
+fn shortlist(
+    grid: &[(f64, usize, usize, usize)],
+    sizes: &[usize],
+    default: (usize, usize, usize),
+) -> Vec<(usize, usize, usize)> {
+    let mut list: Vec<(usize, usize, usize)> = Vec::new();
+    let mut seen: Vec<f64> = Vec::new();
+    for &(t, wa, wp, b) in grid {
+        if list.len() == SHORTLIST {
+            break;
+        }
+        let same_pair = list.iter().any(|&(a, p, _)| (a, p) == (wa, wp));
+        let same_time = seen.iter().any(|&s| (t - s).abs() <= 1e-9 * t.abs());
+        if !same_pair && !same_time {
+            list.push((wa, wp, b));
+            seen.push(t);
+        }
+    }
+    if let Some(&(wa, wp, b)) = list.first() {
+        for k in [2, 4] {
+            let bigger = (wa, wp, b * k);
+            if sizes.contains(&(b * k)) && !list.contains(&bigger) {
+                list.push(bigger);
+            }
+        }
+    }
+    if !list.contains(&default) {
+        list.push(default);
+    }
+    list
+}
+
+/// Mean epoch time of a real in-process run of `cfg` with `(w_a, w_p, B)` over `epochs`.
+fn mean_epoch(cfg: &JobConfig, (wa, wp, b): (usize, usize, usize), epochs: usize) -> Result<f64> {
+    let mut c = cfg.clone();
+    c.workers_active = wa;
+    c.workers_passive = wp;
+    c.batch = b;
+    c.epochs = epochs;
+    let r = engine::train_inproc(&c)?;
+    let e = &r.per_epoch;
+    Ok(if e.is_empty() {
+        r.wall_s / epochs as f64
+    } else {
+        e.iter().map(|e| e.wall_s).sum::<f64>() / e.len() as f64
+    })
+}
+
 /// [`plan`] for parties on (simulated) machines of their own.
 pub fn plan_on(
     data: &str,
@@ -269,85 +432,24 @@ pub fn plan_on(
     cfg.machine_passive = machines.1;
     cfg.validate()?;
     let cores = cfg.cores();
-    // profile with the threading that training uses, before any kernel starts a pool
-    engine::one_thread_per_worker();
     let (da, dp) = engine::prepare(&cfg)?;
-    let m = &cfg.model;
-    let fa = ActiveModel::new(da.d, m, 1)?;
-    let fp = Mlp::new(dp.d, m.hidden, m.emb, m.bottom_depth, 2)?;
-    let sizes: Vec<usize> = [64usize, 128, 256, 512, 1024, 2048]
-        .into_iter()
-        .filter(|&b| b <= max_batch.max(32) && b <= da.n_train)
-        .collect();
-    let mut pa = Vec::new();
-    let mut pp = Vec::new();
-    for &b in &sizes {
-        let rows: Vec<usize> = (0..b).collect();
-        let reps = (4096 / b).clamp(3, 40);
-        let xp = model::tensor2(dp.rows(&rows), b, dp.d)?;
-        let tp = time_it(reps, || {
-            let z = fp.forward(&xp)?;
-            let _ = z.sum_all()?.backward()?;
-            Ok(())
-        })?;
-        let xa = model::tensor2(da.rows(&rows), b, da.d)?;
-        let y = model::tensor1(da.labels(&rows))?;
-        let zp = candle_core::Var::from_tensor(&model::tensor2(vec![0.1; b * m.emb], b, m.emb)?)?;
-        let ta = time_it(reps, || {
-            let out = fa.forward(&xa, zp.as_tensor())?;
-            let _ = model::loss(&out, &y, da.task)?.backward()?;
-            Ok(())
-        })?;
-        pa.push((b as f64, ta));
-        pp.push((b as f64, tp));
-    }
-    let a = PowerLaw::fit(&pa);
-    let p = PowerLaw::fit(&pp);
-    // parameter-server step + pull, per party
-    let ps_time = |vars: Vec<candle_core::Var>| -> Result<f64> {
-        let ps = crate::ps::ParamServer::new(&vars, 1e-3, crate::ps::Sync::Async)?;
-        let grads: Vec<candle_core::Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        time_it(20, || {
-            ps.push(grads.clone(), 1)?;
-            ps.pull(&vars)
-        })
-    };
-    let ps_a = ps_time(fa.vars())?;
-    let ps_p = ps_time(fp.vars())?;
-    // transport: encode + decode of an embedding message
-    let probe = vec![0.5f32; 256 * m.emb];
-    let t_msg = time_it(50, || {
-        let e = Envelope::tensor(Kind::Embedding, "plan", 0, 0, 0, 256, m.emb, &probe).encode();
-        let _ = Envelope::decode(&e)?;
-        Ok(())
-    })?;
-    let bw = (256 * m.emb * 4) as f64 / t_msg.max(1e-9);
-    // end of epoch: the passive party's forward pass over the test split
-    let t_eval = {
-        let rows = dp.n_test.min(party::EVAL_CHUNK);
-        let x = model::tensor2(dp.test_x[..rows * dp.d].to_vec(), rows, dp.d)?;
-        let t = time_it(3, || {
-            let _ = fp.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
-            Ok(())
-        })?;
-        t * dp.n_test as f64 / rows.max(1) as f64
-    };
-    let n = da.n_train;
+    let pr = Profile::measure(&cfg, &da, &dp, max_batch)?;
+    let (n, emb) = (da.n_train, cfg.model.emb);
     let tm = TimeModel {
-        active: a,
-        passive: p,
-        ps: (ps_a, ps_p),
-        bandwidth: bw,
-        emb: m.emb,
+        active: pr.active,
+        passive: pr.passive,
+        ps: pr.ps,
+        bandwidth: pr.bandwidth,
+        emb,
         rows: n,
         cores,
         machines,
     };
-    let predict = |wa: usize, wp: usize, b: usize| t_eval + tm.epoch_time(wa, wp, b);
+    let predict = |wa: usize, wp: usize, b: usize| pr.eval_s + tm.epoch_time(wa, wp, b);
     let mut grid = Vec::new();
     for wa in 1..=max_workers(machines.0, cores) {
         for wp in 1..=max_workers(machines.1, cores) {
-            for &b in &sizes {
+            for &b in &pr.sizes {
                 grid.push((predict(wa, wp, b), wa, wp, b));
             }
         }
@@ -360,51 +462,9 @@ pub fn plan_on(
         default.workers_passive,
         default.batch.min(n),
     );
-    // The best batch size of each of the model's best few worker pairs (pairs the model cannot
-    // tell apart count once), and the default; each is then trained for one epoch.
-    let mut shortlist: Vec<(usize, usize, usize)> = Vec::new();
-    let mut seen: Vec<f64> = Vec::new();
-    for &(t, wa, wp, b) in &grid {
-        if shortlist.len() == SHORTLIST {
-            break;
-        }
-        let same_pair = shortlist.iter().any(|&(a, p, _)| (a, p) == (wa, wp));
-        let same_time = seen.iter().any(|&s| (t - s).abs() <= 1e-9 * t.abs());
-        if !same_pair && !same_time {
-            shortlist.push((wa, wp, b));
-            seen.push(t);
-        }
-    }
-    // The power law leaves out per-batch costs of the real pipeline (messages, scheduling,
-    // wake-ups) and so favours small batches: also try the best pair at 2x and 4x its batch.
-    if let Some(&(wa, wp, b)) = shortlist.first() {
-        for k in [2, 4] {
-            let bigger = (wa, wp, b * k);
-            if sizes.contains(&(b * k)) && !shortlist.contains(&bigger) {
-                shortlist.push(bigger);
-            }
-        }
-    }
-    if !shortlist.contains(&dflt) {
-        shortlist.push(dflt);
-    }
-    let mean_epoch = |wa: usize, wp: usize, b: usize, epochs: usize| -> Result<f64> {
-        let mut c = cfg.clone();
-        c.workers_active = wa;
-        c.workers_passive = wp;
-        c.batch = b;
-        c.epochs = epochs;
-        let r = engine::train_inproc(&c)?;
-        let e = &r.per_epoch;
-        Ok(if e.is_empty() {
-            r.wall_s / epochs as f64
-        } else {
-            e.iter().map(|e| e.wall_s).sum::<f64>() / e.len() as f64
-        })
-    };
     let mut candidates = Vec::new();
-    for &(wa, wp, b) in &shortlist {
-        let trial = mean_epoch(wa, wp, b, 1)?;
+    for (wa, wp, b) in shortlist(&grid, &pr.sizes, dflt) {
+        let trial = mean_epoch(&cfg, (wa, wp, b), 1)?;
         info!(wa, wp, b, trial_s = trial, "plan trial");
         candidates.push(Candidate {
             workers_active: wa,
@@ -420,35 +480,32 @@ pub fn plan_on(
         .cloned()
         .ok_or_else(|| crate::VflError::Config("no batch size to plan with".into()))?;
     let (wa, wp, b) = (chosen.workers_active, chosen.workers_passive, chosen.batch);
-    let pred = chosen.predicted_epoch_s;
     let slow = |m: Option<PartyMachine>| m.map_or(1.0, |m| m.slowdown);
-    let vfl = t_eval
+    let vfl = pr.eval_s
         + n.div_ceil(b) as f64
-            * (slow(machines.0) * a.eval(b as f64)
-                + slow(machines.1) * p.eval(b as f64)
-                + (2 * b * m.emb * 4) as f64 / bw);
+            * (slow(machines.0) * pr.active.eval(b as f64)
+                + slow(machines.1) * pr.passive.eval(b as f64)
+                + (2 * b * emb * 4) as f64 / pr.bandwidth);
     // fresh runs of the choice and of the default, measured the same way (the trials picked
     // the choice, so their own times are biased in its favour)
-    let (dwa, dwp, db) = dflt;
-    let default_pred = predict(dwa, dwp, db);
-    let measured = mean_epoch(wa, wp, b, MEASURED_EPOCHS)?;
-    let default_measured = mean_epoch(dwa, dwp, db, MEASURED_EPOCHS)?;
+    let measured = mean_epoch(&cfg, (wa, wp, b), MEASURED_EPOCHS)?;
+    let default_measured = mean_epoch(&cfg, dflt, MEASURED_EPOCHS)?;
     Ok(PlanReport {
         data: data.to_string(),
-        ps_active_s: ps_a,
-        ps_passive_s: ps_p,
+        ps_active_s: pr.ps.0,
+        ps_passive_s: pr.ps.1,
         cores,
         n_train: n,
-        active: a,
-        passive: p,
-        bandwidth_bytes_per_s: bw,
+        active: pr.active,
+        passive: pr.passive,
+        bandwidth_bytes_per_s: pr.bandwidth,
         workers_active: wa,
         workers_passive: wp,
         batch: b,
-        predicted_epoch_s: pred,
+        predicted_epoch_s: chosen.predicted_epoch_s,
         measured_epoch_s: measured,
         predicted_vfl_epoch_s: vfl,
-        default_predicted_epoch_s: default_pred,
+        default_predicted_epoch_s: predict(dflt.0, dflt.1, dflt.2),
         default_measured_epoch_s: default_measured,
         speedup_over_default: default_measured / measured.max(1e-9),
         machine_active: machines.0,
@@ -486,5 +543,30 @@ mod tests {
         let small = tm(1e-3).epoch_time(2, 2, 32);
         let large = tm(1e-3).epoch_time(2, 2, 256);
         assert!(large < small);
+    }
+
+    #[test]
+    fn shortlist_takes_distinct_pairs_larger_batches_and_the_default() {
+        let grid = [
+            (1.0, 2, 2, 64),
+            (1.0 + 1e-12, 3, 3, 64), // indistinguishable from the first: counted once
+            (1.1, 2, 2, 128),        // same pair as the first
+            (1.2, 1, 2, 128),
+            (1.3, 2, 1, 64),
+            (1.4, 4, 4, 64),
+            (1.5, 1, 1, 64),
+        ];
+        let l = shortlist(&grid, &[64, 128, 256], (2, 2, 256));
+        assert_eq!(
+            l,
+            vec![
+                (2, 2, 64),
+                (1, 2, 128),
+                (2, 1, 64),
+                (4, 4, 64),
+                (2, 2, 128),
+                (2, 2, 256)
+            ]
+        );
     }
 }

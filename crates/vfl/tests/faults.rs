@@ -2,6 +2,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use umbra_common::progress::Progress;
 use umbra_vfl::engine::{self, train_inproc};
 use umbra_vfl::message::{Envelope, Kind};
 use umbra_vfl::party;
@@ -111,13 +112,7 @@ fn malformed_and_foreign_messages_are_rejected_not_fatal() {
     let (a, p) = std::thread::scope(|s| {
         let ta = t.clone();
         let h = s.spawn(|| party::run_active(&cfg, &da, ta));
-        let p = party::run_passive(
-            &cfg,
-            &dp,
-            t.clone(),
-            cut.clone(),
-            indicatif::ProgressBar::hidden(),
-        );
+        let p = party::run_passive(&cfg, &dp, t.clone(), cut.clone(), &Progress::hidden());
         (h.join().unwrap(), p)
     });
     let (a, p) = (a.unwrap(), p.unwrap());
