@@ -27,9 +27,9 @@ pub fn kv_reserve(prompt_len: usize, max_tokens: usize, max_positions: usize) ->
     (prompt_len + answer).min(max_positions).max(1)
 }
 
-/// Beside decoding sequences, prompt work may make a pass at most this fraction longer than a
-/// decode-only pass (so decoding keeps at least 2/3 of its speed; a margin under the 2x that
-/// measurement noise on a busy machine eats into).
+/// Beside decoding sequences, prompt work may make passes on average at most this fraction
+/// longer than decode-only passes (so decoding keeps at least 2/3 of its speed; a margin under
+/// the 2x that measurement noise on a busy machine eats into). See [`PrefillBudget`].
 pub const PREFILL_SHARE: f64 = 0.5;
 
 /// Prompts of at most this many positions are read in one pass whatever the budget: their
