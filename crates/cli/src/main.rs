@@ -49,9 +49,9 @@ enum Command {
     /// Attacks on an obfuscated checkpoint (VMA, IA, NN, hat, TFMA, SDA, IMA, ISA, block key), scored against the key; sweeps.
     #[command(subcommand)]
     Attack(umbra_attacks::cli::AttackCommand),
-    /// Hallucination detection from internal states (HaluProbe): extract, train, report, score.
+    /// Hallucination detection from internal states (HaluProbe): generate, extract, train, report, transfer, score.
     #[command(subcommand)]
-    Halluc(umbra_haluprobe::cli::HallucCommand),
+    Halluc(umbra_haluprobe::cli::Command),
     /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
     #[command(subcommand)]
     Sap(SapCommand),

@@ -10,11 +10,11 @@
 //! Prints a table and one flat JSON line: `triples`, `max_abs_score_diff`,
 //! `mean_abs_score_diff`, `max_abs_logit_diff`, `max_rel_logit_diff`.
 use std::path::PathBuf;
-use umbra_haluprobe::cli::{load_model, resolve_data, resolve_model};
 use umbra_haluprobe::data::{load_halueval_qa, shuffled_indices};
 use umbra_haluprobe::features::Extractor;
 use umbra_haluprobe::probe::ProbeFile;
 use umbra_haluprobe::score::Scorer;
+use umbra_haluprobe::source::{load_model, resolve_data, resolve_model};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a: Vec<String> = std::env::args().skip(1).collect();

@@ -30,8 +30,8 @@ pub enum HaluError {
     Asset(#[from] umbra_assets::AssetError),
     #[error("tensor error: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("plot: {0}")]
-    Plot(String),
+    #[error(transparent)]
+    Common(#[from] umbra_common::Error),
 }
 
 impl HaluError {

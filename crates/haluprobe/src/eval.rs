@@ -8,23 +8,28 @@
 //! - `llmcheck`: LLM-Check hidden score (log-det of the answer hidden-state covariance),
 //!   layer and direction chosen on train;
 //! - `saplma`: MLP 256-128-64 on the last answer token at the middle layer;
-//! - `lookback_lens`: logistic regression on all per-head lookback ratios (generation).
+//! - `lookback_lens`: logistic regression on all per-head lookback ratios (generation);
+//! - own-answer folders with samples: `sampling_overlap` and `sampling_agreement`, the
+//!   consistency of the greedy answer with `K` sampled answers (lexical overlap, exact-match
+//!   agreement; [`crate::keys::SAMPLING_NAMES`]), direction chosen on train.
 //!
 //! `answer_length` (answer tokens) is reported as a reference, not a baseline: HaluEval's
 //! hallucinated answers are often full sentences while the right ones are short spans.
 //!
 //! Families in the grid: `hidden` (per key and layer), `lookback` and `ffn` (per key and layer,
-//! and all layers of a key together), `logit`, and two combinations (best hidden cell +
-//! generation lookback + logit, and the same + `ffn.generation.mean`). Folders extracted before
-//! the `ffn` family existed have no `ffn.*` keys: the grid then skips that family.
+//! and all layers of a key together), `logit`, and three combinations (best hidden cell +
+//! logit; + generation lookback; + `ffn.generation.mean`). Folders extracted before the `ffn`
+//! family existed have no `ffn.*` keys: the grid then skips that family. With
+//! [`EvalConfig::serving`] the best probe is chosen among the inputs `umbra serve` computes.
 use crate::data::{split_rows, Split};
 use crate::error::{HaluError, Result};
-use crate::features::{
-    key_stage, Stage, FFN_KEYS, HIDDEN_KEYS, LLMCHECK_KEY, LOGIT_KEY, LOOKBACK_KEYS,
+use crate::keys::{
+    key_stage, Stage, FFN_KEYS, HIDDEN_KEYS, LLMCHECK_KEY, LOGIT_KEY, LOOKBACK_KEYS, SAMPLING_KEY,
 };
 use crate::metrics::{accuracy_f1, auroc, best_threshold, bootstrap_auroc_ci};
 use crate::probe::{FeatureRef, Net, ProbeFile, ProbeKind, ProbeMeta, TrainConfig, PROBE_FORMAT};
 use crate::store::{slice_layer, FeatureStore, Matrix};
+use umbra_common::progress::Progress;
 
 /// Split and training settings.
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct EvalConfig {
     pub kind: ProbeKind,
     /// MLP widths for `--probe mlp` and SAPLMA.
     pub mlp_hidden: Vec<usize>,
+    /// Select the best probe among inputs `umbra serve` can compute ([`servable`]).
+    pub serving: bool,
 }
 
 impl Default for EvalConfig {
@@ -50,6 +57,7 @@ impl Default for EvalConfig {
             l2_grid: vec![1e-2],
             kind: ProbeKind::Logreg,
             mlp_hidden: vec![256, 128, 64],
+            serving: false,
         }
     }
 }
@@ -119,10 +127,20 @@ pub struct Fitted {
 impl<'a> Evaluator<'a> {
     pub fn new(store: &'a FeatureStore, cfg: EvalConfig) -> Result<Self> {
         let splits = Splits::new(store, &cfg)?;
-        if splits.train.is_empty() || splits.val.is_empty() || splits.test.is_empty() {
-            return Err(HaluError::Empty(
-                "a split is empty; extract more rows".into(),
-            ));
+        for (name, idx) in [
+            ("training", &splits.train),
+            ("validation", &splits.val),
+            ("test", &splits.test),
+        ] {
+            let pos = idx.iter().filter(|&&i| store.labels[i] > 0.5).count();
+            if pos == 0 || pos == idx.len() {
+                return Err(HaluError::Empty(format!(
+                    "the {name} split of {} holds {} triples of one class only ({pos} \
+                     hallucinated); extract or generate more questions",
+                    store.dir.display(),
+                    idx.len()
+                )));
+            }
         }
         Ok(Self { store, cfg, splits })
     }
@@ -250,6 +268,13 @@ impl<'a> Evaluator<'a> {
         }
     }
 
+    /// Training AUROC of `col` in its better direction.
+    fn train_auroc(&self, col: &[f32]) -> f64 {
+        let tr = pick(col, &self.splits.train);
+        let a = auroc(&tr, &self.labels(&self.splits.train)).unwrap_or(0.5);
+        a.max(1.0 - a)
+    }
+
     fn column(m: &Matrix, j: usize) -> Vec<f32> {
         (0..m.rows).map(|i| m.data[i * m.cols + j]).collect()
     }
@@ -262,6 +287,8 @@ pub struct GridReport {
     pub train_triples: usize,
     pub val_triples: usize,
     pub test_triples: usize,
+    /// Share of hallucinated triples (0.5 for given-answer folders).
+    pub positive_share: f64,
     pub cells: Vec<CellResult>,
     pub baselines: Vec<CellResult>,
     pub reference: Vec<CellResult>,
@@ -269,247 +296,310 @@ pub struct GridReport {
     pub best_features: Vec<String>,
 }
 
-/// Progress callback: (done, total, what).
-pub type Progress<'p> = &'p dyn Fn(usize, usize, &str);
+/// Whether `umbra serve` can compute a feature key from its taps (residual stream and logits).
+pub fn servable(key: &str) -> bool {
+    key.starts_with("hidden.") || key == LOGIT_KEY || key == LLMCHECK_KEY
+}
 
-/// Runs the grid and the baselines; selects the best probe on validation AUROC among every
-/// cell and a combination (best hidden cell + generation lookback ratios + logit features),
-/// refits it as `cfg.kind`, and returns it with the report.
-pub fn run_grid(
-    store: &FeatureStore,
-    cfg: EvalConfig,
-    progress: Progress<'_>,
-) -> Result<(GridReport, ProbeFile)> {
-    let ev = Evaluator::new(store, cfg)?;
-    let dims = &store.manifest.model;
-    let nl = dims.num_layers;
-    let has_ffn = FFN_KEYS
-        .iter()
-        .all(|(k, _)| store.manifest.keys.contains_key(*k));
-    let ffn_keys: &[(&str, Stage)] = if has_ffn { &FFN_KEYS } else { &[] };
-    let total = HIDDEN_KEYS.len() * nl + (LOOKBACK_KEYS.len() + ffn_keys.len()) * (nl + 1) + 8;
-    let mut done = 0;
-    let mut cells: Vec<CellResult> = Vec::new();
-    let mut best_hidden: Option<(f64, FeatureRef)> = None;
-    let mut candidates: Vec<(f64, Vec<FeatureRef>, String)> = Vec::new();
-    let mut saplma = None;
-    for (key, stage) in HIDDEN_KEYS {
-        let all = store.load(key)?;
-        for l in 0..nl {
-            let x = slice_layer(&all, nl, l);
-            let r = FeatureRef::new(key, Some(l));
-            let f = ev.fit_matrix(
-                &x,
-                vec![r.clone()],
-                ProbeKind::Logreg,
-                &r.label(),
-                "hidden",
-                stage.name(),
-                Some(l),
-            )?;
-            if best_hidden
-                .as_ref()
-                .is_none_or(|b| f.result.val_auroc > b.0)
-            {
-                best_hidden = Some((f.result.val_auroc, r.clone()));
-            }
-            candidates.push((f.result.val_auroc, vec![r], f.result.name.clone()));
-            cells.push(f.result);
-            done += 1;
-            progress(done, total, key);
-        }
-        if key == "hidden.generation.last" {
-            let mid = nl / 2;
-            let x = slice_layer(&all, nl, mid);
-            let f = ev.fit_matrix(
-                &x,
-                vec![FeatureRef::new(key, Some(mid))],
-                ProbeKind::Mlp,
-                "saplma",
-                "hidden",
-                stage.name(),
-                Some(mid),
-            )?;
-            saplma = Some(f.result);
-        }
+/// The grid under construction: every measured cell and the candidates for the best probe.
+#[derive(Default)]
+struct Grid {
+    cells: Vec<CellResult>,
+    /// `(validation AUROC, inputs)` of every candidate probe.
+    candidates: Vec<(f64, Vec<FeatureRef>)>,
+    best_hidden: Option<(f64, FeatureRef)>,
+    saplma: Option<CellResult>,
+    lookback_lens: Option<CellResult>,
+}
+
+impl Grid {
+    fn push(&mut self, f: Fitted) {
+        self.candidates.push((f.result.val_auroc, f.refs));
+        self.cells.push(f.result);
     }
-    let mut lookback_lens = None;
-    let families = LOOKBACK_KEYS
-        .iter()
-        .map(|&(k, st)| ("lookback", k, st))
-        .chain(ffn_keys.iter().map(|&(k, st)| ("ffn", k, st)));
-    for (family, key, stage) in families {
-        let all = store.load(key)?;
-        for l in 0..nl {
-            let x = slice_layer(&all, nl, l);
-            let r = FeatureRef::new(key, Some(l));
+
+    /// Logistic regression per hidden-state key and layer; SAPLMA on the middle layer's last
+    /// answer token.
+    fn hidden(&mut self, ev: &Evaluator<'_>, progress: &Progress) -> Result<()> {
+        let nl = ev.store.manifest.model.num_layers;
+        for (key, stage) in HIDDEN_KEYS {
+            let all = ev.store.load(key)?;
+            for l in 0..nl {
+                let r = FeatureRef::new(key, Some(l));
+                let f = ev.fit_matrix(
+                    &slice_layer(&all, nl, l),
+                    vec![r.clone()],
+                    ProbeKind::Logreg,
+                    &r.label(),
+                    "hidden",
+                    stage.name(),
+                    Some(l),
+                )?;
+                if self
+                    .best_hidden
+                    .as_ref()
+                    .is_none_or(|b| f.result.val_auroc > b.0)
+                {
+                    self.best_hidden = Some((f.result.val_auroc, r));
+                }
+                self.push(f);
+                progress.inc(1);
+            }
+            if key == "hidden.generation.last" {
+                let mid = nl / 2;
+                let f = ev.fit_matrix(
+                    &slice_layer(&all, nl, mid),
+                    vec![FeatureRef::new(key, Some(mid))],
+                    ProbeKind::Mlp,
+                    "saplma",
+                    "hidden",
+                    stage.name(),
+                    Some(mid),
+                )?;
+                self.saplma = Some(f.result);
+            }
+        }
+        Ok(())
+    }
+
+    /// Lookback ratios and FFN statistics: per layer and all layers of a key together; Lookback
+    /// Lens is the all-layer generation-stage lookback probe.
+    fn per_layer_families(
+        &mut self,
+        ev: &Evaluator<'_>,
+        ffn_keys: &[(&str, Stage)],
+        progress: &Progress,
+    ) -> Result<()> {
+        let nl = ev.store.manifest.model.num_layers;
+        let families = LOOKBACK_KEYS
+            .iter()
+            .map(|&(k, st)| ("lookback", k, st))
+            .chain(ffn_keys.iter().map(|&(k, st)| ("ffn", k, st)));
+        for (family, key, stage) in families {
+            let all = ev.store.load(key)?;
+            for l in 0..nl {
+                let r = FeatureRef::new(key, Some(l));
+                let f = ev.fit_matrix(
+                    &slice_layer(&all, nl, l),
+                    vec![r.clone()],
+                    ProbeKind::Logreg,
+                    &r.label(),
+                    family,
+                    stage.name(),
+                    Some(l),
+                )?;
+                self.push(f);
+                progress.inc(1);
+            }
+            let r = FeatureRef::new(key, None);
             let f = ev.fit_matrix(
-                &x,
-                vec![r.clone()],
+                &all,
+                vec![r],
                 ProbeKind::Logreg,
-                &r.label(),
+                key,
                 family,
                 stage.name(),
-                Some(l),
+                None,
             )?;
-            candidates.push((f.result.val_auroc, vec![r], f.result.name.clone()));
-            cells.push(f.result);
-            done += 1;
-            progress(done, total, key);
+            if key == "lookback.generation.mean" {
+                let mut b = f.result.clone();
+                b.name = "lookback_lens".into();
+                self.lookback_lens = Some(b);
+            }
+            self.push(f);
+            progress.inc(1);
         }
-        let r = FeatureRef::new(key, None);
+        Ok(())
+    }
+
+    /// Logistic regression on the logit features.
+    fn logit(&mut self, ev: &Evaluator<'_>, logit: &Matrix) -> Result<()> {
         let f = ev.fit_matrix(
-            &all,
-            vec![r.clone()],
+            logit,
+            vec![FeatureRef::new(LOGIT_KEY, None)],
             ProbeKind::Logreg,
-            key,
-            family,
-            stage.name(),
+            LOGIT_KEY,
+            "logit",
+            "generation",
             None,
         )?;
-        candidates.push((f.result.val_auroc, vec![r], f.result.name.clone()));
-        if key == "lookback.generation.mean" {
-            let mut b = f.result.clone();
-            b.name = "lookback_lens".into();
-            lookback_lens = Some(b);
-        }
-        cells.push(f.result);
-        done += 1;
-        progress(done, total, key);
+        self.push(f);
+        Ok(())
     }
-    let logit = store.load(LOGIT_KEY)?;
-    let f = ev.fit_matrix(
-        &logit,
-        vec![FeatureRef::new(LOGIT_KEY, None)],
-        ProbeKind::Logreg,
-        LOGIT_KEY,
-        "logit",
-        "generation",
-        None,
-    )?;
-    candidates.push((
-        f.result.val_auroc,
-        vec![FeatureRef::new(LOGIT_KEY, None)],
-        f.result.name.clone(),
-    ));
-    cells.push(f.result);
-    // Baselines.
-    let perplexity = {
-        let nlp: Vec<f32> = Evaluator::column(&logit, 1).iter().map(|x| -x).collect();
-        ev.score_column(&nlp, "perplexity", "logit", "generation", None)
-    };
-    let length = ev.score_column(
-        &Evaluator::column(&logit, 7),
-        "answer_length",
-        "length",
-        "generation",
-        None,
-    );
-    let llm = store.load(LLMCHECK_KEY)?;
-    let mut llmcheck: Option<(f64, CellResult)> = None;
-    for l in 0..nl {
-        let col = Evaluator::column(&llm, l);
-        let sign = ev.direction(&col);
-        let tr: Vec<f32> = ev.splits.train.iter().map(|&i| sign * col[i]).collect();
-        let a = auroc(&tr, &ev.labels(&ev.splits.train)).unwrap_or(0.5);
-        let mut c = ev.score_column(
-            &col,
-            &format!("llmcheck@L{l}"),
-            "llmcheck",
+
+    /// Unsupervised baselines (direction chosen on train): perplexity, LLM-Check (layer chosen
+    /// on train; every layer's cell is kept), the sampling-consistency scores when the folder
+    /// has them; and the answer length as a reference.
+    fn unsupervised(
+        &mut self,
+        ev: &Evaluator<'_>,
+        logit: &Matrix,
+    ) -> Result<(Vec<CellResult>, CellResult)> {
+        let nl = ev.store.manifest.model.num_layers;
+        let nlp: Vec<f32> = Evaluator::column(logit, 1).iter().map(|x| -x).collect();
+        let mut out = vec![ev.score_column(&nlp, "perplexity", "logit", "generation", None)];
+        let length = ev.score_column(
+            &Evaluator::column(logit, 7),
+            "answer_length",
+            "length",
             "generation",
-            Some(l),
+            None,
         );
-        cells.push(c.clone());
-        if llmcheck.as_ref().is_none_or(|b| a > b.0) {
-            c.name = "llmcheck".into();
-            llmcheck = Some((a, c));
+        let llm = ev.store.load(LLMCHECK_KEY)?;
+        let mut llmcheck: Option<(f64, CellResult)> = None;
+        for l in 0..nl {
+            let col = Evaluator::column(&llm, l);
+            let a = ev.train_auroc(&col);
+            let mut c = ev.score_column(
+                &col,
+                &format!("llmcheck@L{l}"),
+                "llmcheck",
+                "generation",
+                Some(l),
+            );
+            self.cells.push(c.clone());
+            if llmcheck.as_ref().is_none_or(|b| a > b.0) {
+                c.name = "llmcheck".into();
+                llmcheck = Some((a, c));
+            }
         }
+        out.extend(llmcheck.map(|x| x.1));
+        if ev.store.manifest.keys.contains_key(SAMPLING_KEY) {
+            let s = ev.store.load(SAMPLING_KEY)?;
+            for (j, name) in [(0, "sampling_overlap"), (1, "sampling_agreement")] {
+                out.push(ev.score_column(
+                    &Evaluator::column(&s, j),
+                    name,
+                    "sampling",
+                    "generation",
+                    None,
+                ));
+            }
+        }
+        Ok((out, length))
     }
-    done += 6;
-    progress(done, total, "baselines");
-    // Combination candidates: best hidden cell + generation lookback + logit (+ generation
-    // FFN statistics when the folder has them).
-    if let Some((_, h)) = &best_hidden {
-        let base = vec![
-            h.clone(),
-            FeatureRef::new("lookback.generation.mean", None),
-            FeatureRef::new(LOGIT_KEY, None),
+
+    /// Combinations: the best hidden cell + logit features (servable), + generation lookback
+    /// ratios, and + generation FFN statistics when the folder has them.
+    fn combinations(&mut self, ev: &Evaluator<'_>, has_ffn: bool) -> Result<()> {
+        let Some((_, h)) = self.best_hidden.clone() else {
+            return Ok(());
+        };
+        let logit = FeatureRef::new(LOGIT_KEY, None);
+        let lookback = FeatureRef::new("lookback.generation.mean", None);
+        let mut combos = vec![
+            (
+                vec![h.clone(), logit.clone()],
+                format!("{}+logit", h.label()),
+            ),
+            (
+                vec![h.clone(), lookback.clone(), logit.clone()],
+                format!("{}+lookback+logit", h.label()),
+            ),
         ];
-        let mut combos = vec![(base.clone(), format!("{}+lookback+logit", h.label()))];
         if has_ffn {
-            let mut refs = base;
-            refs.push(FeatureRef::new("ffn.generation.mean", None));
-            combos.push((refs, format!("{}+lookback+logit+ffn", h.label())));
+            combos.push((
+                vec![
+                    h.clone(),
+                    lookback,
+                    logit,
+                    FeatureRef::new("ffn.generation.mean", None),
+                ],
+                format!("{}+lookback+logit+ffn", h.label()),
+            ));
         }
         for (refs, name) in combos {
-            let x = load_refs(store, &refs)?;
+            let x = load_refs(ev.store, &refs)?;
             let f = ev.fit_matrix(
                 &x,
-                refs.clone(),
+                refs,
                 ProbeKind::Logreg,
                 &name,
                 "combo",
                 "generation",
                 h.layer,
             )?;
-            candidates.push((f.result.val_auroc, refs, name));
-            cells.push(f.result);
+            self.push(f);
         }
+        Ok(())
     }
-    done += 2;
-    progress(done, total, "combination");
-    // Best by validation AUROC, refit as the requested probe kind.
-    candidates.sort_by(|a, b| b.0.total_cmp(&a.0));
-    let (_, refs, _) = candidates
-        .into_iter()
-        .next()
-        .ok_or_else(|| HaluError::Empty("no candidate probe".into()))?;
-    let x = load_refs(store, &refs)?;
-    let (stage, name) = stage_and_name(&refs);
-    let family = refs
+
+    /// The candidate with the best validation AUROC (servable ones only with `serving`),
+    /// refitted as `kind`.
+    fn select_best(&mut self, ev: &Evaluator<'_>, serving: bool) -> Result<Fitted> {
+        let mut cands: Vec<&(f64, Vec<FeatureRef>)> = self
+            .candidates
+            .iter()
+            .filter(|(_, refs)| !serving || refs.iter().all(|r| servable(&r.key)))
+            .collect();
+        cands.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let refs = cands
+            .first()
+            .map(|c| c.1.clone())
+            .ok_or_else(|| HaluError::Empty("no candidate probe".into()))?;
+        let x = load_refs(ev.store, &refs)?;
+        let (stage, name) = stage_and_name(&refs);
+        let family = refs
+            .iter()
+            .map(|r| r.key.split('.').next().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("+");
+        let layer = refs[0].layer;
+        ev.fit_matrix(&x, refs, ev.cfg.kind, &name, &family, stage.name(), layer)
+    }
+}
+
+/// Runs the grid and the baselines; selects the best probe on validation AUROC among every
+/// cell and the combinations (only servable inputs with `cfg.serving`), refits it as
+/// `cfg.kind`, and returns it with the report. `progress` counts the fitted cells.
+pub fn run_grid(
+    store: &FeatureStore,
+    cfg: EvalConfig,
+    progress: &Progress,
+) -> Result<(GridReport, ProbeFile)> {
+    let ev = Evaluator::new(store, cfg)?;
+    let nl = store.manifest.model.num_layers;
+    let has_ffn = FFN_KEYS
         .iter()
-        .map(|r| r.key.split('.').next().unwrap_or(""))
-        .collect::<Vec<_>>()
-        .join("+");
-    let kind = ev.cfg.kind;
-    let best = ev.fit_matrix(
-        &x,
-        refs.clone(),
-        kind,
-        &name,
-        &family,
-        stage.name(),
-        refs[0].layer,
-    )?;
+        .all(|(k, _)| store.manifest.keys.contains_key(*k));
+    let ffn_keys: &[(&str, Stage)] = if has_ffn { &FFN_KEYS } else { &[] };
+    progress.set_length(
+        (HIDDEN_KEYS.len() * nl + (LOOKBACK_KEYS.len() + ffn_keys.len()) * (nl + 1)) as u64,
+    );
+    let mut grid = Grid::default();
+    grid.hidden(&ev, progress)?;
+    grid.per_layer_families(&ev, ffn_keys, progress)?;
+    let logit = store.load(LOGIT_KEY)?;
+    grid.logit(&ev, &logit)?;
+    let (unsupervised, length) = grid.unsupervised(&ev, &logit)?;
+    grid.combinations(&ev, has_ffn)?;
+    let best = grid.select_best(&ev, ev.cfg.serving)?;
+    let (stage, _) = stage_and_name(&best.refs);
     let probe = probe_file(
         store,
-        kind,
+        ev.cfg.kind,
         stage,
         best.refs.clone(),
         best.threshold,
         best.net,
     );
-    let baselines: Vec<CellResult> = [
-        Some(perplexity),
-        llmcheck.map(|x| x.1),
-        saplma,
-        lookback_lens,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    progress(total, total, "done");
+    let mut baselines = unsupervised;
+    baselines.extend(grid.saplma);
+    baselines.extend(grid.lookback_lens);
+    progress.finish();
     Ok((
         GridReport {
             triples: store.len(),
             train_triples: ev.splits.train.len(),
             val_triples: ev.splits.val.len(),
             test_triples: ev.splits.test.len(),
-            cells,
+            positive_share: store.labels.iter().filter(|&&l| l > 0.5).count() as f64
+                / store.len().max(1) as f64,
+            cells: grid.cells,
             baselines,
             reference: vec![length],
             best: best.result,
-            best_features: refs.iter().map(FeatureRef::label).collect(),
+            best_features: best.refs.iter().map(FeatureRef::label).collect(),
         },
         probe,
     ))

@@ -1,12 +1,12 @@
-//! The resumable extraction loop: HaluEval rows -> chunks of features.
-use crate::data::{shuffled_indices, QaRow};
+//! The resumable extraction loop of given answers: HaluEval rows (QA, dialogue, summarization)
+//! -> chunks of features.
+use crate::data::{shuffled_indices, GivenRow};
 use crate::error::{HaluError, Result};
 use crate::features::{key_shapes, ExtractConfig, Extractor, Features};
-use crate::store::{
-    chunk_bytes, read_manifest, write_atomic, write_json, ChunkInfo, Manifest, ModelDims, FORMAT,
-    MANIFEST,
-};
+use crate::store::{chunk_bytes, read_manifest, ChunkInfo, Manifest, ModelDims, FORMAT, MANIFEST};
 use std::path::Path;
+use umbra_common::fs::{write_atomic, write_json};
+use umbra_common::progress::Progress;
 use umbra_model::llama::Llama;
 use umbra_model::tokenizer::TextTokenizer;
 
@@ -15,6 +15,7 @@ use umbra_model::tokenizer::TextTokenizer;
 pub struct ExtractJob {
     /// Data source label stored in the manifest (asset name or path).
     pub data: String,
+    /// The extraction settings; `cfg.layout` is the task's prompt layout.
     pub model_path: String,
     /// Rows to use (after a seeded shuffle); `None` = all.
     pub limit: Option<usize>,
@@ -41,10 +42,10 @@ pub struct ExtractSummary {
 pub fn run_extraction(
     model: &Llama,
     tok: &TextTokenizer,
-    rows: &[QaRow],
+    rows: &[GivenRow],
     job: &ExtractJob,
     out: &Path,
-    progress: Option<&indicatif::ProgressBar>,
+    progress: &Progress,
 ) -> Result<ExtractSummary> {
     if rows.is_empty() {
         return Err(HaluError::Empty("no HaluEval rows to extract".into()));
@@ -63,6 +64,7 @@ pub fn run_extraction(
         chunk_rows: job.chunk_rows,
         keys: key_shapes(dims.num_layers, dims.hidden_size, dims.num_heads),
         chunks: vec![],
+        own: None,
     };
     if out.join(MANIFEST).exists() {
         let old = read_manifest(out)?;
@@ -104,9 +106,7 @@ pub fn run_extraction(
     let ex = Extractor::new(model, tok, job.cfg.clone());
     let t0 = std::time::Instant::now();
     let (mut written, mut skipped) = (0, 0);
-    if let Some(pb) = progress {
-        pb.set_length(n as u64);
-    }
+    progress.set_length(n as u64);
     for ci in 0..nchunks {
         let ids = &order[ci * job.chunk_rows..((ci + 1) * job.chunk_rows).min(n)];
         if manifest
@@ -115,9 +115,7 @@ pub fn run_extraction(
             .any(|c| c.index == ci && c.triples == 2 * ids.len())
         {
             skipped += 1;
-            if let Some(pb) = progress {
-                pb.inc(ids.len() as u64);
-            }
+            progress.inc(ids.len() as u64);
             continue;
         }
         let mut feats: Vec<Features> = Vec::with_capacity(2 * ids.len());
@@ -126,9 +124,9 @@ pub fn run_extraction(
         for &r in ids {
             let row = &rows[r];
             let f = ex.extract_mapped(
-                Some(&row.knowledge),
-                &row.question,
-                &[&row.right_answer, &row.hallucinated_answer],
+                row.context.as_deref(),
+                &row.query,
+                &[&row.right, &row.hallucinated],
                 job.token_map.as_deref(),
             )?;
             for (label, fe) in [0.0f32, 1.0].into_iter().zip(f) {
@@ -136,9 +134,7 @@ pub fn run_extraction(
                 labels.push(label);
                 row_ids.push(r as u32);
             }
-            if let Some(pb) = progress {
-                pb.inc(1);
-            }
+            progress.inc(1);
         }
         let file = format!("chunk-{ci:05}.safetensors");
         write_atomic(
@@ -150,6 +146,8 @@ pub fn run_extraction(
             file,
             index: ci,
             triples: feats.len(),
+            answers: None,
+            questions: None,
         });
         manifest.chunks.sort_by_key(|c| c.index);
         write_json(&out.join(MANIFEST), &manifest)?;

@@ -1,76 +1,7 @@
-//! AUROC (Mann-Whitney, ties counted half), bootstrap confidence intervals over rows,
-//! accuracy and F1.
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
-/// Area under the ROC curve of `scores` (higher = more likely label 1) against `labels`
-/// (0/1): `P(s+ > s-) + P(s+ = s-)/2`. `None` when one class is absent.
-pub fn auroc(scores: &[f32], labels: &[f32]) -> Option<f64> {
-    let mut idx: Vec<usize> = (0..scores.len().min(labels.len())).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
-    let (mut rank_sum, mut npos) = (0f64, 0usize);
-    let mut i = 0;
-    while i < idx.len() {
-        let mut j = i;
-        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
-            j += 1;
-        }
-        let avg = (i + j) as f64 / 2.0 + 1.0; // 1-based mid-rank of the tie group
-        for &k in &idx[i..=j] {
-            if labels[k] > 0.5 {
-                rank_sum += avg;
-                npos += 1;
-            }
-        }
-        i = j + 1;
-    }
-    let nneg = idx.len() - npos;
-    if npos == 0 || nneg == 0 {
-        return None;
-    }
-    Some((rank_sum - (npos * (npos + 1)) as f64 / 2.0) / (npos as f64 * nneg as f64))
-}
-
-/// Percentile bootstrap 95% interval of AUROC, resampling *groups* (HaluEval rows: both
-/// triples of a row move together). Returns `(low, high)`.
-pub fn bootstrap_auroc_ci(
-    scores: &[f32],
-    labels: &[f32],
-    groups: &[u32],
-    resamples: usize,
-    seed: u64,
-) -> Option<(f64, f64)> {
-    let mut by_group: std::collections::BTreeMap<u32, Vec<usize>> = Default::default();
-    for (i, g) in groups.iter().enumerate() {
-        by_group.entry(*g).or_default().push(i);
-    }
-    let gs: Vec<&Vec<usize>> = by_group.values().collect();
-    if gs.is_empty() || resamples == 0 {
-        return None;
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut vals = Vec::with_capacity(resamples);
-    let (mut s, mut l) = (Vec::new(), Vec::new());
-    for _ in 0..resamples {
-        s.clear();
-        l.clear();
-        for _ in 0..gs.len() {
-            for &i in gs[rng.random_range(0..gs.len())] {
-                s.push(scores[i]);
-                l.push(labels[i]);
-            }
-        }
-        if let Some(a) = auroc(&s, &l) {
-            vals.push(a);
-        }
-    }
-    if vals.is_empty() {
-        return None;
-    }
-    vals.sort_by(|a, b| a.total_cmp(b));
-    let q = |p: f64| vals[((vals.len() - 1) as f64 * p).round() as usize];
-    Some((q(0.025), q(0.975)))
-}
+//! Decision metrics of a probe at a threshold (accuracy, F1), the threshold itself, and how far
+//! above chance a test AUROC must be before luck is ruled out. AUROC and its bootstrap interval
+//! are [`umbra_common::metrics`]'s (re-exported here).
+pub use umbra_common::metrics::{auroc, bootstrap_auroc_ci};
 
 /// Accuracy and F1 (positive = hallucinated) of `score >= threshold`.
 pub fn accuracy_f1(scores: &[f32], labels: &[f32], threshold: f32) -> (f64, f64) {
@@ -117,45 +48,46 @@ pub fn best_threshold(scores: &[f32], labels: &[f32]) -> f32 {
     best.1
 }
 
+/// The `1 - alpha` quantile of the test AUROC of a detector that knows nothing, on these
+/// labels: under the null hypothesis (scores independent of labels, as for a probe fitted
+/// without the test rows) every assignment of the scores to the items is equally likely, so
+/// the AUROC's null distribution is a permutation distribution. It is estimated by `perms`
+/// random permutations of `labels` over `scores` (seeded); with `perms >= 20 / alpha` the
+/// estimate is stable. An AUROC above the bound happens by luck with probability `<= alpha`.
+pub fn auroc_permutation_bound(
+    scores: &[f32],
+    labels: &[f32],
+    alpha: f64,
+    perms: usize,
+    seed: u64,
+) -> Option<f64> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    auroc(scores, labels)?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut l = labels.to_vec();
+    let mut vals: Vec<f64> = (0..perms.max(1))
+        .filter_map(|_| {
+            l.shuffle(&mut rng);
+            auroc(scores, &l)
+        })
+        .collect();
+    vals.sort_by(|a, b| a.total_cmp(b));
+    let i = (((1.0 - alpha) * vals.len() as f64).ceil() as usize).min(vals.len()) - 1;
+    Some(vals[i])
+}
+
+/// Normal approximation of the same bound without ties: the Mann-Whitney statistic of `n_pos`
+/// positives and `n_neg` negatives has null mean 1/2 and standard deviation
+/// `sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg))` on the AUROC scale.
+pub fn auroc_null_sd(n_pos: usize, n_neg: usize) -> f64 {
+    let (p, n) = (n_pos.max(1) as f64, n_neg.max(1) as f64);
+    ((p + n + 1.0) / (12.0 * p * n)).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn auroc_known_values() {
-        assert_eq!(
-            auroc(&[0.1, 0.2, 0.8, 0.9], &[0.0, 0.0, 1.0, 1.0]),
-            Some(1.0)
-        );
-        assert_eq!(
-            auroc(&[0.9, 0.8, 0.2, 0.1], &[0.0, 0.0, 1.0, 1.0]),
-            Some(0.0)
-        );
-        // One tie between a positive and a negative: 3 wins + 0.5 of 4 pairs.
-        assert_eq!(
-            auroc(&[0.1, 0.5, 0.5, 0.9], &[0.0, 0.0, 1.0, 1.0]),
-            Some(0.875)
-        );
-        assert_eq!(auroc(&[0.1, 0.2], &[1.0, 1.0]), None);
-    }
-
-    #[test]
-    fn bootstrap_interval_brackets_the_estimate() {
-        let n = 400;
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
-        let labels: Vec<f32> = (0..n).map(|i| (i % 2) as f32).collect();
-        let scores: Vec<f32> = labels
-            .iter()
-            .map(|l| l + rng.random_range(-1.0f32..1.0))
-            .collect();
-        let groups: Vec<u32> = (0..n as u32).map(|i| i / 2).collect();
-        let a = auroc(&scores, &labels).unwrap();
-        let (lo, hi) = bootstrap_auroc_ci(&scores, &labels, &groups, 300, 0).unwrap();
-        assert!(
-            lo < a && a < hi && hi - lo < 0.2 && lo > 0.6,
-            "{lo} {a} {hi}"
-        );
-    }
 
     #[test]
     fn threshold_and_f1() {
@@ -164,5 +96,17 @@ mod tests {
         let t = best_threshold(&s, &l);
         assert_eq!(accuracy_f1(&s, &l, t), (1.0, 1.0));
         assert_eq!(accuracy_f1(&s, &l, 0.8), (0.75, 2.0 / 3.0));
+    }
+
+    #[test]
+    fn permutation_bound_matches_the_normal_approximation() {
+        // 60 positives and 60 negatives with distinct scores: the 99.9% quantile is about
+        // 0.5 + 3.09 sd.
+        let scores: Vec<f32> = (0..120).map(|i| i as f32).collect();
+        let labels: Vec<f32> = (0..120).map(|i| ((i * 7) % 2) as f32).collect();
+        let b = auroc_permutation_bound(&scores, &labels, 1e-3, 40_000, 3).unwrap();
+        let want = 0.5 + 3.09 * auroc_null_sd(60, 60);
+        assert!((b - want).abs() < 0.015, "{b} vs {want}");
+        assert!(auroc_permutation_bound(&scores, &[1.0; 120], 1e-3, 10, 0).is_none());
     }
 }

@@ -43,6 +43,7 @@ use umbra_aloepri::compiler::{check_key_for, recorded_fingerprint, special_ids};
 use umbra_aloepri::statemap::StateMaps;
 use umbra_aloepri::{ClientKey, ObfuscationParams};
 use umbra_model::checkpoint::Checkpoint;
+use umbra_model::tokenizer::TextTokenizer;
 use umbra_model::LlamaConfig;
 
 /// How a feature family transforms under the key.
@@ -249,9 +250,22 @@ pub struct TransformReport {
     pub seconds: f64,
 }
 
-/// Reads the plaintext probe, the plaintext checkpoint (for the special ids the compiler kept
-/// fixed), the obfuscated checkpoint's config and the client key; writes the transformed probe
-/// to `out` atomically. Errors on a key for another checkpoint or a probe for another model.
+/// The special token ids the compiler keeps fixed under `tau`, from the plaintext model's
+/// loaded config and tokenizer (no weights: [`special_ids`] reads only these two parts of a
+/// checkpoint, so it gets a checkpoint without tensors).
+pub fn plain_special_ids(cfg: &LlamaConfig, tok: Option<&TextTokenizer>) -> Vec<u32> {
+    special_ids(&Checkpoint {
+        config: cfg.clone(),
+        weights: Default::default(),
+        tokenizer: tok.cloned(),
+        source: Default::default(),
+    })
+}
+
+/// Reads the plaintext probe, the plaintext model's config and tokenizer (for the special ids
+/// the compiler kept fixed; its weights are not loaded), the obfuscated checkpoint's config and
+/// the client key; writes the transformed probe to `out` atomically. Errors on a key for
+/// another checkpoint or a probe for another model.
 pub fn transform_probe_files(
     probe: &Path,
     plain_model: &Path,
@@ -263,11 +277,9 @@ pub fn transform_probe_files(
     let probe = ProbeFile::load(probe)?;
     let key = ClientKey::load(key)?;
     check_key_for(obf_model, &key)?;
-    let ck = Checkpoint::open(plain_model)?;
-    check_transformable(&probe, &ck.config, &key.params)?;
-    let specials = special_ids(&ck);
-    let plain_cfg = ck.config.clone();
-    drop(ck);
+    let (plain_cfg, plain_tok) = Checkpoint::open_config_and_tokenizer(plain_model)?;
+    check_transformable(&probe, &plain_cfg, &key.params)?;
+    let specials = plain_special_ids(&plain_cfg, plain_tok.as_ref());
     let (obf_cfg, _) = Checkpoint::open_config_and_tokenizer(obf_model)?;
     let maps = StateMaps::regenerate(&plain_cfg, &specials, &key)?;
     let t = transform_probe(&probe, &plain_cfg, &obf_cfg, &key, &maps)?;

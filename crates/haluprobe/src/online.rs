@@ -13,13 +13,21 @@
 //!    last token was never fed), one more decode step, then [`OnlineFeatures::finish`].
 //!
 //! Answers are cut at `max_answer_tokens` as in extraction. Lookback ratios need attention
-//! probabilities and `ffn.*` statistics the FFN activations, neither of which the batched
-//! decode path emits: probes that read them are refused by [`TapPlan::for_probe`].
+//! probabilities and `ffn.*` statistics the FFN activations, which the server's batched decode
+//! step does not request: probes that read them are refused by [`TapPlan::for_probe`]. Own-answer
+//! generation ([`crate::generation`]) asks for both ([`TapPlan::every_family`]) and also feeds
+//! [`OnlineFeatures::set_prompt_ffn`], [`OnlineFeatures::push_lookback`] and
+//! [`OnlineFeatures::push_ffn`], so that every family comes from the generation pass itself.
 use crate::error::{HaluError, Result};
-use crate::features::{
-    key_shapes, llmcheck_score, logit_vector, mean_rows, Features, LLMCHECK_KEY, LOGIT_KEY,
-};
+use crate::features::{logit_vector, mean_rows, Features};
+use crate::ffn_stats::ffn_features;
+use crate::keys::{key_shapes, ExtractConfig, FFN_STATS, LLMCHECK_KEY, LOGIT_KEY, LOOKBACK_KEYS};
+use crate::llmcheck::llmcheck_score;
 use crate::probe::ProbeMeta;
+use crate::store::ModelDims;
+
+/// Per-token FFN statistics of every layer (`[L]` rows of [`FFN_STATS`]).
+pub type FfnRow = Vec<[f32; FFN_STATS]>;
 
 /// Which layers a probe's features need, and the extraction settings it was trained with.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,9 +40,27 @@ pub struct TapPlan {
     pub num_heads: usize,
     pub window: usize,
     pub max_answer_tokens: usize,
+    /// Whether lookback ratios are fed ([`OnlineFeatures::push_lookback`]).
+    pub lookback: bool,
+    /// Whether FFN statistics are fed ([`OnlineFeatures::set_prompt_ffn`], `push_ffn`).
+    pub ffn: bool,
 }
 
 impl TapPlan {
+    /// Every layer and every family (own-answer generation).
+    pub fn every_family(dims: &ModelDims, cfg: &ExtractConfig) -> Self {
+        Self {
+            layers: (0..dims.num_layers).collect(),
+            num_layers: dims.num_layers,
+            hidden_size: dims.hidden_size,
+            num_heads: dims.num_heads,
+            window: cfg.window.max(1),
+            max_answer_tokens: cfg.max_answer_tokens.max(1),
+            lookback: true,
+            ffn: true,
+        }
+    }
+
     /// The taps `meta`'s features need; an error for features serving cannot collect.
     pub fn for_probe(meta: &ProbeMeta) -> Result<Self> {
         let nl = meta.model.num_layers;
@@ -78,6 +104,8 @@ impl TapPlan {
             num_heads: meta.model.num_heads,
             window: meta.extract.window.max(1),
             max_answer_tokens: meta.extract.max_answer_tokens.max(1),
+            lookback: false,
+            ffn: false,
         })
     }
 }
@@ -95,6 +123,11 @@ pub struct OnlineFeatures {
     /// Log-probability and entropy of the distribution each answer token was sampled from.
     logprobs: Vec<f32>,
     entropies: Vec<f32>,
+    /// Per-token FFN statistics of the prompt, `[L][P]` (plans with `ffn`).
+    prompt_ffn: Vec<FfnRow>,
+    /// Per answer token fed: lookback ratios `[L*H]` and FFN statistics `[L]`.
+    lookback: Vec<Vec<f32>>,
+    answer_ffn: Vec<FfnRow>,
 }
 
 impl OnlineFeatures {
@@ -108,7 +141,55 @@ impl OnlineFeatures {
             answer: vec![vec![]; k],
             logprobs: vec![],
             entropies: vec![],
+            prompt_ffn: vec![],
+            lookback: vec![],
+            answer_ffn: vec![],
         }
+    }
+
+    /// Per-token FFN statistics of the prompt: `stats[l]` holds the `P` rows of layer `l`
+    /// (every layer; plans with `ffn`).
+    pub fn set_prompt_ffn(&mut self, stats: Vec<FfnRow>) -> Result<()> {
+        if stats.len() != self.plan.num_layers || stats.iter().any(Vec::is_empty) {
+            return Err(HaluError::Input(format!(
+                "prompt FFN taps: expected {} layers of P > 0 rows",
+                self.plan.num_layers
+            )));
+        }
+        self.prompt_ffn = stats;
+        Ok(())
+    }
+
+    /// Lookback ratios `[L*H]` (layer-major) of the answer token just fed.
+    pub fn push_lookback(&mut self, ratios: Vec<f32>) -> Result<()> {
+        if self.lookback.len() >= self.logprobs.len() {
+            return Ok(());
+        }
+        let want = self.plan.num_layers * self.plan.num_heads;
+        if ratios.len() != want {
+            return Err(HaluError::Input(format!(
+                "lookback taps: {} ratios, expected {want}",
+                ratios.len()
+            )));
+        }
+        self.lookback.push(ratios);
+        Ok(())
+    }
+
+    /// FFN statistics `[L]` of the answer token just fed.
+    pub fn push_ffn(&mut self, stats: FfnRow) -> Result<()> {
+        if self.answer_ffn.len() >= self.logprobs.len() {
+            return Ok(());
+        }
+        if stats.len() != self.plan.num_layers {
+            return Err(HaluError::Input(format!(
+                "FFN taps: {} layers, expected {}",
+                stats.len(),
+                self.plan.num_layers
+            )));
+        }
+        self.answer_ffn.push(stats);
+        Ok(())
     }
 
     /// Prompt rows of each planned layer (in [`TapPlan::layers`] order), `[P][d]`.
@@ -180,7 +261,10 @@ impl OnlineFeatures {
 
     /// True when a pushed token has not been fed yet (one more decode step is needed).
     pub fn needs_tail(&self) -> bool {
-        !self.plan.layers.is_empty() && self.answer[0].len() < self.logprobs.len()
+        let n = self.logprobs.len();
+        (!self.plan.layers.is_empty() && self.answer[0].len() < n)
+            || (self.plan.lookback && self.lookback.len() < n)
+            || (self.plan.ffn && self.answer_ffn.len() < n)
     }
 
     /// The features, in full shapes (layers a probe does not read are zero); `None` for an
@@ -244,6 +328,27 @@ impl OnlineFeatures {
             LOGIT_KEY.into(),
             logit_vector(&self.logprobs, &self.entropies),
         );
+        if p.lookback {
+            // As in extraction: the first token's ratios, and the f32 mean over the tokens.
+            let mut sum = vec![0f32; self.lookback[0].len()];
+            for r in &self.lookback {
+                for (s, x) in sum.iter_mut().zip(r) {
+                    *s += *x;
+                }
+            }
+            let mean = sum.into_iter().map(|s| s / n as f32).collect();
+            f.insert(LOOKBACK_KEYS[0].0.into(), self.lookback[0].clone());
+            f.insert(LOOKBACK_KEYS[1].0.into(), mean);
+        }
+        if p.ffn {
+            if self.prompt_ffn.is_empty() {
+                return Err(HaluError::Input("prompt FFN taps were never set".into()));
+            }
+            let answer: Vec<FfnRow> = (0..p.num_layers)
+                .map(|l| self.answer_ffn.iter().map(|t| t[l]).collect())
+                .collect();
+            f.extend(ffn_features(&self.prompt_ffn, &answer, n)?);
+        }
         Ok(Some(f))
     }
 }

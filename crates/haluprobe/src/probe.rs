@@ -5,8 +5,8 @@
 //! rows; logreg: `f(z) = w·z + b`; MLP: ReLU layers (SAPLMA: 256-128-64) then a linear output.
 //! Training minimizes mean binary cross-entropy `+ l2 · Σ‖W‖²` with Adam.
 use crate::error::{HaluError, Result};
-use crate::features::{key_shapes, ExtractConfig, Features, Stage};
-use crate::store::{write_atomic, Matrix, ModelDims};
+use crate::keys::{key_shapes, ExtractConfig, Features, Stage};
+use crate::store::{Matrix, ModelDims};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::Optimizer;
 use rand::{Rng, SeedableRng};
@@ -14,11 +14,11 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::HashMap;
 use std::path::Path;
+use umbra_common::fs::write_atomic;
 
 /// Probe family.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum ProbeKind {
     Logreg,
@@ -437,7 +437,7 @@ impl ProbeFile {
         let md: HashMap<String, String> = [(META_KEY.to_string(), meta)].into();
         let bytes = safetensors::tensor::serialize(views, Some(md))
             .map_err(|e| HaluError::Input(e.to_string()))?;
-        write_atomic(path, &bytes)
+        Ok(write_atomic(path, &bytes)?)
     }
 
     /// Reads and validates a probe file (metadata, tensor shapes, layer chain).

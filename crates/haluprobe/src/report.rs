@@ -1,9 +1,10 @@
-//! Report files: Markdown tables, CSV, an SVG figure of AUROC per layer, and flat JSON.
-use crate::error::{HaluError, Result};
+//! Report files: Markdown tables, CSV, an SVG figure of AUROC per layer (feature `plot`), and
+//! flat JSON.
+use crate::error::Result;
 use crate::eval::{CellResult, GridReport};
-use crate::store::{write_atomic, write_json};
 use std::collections::BTreeMap;
 use std::path::Path;
+use umbra_common::fs::{write_atomic, write_json};
 
 fn fmt_cell(c: &CellResult) -> String {
     format!(
@@ -26,8 +27,12 @@ const HEADER: &str = "| detector | family | stage | method | val AUROC | test AU
 /// The summary table: best probe, baselines, reference, and the best cell per (family, stage).
 pub fn summary_markdown(r: &GridReport) -> String {
     let mut s = format!(
-        "{} triples ({} train / {} val / {} test triples, split by HaluEval row)\n\n{HEADER}\n",
-        r.triples, r.train_triples, r.val_triples, r.test_triples
+        "{} triples ({} train / {} val / {} test triples, split by question; {:.1}% hallucinated)\n\n{HEADER}\n",
+        r.triples,
+        r.train_triples,
+        r.val_triples,
+        r.test_triples,
+        100.0 * r.positive_share
     );
     s += &format!("{} **(best probe)**\n", fmt_cell(&r.best));
     for b in &r.baselines {
@@ -109,6 +114,7 @@ pub fn flat_json(r: &GridReport) -> serde_json::Value {
     m.insert("best_method".into(), r.best.method.clone().into());
     m.insert("triples".into(), r.triples.into());
     m.insert("test_triples".into(), r.test_triples.into());
+    m.insert("positive_share".into(), r.positive_share.into());
     for b in r.baselines.iter().chain(&r.reference) {
         m.insert(b.name.clone(), b.test_auroc.into());
         m.insert(format!("{}_ci_low", b.name), b.ci_low.into());
@@ -125,10 +131,10 @@ pub fn flat_json(r: &GridReport) -> serde_json::Value {
     serde_json::Value::Object(m)
 }
 
-/// SVG: test AUROC per layer for every per-layer feature, baselines as horizontal lines.
+/// SVG: test AUROC per layer for every per-layer feature, baselines as flat lines.
+#[cfg(feature = "plot")]
 pub fn figure_svg(r: &GridReport) -> Result<String> {
-    use plotters::prelude::*;
-    let perr = |e: &dyn std::fmt::Display| HaluError::Plot(e.to_string());
+    use umbra_common::plot::{Figure, Panel, Series, Style};
     let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for c in &r.cells {
         if let (Some(l), true) = (c.layer, c.family != "combo") {
@@ -143,65 +149,40 @@ pub fn figure_svg(r: &GridReport) -> Result<String> {
         .values()
         .flat_map(|v| v.iter().map(|p| p.0))
         .fold(1.0f64, f64::max);
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, (1000, 620)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| perr(&e))?;
-        let mut chart = ChartBuilder::on(&root)
-            .caption(
-                format!("HaluProbe: test AUROC per layer ({} triples)", r.triples),
-                ("sans-serif", 20),
-            )
-            .margin(15)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d(0f64..nl, 0.3f64..1.0f64)
-            .map_err(|e| perr(&e))?;
-        chart
-            .configure_mesh()
-            .x_desc("layer")
-            .y_desc("test AUROC")
-            .draw()
-            .map_err(|e| perr(&e))?;
-        for (i, (k, pts)) in series.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
-            let mut pts = pts.clone();
-            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
-            chart
-                .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-                .map_err(|e| perr(&e))?
-                .label(k.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        }
-        for (i, b) in r.baselines.iter().enumerate() {
-            let color = Palette99::pick(i + series.len()).to_rgba();
-            chart
-                .draw_series(DashedLineSeries::new(
-                    vec![(0.0, b.test_auroc), (nl, b.test_auroc)],
-                    6,
-                    4,
-                    color.stroke_width(1),
-                ))
-                .map_err(|e| perr(&e))?
-                .label(format!("baseline: {}", b.name))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| perr(&e))?;
-        root.present().map_err(|e| perr(&e))?;
-    }
-    Ok(svg)
+    let mut all: Vec<Series> = series
+        .into_iter()
+        .map(|(name, points)| Series {
+            name,
+            points,
+            style: Style::Line,
+        })
+        .collect();
+    all.extend(r.baselines.iter().map(|b| Series {
+        name: format!("baseline: {}", b.name),
+        points: vec![(0.0, b.test_auroc), (nl, b.test_auroc)],
+        style: Style::Line,
+    }));
+    let fig = Figure::single(Panel {
+        title: format!("HaluProbe: test AUROC per layer ({} triples)", r.triples),
+        x_label: "layer".into(),
+        y_label: "test AUROC".into(),
+        x_range: (0.0, nl),
+        y_range: (0.3, 1.0),
+        series: all,
+    });
+    Ok(fig.svg()?)
 }
 
-/// Writes `report.md`, `cells.csv`, `auroc_by_layer.svg` and `report.json` into `dir`.
+/// Writes `report.md`, `cells.csv`, `report.json` and (feature `plot`) `auroc_by_layer.svg`
+/// into `dir`.
 pub fn write_report(r: &GridReport, dir: &Path) -> Result<()> {
+    let figure = if cfg!(feature = "plot") {
+        "![AUROC per layer](auroc_by_layer.svg)\n"
+    } else {
+        ""
+    };
     let md = format!(
-        "# HaluProbe report\n\n{}\n## Test AUROC per feature and layer\n\n{}\n![AUROC per layer](auroc_by_layer.svg)\n",
+        "# HaluProbe report\n\n{}\n## Test AUROC per feature and layer\n\n{}\n{figure}",
         summary_markdown(r),
         layer_table_markdown(r)
     );
@@ -232,6 +213,7 @@ pub fn write_report(r: &GridReport, dir: &Path) -> Result<()> {
         );
     }
     write_atomic(&dir.join("cells.csv"), csv.as_bytes())?;
+    #[cfg(feature = "plot")]
     write_atomic(&dir.join("auroc_by_layer.svg"), figure_svg(r)?.as_bytes())?;
-    write_json(&dir.join("report.json"), &flat_json(r))
+    Ok(write_json(&dir.join("report.json"), &flat_json(r))?)
 }

@@ -3,14 +3,15 @@
 //! ```no_run
 //! # fn main() -> umbra_haluprobe::Result<()> {
 //! use umbra_haluprobe::score::Scorer;
-//! # let (model, tok) = umbra_haluprobe::cli::load_model(std::path::Path::new("model"))?;
+//! # let (model, tok) = umbra_haluprobe::source::load_model(std::path::Path::new("model"))?;
 //! let scorer = Scorer::load(std::path::Path::new("probe.safetensors"), model.config())?;
 //! let s = scorer.score(&model, &tok, Some("Paris is the capital of France."), "Capital of France?", "Paris")?;
 //! println!("{} at the {} stage", s.score, s.stage.name());
 //! # Ok(()) }
 //! ```
 use crate::error::Result;
-use crate::features::{Extractor, Features, Stage};
+use crate::features::Extractor;
+use crate::keys::{Features, Stage};
 use crate::probe::ProbeFile;
 use std::path::Path;
 use umbra_model::llama::Llama;

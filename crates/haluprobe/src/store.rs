@@ -6,9 +6,13 @@
 //!   per-triple shape of every key, and the list of complete chunks;
 //! - `chunk-NNNNN.safetensors`: for the `m` triples of that chunk, every key as `[m, ..shape]`
 //!   (`hidden.*` in F16, the rest F32), `label` `[m]` F32 (1 = hallucinated) and `row` `[m]`
-//!   U32 (the HaluEval row id, for row-level splits).
+//!   U32 (the HaluEval row id, for row-level splits);
+//! - own-answer folders (`umbra halluc generate`) also hold `answers-NNNNN.jsonl` per chunk
+//!   ([`crate::answers::AnswerRecord`]: the question, its aliases, the answer and its label),
+//!   and their manifest records how the answers were generated ([`OwnSetup`]); a chunk then
+//!   holds one triple per non-empty answer (`row` = question index).
 use crate::error::{HaluError, Result};
-use crate::features::{ExtractConfig, Features};
+use crate::keys::{ExtractConfig, Features};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +47,30 @@ pub struct ChunkInfo {
     /// Index of the chunk (rows `index*chunk_rows ..` of the extraction order).
     pub index: usize,
     pub triples: usize,
+    /// Own-answer folders: the chunk's answers file and its question count (empty answers
+    /// included; they have no triple).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub questions: Option<usize>,
+}
+
+/// How the answers of an own-answer folder were generated (`umbra halluc generate`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OwnSetup {
+    /// Question set (`halueval-qa`, `nq-open`, `trivia-qa`, ... or a path).
+    pub task: String,
+    /// Whether the prompt carries the knowledge passage (HaluEval QA) or is closed book.
+    pub knowledge: bool,
+    /// Whether the model's chat template wrapped the prompt.
+    pub chat: bool,
+    /// [`crate::source::model_fingerprint`] of the model that wrote the answers: a folder is
+    /// resumed, and its answers re-used, only with the same model.
+    pub model_fingerprint: String,
+    pub max_new_tokens: usize,
+    /// Sampled answers per question (sampling baseline) and their temperature.
+    pub samples: usize,
+    pub temperature: f32,
 }
 
 /// `manifest.json`.
@@ -60,6 +88,9 @@ pub struct Manifest {
     /// Per-triple shape of every feature key.
     pub keys: BTreeMap<String, Vec<usize>>,
     pub chunks: Vec<ChunkInfo>,
+    /// Set in own-answer folders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own: Option<OwnSetup>,
 }
 
 impl Manifest {
@@ -75,33 +106,12 @@ impl Manifest {
             && self.extract == other.extract
             && self.chunk_rows == other.chunk_rows
             && self.keys == other.keys
+            && self.own == other.own
     }
 
     pub fn triples(&self) -> usize {
         self.chunks.iter().map(|c| c.triples).sum()
     }
-}
-
-/// Writes `bytes` to `path` through a temp file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| HaluError::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| HaluError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| HaluError::io(path, e))
-}
-
-/// Pretty JSON, atomically.
-pub fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    let s = serde_json::to_string_pretty(v).map_err(|e| HaluError::Input(e.to_string()))?;
-    write_atomic(path, (s + "\n").as_bytes())
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
@@ -235,6 +245,8 @@ impl Matrix {
 pub struct FeatureStore {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The chunks with at least one triple, and their memory maps.
+    files: Vec<PathBuf>,
     maps: Vec<memmap2::Mmap>,
     pub labels: Vec<f32>,
     pub rows: Vec<u32>,
@@ -275,16 +287,17 @@ impl FeatureStore {
     /// the manifest's shape, labels in {0, 1}, at least one triple.
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = read_manifest(dir)?;
-        if manifest.chunks.is_empty() {
+        if manifest.triples() == 0 {
             return Err(HaluError::Empty(format!(
-                "{} holds no complete chunk (run `umbra halluc extract` first)",
+                "{} holds no triple (run `umbra halluc extract` or `generate` first)",
                 dir.display()
             )));
         }
         let mut maps = Vec::new();
+        let mut files = Vec::new();
         let mut labels = Vec::new();
         let mut rows = Vec::new();
-        for c in &manifest.chunks {
+        for c in manifest.chunks.iter().filter(|c| c.triples > 0) {
             let p = dir.join(&c.file);
             let f = std::fs::File::open(&p).map_err(|e| HaluError::io(&p, e))?;
             // SAFETY: chunks are written once by rename and never modified in place.
@@ -331,10 +344,12 @@ impl FeatureStore {
                 rows.extend(row.into_iter().map(|r| r as u32));
             }
             maps.push(map);
+            files.push(p);
         }
         Ok(Self {
             dir: dir.into(),
             manifest,
+            files,
             maps,
             labels,
             rows,
@@ -381,16 +396,16 @@ impl FeatureStore {
     pub fn load(&self, key: &str) -> Result<Matrix> {
         let cols: usize = self.shape(key)?.iter().product();
         let mut data = Vec::with_capacity(self.len() * cols);
-        for (map, c) in self.maps.iter().zip(&self.manifest.chunks) {
-            let p = self.dir.join(&c.file);
-            let st = SafeTensors::deserialize(map).map_err(|e| malformed(&p, e.to_string()))?;
+        for (map, p) in self.maps.iter().zip(&self.files) {
+            let p = p.as_path();
+            let st = SafeTensors::deserialize(map).map_err(|e| malformed(p, e.to_string()))?;
             let v = st
                 .tensor(key)
-                .map_err(|_| malformed(&p, format!("missing key `{key}`")))?;
+                .map_err(|_| malformed(p, format!("missing key `{key}`")))?;
             let vals =
-                read_f32s(&v).ok_or_else(|| malformed(&p, format!("bad dtype for `{key}`")))?;
+                read_f32s(&v).ok_or_else(|| malformed(p, format!("bad dtype for `{key}`")))?;
             if vals.iter().any(|x| !x.is_finite()) {
-                return Err(malformed(&p, format!("non-finite values in `{key}`")));
+                return Err(malformed(p, format!("non-finite values in `{key}`")));
             }
             data.extend(vals);
         }

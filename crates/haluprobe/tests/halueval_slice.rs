@@ -2,13 +2,14 @@
 //! HaluEval QA with SmolLM2-135M, resume, train a probe on the logit features and one on the
 //! FFN statistics, score a triple.
 use umbra_assets::{Asset, Cache};
-use umbra_haluprobe::cli::{load_model, resolve_model};
-use umbra_haluprobe::data::load_halueval_qa;
+use umbra_common::progress::Progress;
+use umbra_haluprobe::data::{load_halueval_qa, GivenRow};
 use umbra_haluprobe::eval::{train_selected, EvalConfig};
 use umbra_haluprobe::extract::{run_extraction, ExtractJob};
 use umbra_haluprobe::features::ExtractConfig;
 use umbra_haluprobe::probe::FeatureRef;
 use umbra_haluprobe::score::Scorer;
+use umbra_haluprobe::source::{load_model, resolve_model};
 use umbra_haluprobe::store::FeatureStore;
 
 /// 120 rows = 240 triples; test split 40% of rows = 48 rows = 96 triples.
@@ -21,6 +22,8 @@ fn smollm2_halueval_slice_beats_chance() {
     // Fails with the fetch command when SmolLM2 is not in the cache.
     let model_dir = resolve_model("smollm2").unwrap();
     let rows = load_halueval_qa(&data).unwrap();
+    let given: Vec<GivenRow> = rows.iter().map(GivenRow::from).collect();
+    let hidden = Progress::hidden();
     let (model, tok) = load_model(&model_dir).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let job = ExtractJob {
@@ -35,21 +38,21 @@ fn smollm2_halueval_slice_beats_chance() {
         },
         token_map: None,
     };
-    let s = run_extraction(&model, &tok, &rows, &job, dir.path(), None).unwrap();
+    let s = run_extraction(&model, &tok, &given, &job, dir.path(), &hidden).unwrap();
     assert_eq!((s.triples, s.chunks_written), (2 * ROWS, 3));
     // A second run resumes: nothing left to do.
-    let s2 = run_extraction(&model, &tok, &rows, &job, dir.path(), None).unwrap();
+    let s2 = run_extraction(&model, &tok, &given, &job, dir.path(), &hidden).unwrap();
     assert_eq!((s2.chunks_written, s2.chunks_skipped), (0, 3));
     // Another setup in the same folder is refused.
     let mut other = job.clone();
     other.seed = 1;
-    assert!(run_extraction(&model, &tok, &rows, &other, dir.path(), None).is_err());
+    assert!(run_extraction(&model, &tok, &given, &other, dir.path(), &hidden).is_err());
     // A folder of an older extraction (no ffn keys) is not resumed into.
     let old = tempfile::tempdir().unwrap();
     let mut man = umbra_haluprobe::store::read_manifest(dir.path()).unwrap();
     man.keys.retain(|k, _| !k.starts_with("ffn."));
-    umbra_haluprobe::store::write_json(&old.path().join("manifest.json"), &man).unwrap();
-    let e = run_extraction(&model, &tok, &rows, &job, old.path(), None)
+    umbra_common::fs::write_json(&old.path().join("manifest.json"), &man).unwrap();
+    let e = run_extraction(&model, &tok, &given, &job, old.path(), &hidden)
         .unwrap_err()
         .to_string();
     assert!(e.contains("older extraction") && e.contains("ffn."), "{e}");

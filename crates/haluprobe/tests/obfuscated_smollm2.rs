@@ -5,7 +5,6 @@
 use umbra_aloepri::compiler::compile_checkpoint;
 use umbra_aloepri::{ClientKey, ObfuscationParams};
 use umbra_assets::{Asset, Cache};
-use umbra_haluprobe::cli::{load_model, resolve_model};
 use umbra_haluprobe::data::load_halueval_qa;
 use umbra_haluprobe::features::{ExtractConfig, Extractor, Features, Stage};
 use umbra_haluprobe::obfuscated::transform_probe_files;
@@ -13,6 +12,7 @@ use umbra_haluprobe::probe::{
     gather, FeatureRef, Net, ProbeFile, ProbeKind, ProbeMeta, TrainConfig, PROBE_FORMAT,
 };
 use umbra_haluprobe::score::Scorer;
+use umbra_haluprobe::source::{load_model, resolve_model};
 use umbra_haluprobe::store::{Matrix, ModelDims};
 
 const TRAIN_ROWS: usize = 6;

@@ -2,6 +2,8 @@
 //! resume-safe manifest, probe files and the errors on bad input; the ffn family end to end
 //! (grid, `--select`, old folders without it).
 use candle_core::{Device, Tensor};
+use umbra_common::fs::{write_atomic, write_json};
+use umbra_common::progress::Progress;
 use umbra_haluprobe::eval::{run_grid, train_selected, EvalConfig};
 use umbra_haluprobe::features::{
     extract_ids, key_shapes, ExtractConfig, Features, FFN_KEYS, FFN_STATS, FFN_STAT_NAMES,
@@ -11,8 +13,7 @@ use umbra_haluprobe::probe::{
 };
 use umbra_haluprobe::score::Scorer;
 use umbra_haluprobe::store::{
-    chunk_bytes, write_atomic, write_json, ChunkInfo, FeatureStore, Manifest, Matrix, ModelDims,
-    FORMAT, MANIFEST,
+    chunk_bytes, ChunkInfo, FeatureStore, Manifest, Matrix, ModelDims, FORMAT, MANIFEST,
 };
 use umbra_haluprobe::HaluError;
 use umbra_model::llama::{Llama, TapPoint};
@@ -167,7 +168,7 @@ fn features_have_the_declared_shapes_and_ranges() {
 /// `TapPoint::Ffn` of the same passes (prompt, then the answer from the prompt's cache).
 #[test]
 fn ffn_features_come_from_the_engine_tap() {
-    use umbra_haluprobe::features::ffn_token_stats;
+    use umbra_haluprobe::ffn_stats::ffn_token_stats;
     use umbra_model::llama::TapOptions;
     let m = tiny(2);
     let prompt = [1u32, 4, 6, 8, 10, 12];
@@ -284,7 +285,10 @@ fn write_store_keys(
             file: "chunk-00000.safetensors".into(),
             index: 0,
             triples: 2 * pairs,
+            answers: None,
+            questions: None,
         }],
+        own: None,
     };
     write_json(&dir.join(MANIFEST), &man).unwrap();
     man
@@ -386,7 +390,7 @@ fn ffn_family_in_grid_select_and_probe_files() {
     let store = FeatureStore::open(dir.path()).unwrap();
     let x = store.load_layer("ffn.generation.mean", 1).unwrap();
     assert_eq!((x.rows, x.cols), (80, FFN_STATS));
-    let (report, _) = run_grid(&store, small_eval(), &|_, _, _| {}).unwrap();
+    let (report, _) = run_grid(&store, small_eval(), &Progress::hidden()).unwrap();
     // Per layer and all layers, for every ffn key; and the combination with ffn.
     for (k, stage) in FFN_KEYS {
         let cells: Vec<_> = report
@@ -453,7 +457,7 @@ fn folders_without_the_ffn_family_still_load() {
     let dir = tempfile::tempdir().unwrap();
     write_store_keys(dir.path(), &m, 40, |k| !k.starts_with("ffn."));
     let store = FeatureStore::open(dir.path()).unwrap();
-    let (report, _) = run_grid(&store, small_eval(), &|_, _, _| {}).unwrap();
+    let (report, _) = run_grid(&store, small_eval(), &Progress::hidden()).unwrap();
     assert!(report.cells.iter().all(|c| c.family != "ffn"));
     assert!(report.cells.iter().any(|c| c.family == "lookback"));
     let e = train_selected(
@@ -468,4 +472,39 @@ fn folders_without_the_ffn_family_still_load() {
     // A bad selector names the ffn forms.
     let e = FeatureRef::parse("ffn:L:x").unwrap_err().to_string();
     assert!(e.contains("ffn:generation.mean"), "{e}");
+}
+
+#[test]
+fn transfer_matrix_covers_every_family_and_pair() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    write_store(a.path(), &tiny(2), 40);
+    write_store(b.path(), &tiny(2), 30);
+    let tasks = vec![
+        ("a".to_string(), FeatureStore::open(a.path()).unwrap()),
+        ("b".to_string(), FeatureStore::open(b.path()).unwrap()),
+    ];
+    let m = umbra_haluprobe::transfer::transfer_matrix(&tasks, &small_eval()).unwrap();
+    assert_eq!(m.families.len(), umbra_haluprobe::transfer::FAMILIES.len());
+    assert_eq!(m.cells.len(), m.families.len() * 4);
+    // Synthetic answers differ in length and tokens: in-domain cells separate them (the
+    // logit features hold the length itself).
+    for f in &m.families {
+        let c = m.cell(f, "a", "a").unwrap();
+        assert!(c.test_auroc > 0.6 && c.ci_low <= c.test_auroc, "{f}: {c:?}");
+        assert!(c.layer.is_some() == f.starts_with("hidden"), "{f}");
+    }
+    assert!(m.cell("logit", "a", "b").unwrap().test_auroc > 0.9);
+    assert!(m.markdown().contains("| train \\ test | a | b |"));
+    // One folder is not a matrix; folders of models of other sizes do not mix.
+    assert!(umbra_haluprobe::transfer::transfer_matrix(&tasks[..1], &small_eval()).is_err());
+    let c = tempfile::tempdir().unwrap();
+    write_store(c.path(), &tiny(3), 30);
+    let mixed = vec![
+        ("a".to_string(), FeatureStore::open(a.path()).unwrap()),
+        ("c".to_string(), FeatureStore::open(c.path()).unwrap()),
+    ];
+    let e = umbra_haluprobe::transfer::transfer_matrix(&mixed, &small_eval())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other dimensions"), "{e}");
 }

@@ -1,194 +1,17 @@
-//! Arguments and entry points for `umbra halluc extract|train|report|score|bench`.
-use crate::data::load_halueval_qa;
+//! `umbra halluc train|report|transfer|eval|score|obfuscate-probe`.
+use super::opts::EvalOpts;
 use crate::error::{HaluError, Result};
-use crate::eval::{run_grid, train_selected, EvalConfig};
-use crate::extract::{run_extraction, ExtractJob};
-use crate::features::ExtractConfig;
+use crate::eval::{run_grid, train_selected};
 use crate::probe::{FeatureRef, ProbeFile, ProbeKind};
 use crate::report::{flat_json, summary_markdown, write_report};
 use crate::score::{Score, Scorer};
-use crate::store::{write_json, FeatureStore};
-use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
-use umbra_assets::{Asset, Cache};
+use crate::source::{load_model, resolve_model, token_map_for};
+use crate::store::FeatureStore;
+use crate::transfer::transfer_matrix;
+use std::path::PathBuf;
+use umbra_common::fs::{write_atomic, write_json};
+use umbra_common::progress::Progress;
 use umbra_model::checkpoint::Checkpoint;
-use umbra_model::llama::Llama;
-use umbra_model::tokenizer::TextTokenizer;
-
-/// `smollm2` -> the cached HF folder (must have been fetched); anything else is a path.
-pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    if spec == "smollm2" {
-        return Ok(Cache::from_env()?.require_smollm2_hf()?);
-    }
-    let p = PathBuf::from(spec);
-    if !p.exists() {
-        return Err(HaluError::Input(format!(
-            "{spec}: no such model folder or GGUF file"
-        )));
-    }
-    Ok(p)
-}
-
-/// `halueval-qa` -> the cached asset (fails with the fetch command); anything else is a path.
-pub fn resolve_data(spec: &str) -> Result<PathBuf> {
-    if spec == "halueval-qa" {
-        return Ok(Cache::from_env()?.require(Asset::HaluEvalQa)?);
-    }
-    let p = PathBuf::from(spec);
-    if !p.is_file() {
-        return Err(HaluError::Input(format!("{spec}: no such data file")));
-    }
-    Ok(p)
-}
-
-/// A loaded plaintext model with its tokenizer.
-pub fn load_model(path: &Path) -> Result<(Llama, TextTokenizer)> {
-    let ck = Checkpoint::open(path)?;
-    let tok = ck
-        .tokenizer
-        .clone()
-        .ok_or_else(|| HaluError::Input(format!("{} has no tokenizer", path.display())))?;
-    let model = Llama::new(&ck.config, &ck.weights, &candle_core::Device::Cpu)?;
-    Ok((model, tok))
-}
-
-fn bar(len: usize, what: &str, quiet: bool) -> indicatif::ProgressBar {
-    if quiet || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(len as u64);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>10} [{bar:40}] {pos}/{len} {elapsed_precise} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(what.to_string());
-    pb
-}
-
-/// Extraction settings shared by `extract`, `score` and `bench`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ExtractOpts {
-    /// Knowledge tokens kept per prompt (the rest is cut to keep sequences short).
-    #[arg(long, default_value_t = 96)]
-    pub max_knowledge_tokens: usize,
-    #[arg(long, default_value_t = 64)]
-    pub max_question_tokens: usize,
-    #[arg(long, default_value_t = 32)]
-    pub max_answer_tokens: usize,
-    /// Sliding-window length for the `window` token selection.
-    #[arg(long, default_value_t = 4)]
-    pub window: usize,
-}
-
-impl ExtractOpts {
-    pub fn config(&self) -> ExtractConfig {
-        ExtractConfig {
-            max_knowledge_tokens: self.max_knowledge_tokens,
-            max_question_tokens: self.max_question_tokens,
-            max_answer_tokens: self.max_answer_tokens,
-            window: self.window,
-        }
-    }
-}
-
-/// `umbra halluc extract`
-#[derive(Debug, Clone, clap::Args)]
-pub struct ExtractArgs {
-    /// HF folder or GGUF file, or `smollm2`.
-    #[arg(long)]
-    pub model: String,
-    /// `halueval-qa` (the cached asset) or a HaluEval QA JSONL file.
-    #[arg(long, default_value = "halueval-qa")]
-    pub data: String,
-    /// Rows to use after a seeded shuffle (each row gives two triples).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Output folder (resumes when it already holds chunks of the same setup).
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Rows per chunk file.
-    #[arg(long, default_value_t = 100)]
-    pub chunk_rows: usize,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[command(flatten)]
-    pub opts: ExtractOpts,
-    /// Client key of an obfuscated `--model`: token ids are mapped through its tau before the
-    /// forward pass, as the client sends them (features are then the provider's view).
-    #[arg(long)]
-    pub key: Option<PathBuf>,
-    #[arg(long)]
-    pub quiet: bool,
-}
-
-/// The token map (`tau`) of `key` after checking it belongs to the obfuscated `model`.
-pub fn token_map_for(model: &Path, key: Option<&Path>) -> Result<Option<Vec<u32>>> {
-    let Some(key) = key else { return Ok(None) };
-    let key = umbra_aloepri::ClientKey::load(key)?;
-    umbra_aloepri::compiler::check_key_for(model, &key)?;
-    Ok(Some(key.tau))
-}
-
-pub fn run_extract(a: &ExtractArgs) -> Result<crate::extract::ExtractSummary> {
-    let data = resolve_data(&a.data)?;
-    let rows = load_halueval_qa(&data)?;
-    let mpath = resolve_model(&a.model)?;
-    let (model, tok) = load_model(&mpath)?;
-    let job = ExtractJob {
-        data: a.data.clone(),
-        model_path: mpath.display().to_string(),
-        limit: a.limit,
-        seed: a.seed,
-        chunk_rows: a.chunk_rows,
-        cfg: a.opts.config(),
-        token_map: token_map_for(&mpath, a.key.as_deref())?,
-    };
-    let pb = bar(0, "extract", a.quiet);
-    let s = run_extraction(&model, &tok, &rows, &job, &a.out, Some(&pb))?;
-    pb.finish_and_clear();
-    println!(
-        "extracted {} rows -> {} triples in {} ({} chunks written, {} resumed) in {:.1}s",
-        s.rows,
-        s.triples,
-        a.out.display(),
-        s.chunks_written,
-        s.chunks_skipped,
-        s.seconds
-    );
-    Ok(s)
-}
-
-/// Evaluation settings shared by `train` and `report`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EvalOpts {
-    /// Fraction of HaluEval rows held out for validation (selection, thresholds).
-    #[arg(long, default_value_t = 0.2)]
-    pub val: f64,
-    /// Fraction of HaluEval rows held out for the final test.
-    #[arg(long, default_value_t = 0.2)]
-    pub test: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Bootstrap resamples (over test rows) for the 95% intervals.
-    #[arg(long, default_value_t = 1000)]
-    pub bootstrap: usize,
-}
-
-impl EvalOpts {
-    fn config(&self, kind: ProbeKind) -> EvalConfig {
-        EvalConfig {
-            val: self.val,
-            test: self.test,
-            seed: self.seed,
-            bootstrap: self.bootstrap,
-            kind,
-            ..EvalConfig::default()
-        }
-    }
-}
 
 /// `umbra halluc train`
 #[derive(Debug, Clone, clap::Args)]
@@ -198,7 +21,8 @@ pub struct TrainArgs {
     pub features: PathBuf,
     #[arg(long, value_enum, default_value = "logreg")]
     pub probe: ProbeKind,
-    /// `auto` (best on validation over the whole grid) or a comma list of selectors such as
+    /// `auto` (best on validation over the whole grid; `--serving`: among the inputs `umbra
+    /// serve` computes) or a comma list of selectors such as
     /// `hidden:L12:query,hidden:L20:generation.last,lookback:generation,logit`.
     #[arg(long, default_value = "auto")]
     pub select: String,
@@ -299,71 +123,68 @@ pub struct EvalProbeArgs {
     pub json: Option<PathBuf>,
 }
 
-/// `umbra halluc bench`
+/// `umbra halluc transfer`
 #[derive(Debug, Clone, clap::Args)]
-pub struct BenchArgs {
-    #[arg(long, default_value = "smollm2")]
-    pub model: String,
-    #[arg(long, default_value = "halueval-qa")]
-    pub data: String,
-    /// HaluEval rows timed (each: one prompt pass and two answer passes).
-    #[arg(long, default_value_t = 20)]
-    pub rows: usize,
-    #[command(flatten)]
-    pub opts: ExtractOpts,
+pub struct TransferArgs {
+    /// A task as NAME=FEATURE_FOLDER (given or own answers of the same model); two or more.
+    #[arg(long = "task", required = true, num_args = 1)]
+    pub tasks: Vec<String>,
+    /// Folder for transfer.md, transfer.json and (with plots) transfer.svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Also write the JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    #[command(flatten)]
+    pub eval: EvalOpts,
 }
 
-/// `umbra halluc <command>`.
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum HallucCommand {
-    /// Tapped forward passes over HaluEval QA -> chunked feature files (resumable).
-    Extract(ExtractArgs),
-    /// Train a probe (best on validation, or selected features) and write a probe file.
-    Train(TrainArgs),
-    /// AUROC table feature family x stage x layer with baselines, and a figure.
-    Report(ReportArgs),
-    /// Score one answer with a probe file (one tapped forward pass).
-    Score(ScoreArgs),
-    /// Extraction cost: tapped forward passes vs plain ones on the same tokens.
-    Bench(BenchArgs),
-    /// Move a plaintext probe under an obfuscated checkpoint's key (scoring under obfuscation).
-    ObfuscateProbe(ObfuscateProbeArgs),
-    /// AUROC of a probe file on every triple of a feature folder, optionally against another.
-    Eval(EvalProbeArgs),
-}
-
-/// Runs one `umbra halluc` command.
-pub fn run(cmd: &HallucCommand) -> Result<()> {
-    match cmd {
-        HallucCommand::Extract(a) => run_extract(a).map(|_| ()),
-        HallucCommand::Train(a) => run_train(a).map(|_| ()),
-        HallucCommand::Report(a) => run_report(a).map(|_| ()),
-        HallucCommand::Score(a) => run_score(a).map(|_| ()),
-        HallucCommand::Bench(a) => run_bench(a).map(|_| ()),
-        HallucCommand::ObfuscateProbe(a) => run_obfuscate_probe(a).map(|_| ()),
-        HallucCommand::Eval(a) => run_eval_probe(a).map(|_| ()),
+/// Prints a warning when an own-answer folder's labels are too unbalanced for probes.
+fn warn_unbalanced(store: &FeatureStore) {
+    let pos = store.labels.iter().filter(|&&l| l > 0.5).count() as f64;
+    let share = (pos / store.len().max(1) as f64).min(1.0 - pos / store.len().max(1) as f64);
+    if share < crate::own::MIN_MINORITY_SHARE {
+        eprintln!(
+            "warning: {} has {:.1}% of its minority label (< 15%): its AUROCs rest on few \
+             answers",
+            store.dir.display(),
+            100.0 * share
+        );
     }
 }
 
-fn grid_progress(quiet: bool) -> (indicatif::ProgressBar, impl Fn(usize, usize, &str)) {
-    let pb = bar(0, "grid", quiet);
-    let p2 = pb.clone();
-    (pb, move |done: usize, total: usize, what: &str| {
-        p2.set_length(total as u64);
-        p2.set_position(done as u64);
-        tracing::info!(done, total, what, "grid");
-    })
+pub fn run_transfer(a: &TransferArgs) -> Result<crate::transfer::TransferMatrix> {
+    let tasks = a
+        .tasks
+        .iter()
+        .map(|t| {
+            let (name, dir) = t.split_once('=').ok_or_else(|| {
+                HaluError::Input(format!("--task {t}: expected NAME=FEATURE_FOLDER"))
+            })?;
+            let store = FeatureStore::open(std::path::Path::new(dir))?;
+            warn_unbalanced(&store);
+            Ok((name.to_string(), store))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let m = transfer_matrix(&tasks, &a.eval.config(ProbeKind::Logreg))?;
+    let md = m.markdown();
+    println!("{md}");
+    write_atomic(&a.out.join("transfer.md"), md.as_bytes())?;
+    write_json(&a.out.join("transfer.json"), &m)?;
+    write_atomic(&a.out.join("transfer.svg"), m.figure_svg()?.as_bytes())?;
+    if let Some(j) = &a.json {
+        write_json(j, &m)?;
+    }
+    println!("transfer matrix written to {}", a.out.display());
+    Ok(m)
 }
 
 pub fn run_train(a: &TrainArgs) -> Result<serde_json::Value> {
     let store = FeatureStore::open(&a.features)?;
     let cfg = a.eval.config(a.probe);
     let json = if a.select.trim() == "auto" {
-        let (pb, prog) = grid_progress(a.quiet);
-        let (rep, probe) = run_grid(&store, cfg, &prog)?;
-        pb.finish_and_clear();
+        let pb = Progress::maybe(a.quiet, 0, "grid");
+        let (rep, probe) = run_grid(&store, cfg, &pb)?;
         probe.save(&a.out)?;
         println!("{}", summary_markdown(&rep));
         flat_json(&rep)
@@ -404,14 +225,31 @@ pub fn run_train(a: &TrainArgs) -> Result<serde_json::Value> {
 
 pub fn run_report(a: &ReportArgs) -> Result<serde_json::Value> {
     let store = FeatureStore::open(&a.features)?;
-    let (pb, prog) = grid_progress(a.quiet);
-    let (rep, probe) = run_grid(&store, a.eval.config(a.probe), &prog)?;
-    pb.finish_and_clear();
+    warn_unbalanced(&store);
+    let pb = Progress::maybe(a.quiet, 0, "grid");
+    let (rep, probe) = run_grid(&store, a.eval.config(a.probe), &pb)?;
     write_report(&rep, &a.out)?;
     probe.save(&a.out.join("best-probe.safetensors"))?;
     println!("{}", summary_markdown(&rep));
     println!("report written to {}", a.out.display());
-    let json = flat_json(&rep);
+    let mut json = flat_json(&rep);
+    if store.manifest.own.is_some() {
+        // Own answers: the label balance over every question, empty answers included.
+        let b = crate::own::folder_balance(&store.dir, &store.manifest)?;
+        println!("own answers: {}", b.balance_line());
+        for (k, v) in [
+            ("own_questions", serde_json::json!(b.questions)),
+            ("own_answered", b.answered.into()),
+            ("own_correct", b.correct.into()),
+            ("own_empty", b.empty.into()),
+            ("own_minority_share", b.minority_share.into()),
+            ("own_usable", b.usable.into()),
+            ("own_mean_f1", b.mean_f1.into()),
+            ("own_mean_answer_tokens", b.mean_answer_tokens.into()),
+        ] {
+            json[k] = v;
+        }
+    }
     if let Some(j) = &a.json {
         write_json(j, &json)?;
     }
@@ -448,19 +286,6 @@ pub fn run_score(a: &ScoreArgs) -> Result<Score> {
         write_json(j, &s)?;
     }
     Ok(s)
-}
-
-pub fn run_bench(a: &BenchArgs) -> Result<crate::bench::BenchReport> {
-    let data = resolve_data(&a.data)?;
-    let rows = load_halueval_qa(&data)?;
-    let mpath = resolve_model(&a.model)?;
-    let (model, tok) = load_model(&mpath)?;
-    let r = crate::bench::bench_taps(&model, &tok, &rows, a.rows, a.opts.config())?;
-    println!("{}", r.table());
-    if let Some(j) = &a.json {
-        write_json(j, &r)?;
-    }
-    Ok(r)
 }
 
 pub fn run_obfuscate_probe(a: &ObfuscateProbeArgs) -> Result<crate::obfuscated::TransformReport> {
