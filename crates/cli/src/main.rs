@@ -54,23 +54,15 @@ enum Command {
     Halluc(umbra_haluprobe::cli::Command),
     /// SAP: private fine-tuning of a vendor's encoder with split-and-privatize (d_chi, CTI).
     #[command(subcommand)]
-    Sap(SapCommand),
-}
-
-#[derive(Subcommand)]
-enum SapCommand {
-    /// Fine-tune through the split in one process (customer + vendor threads); --json report.
-    Finetune(umbra_sap::cli::FinetuneArgs),
-    /// Replay the vendor's attacks (inversion, attribute) on a run folder from finetune --run.
-    Attack(umbra_sap::cli::AttackArgs),
-    /// Run one party (customer or vendor) in its own process, talking through NATS.
-    Party(umbra_sap::cli::PartyArgs),
+    Sap(umbra_sap::cli::Command),
 }
 
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Obfuscated vs plaintext on real text: top-1 agreement, perplexity ratio, greedy match.
     Fidelity(obfuscation_cmds::FidelityArgs),
+    /// Quantized paths (Q8_0, Q4) vs the F32 path of one model: top-1 agreement, ppl ratio.
+    Quant(umbra_model::cli::eval_quant::EvalQuantArgs),
 }
 
 #[derive(Subcommand)]
@@ -85,6 +77,8 @@ enum BenchCommand {
     Split(umbra_r3elu::cli::BenchSplitArgs),
     /// SAP accuracy vs empirical privacy: none / d_chi / d_chi+CTI / Gaussian / centralized.
     Sap(umbra_sap::cli::BenchArgs),
+    /// Our engine vs llama.cpp: F32/Q8_0/Q4 decode, first-token latency, 1.5B Q4_K_M, peak RSS.
+    Engine(umbra_model::cli::bench_engine::BenchEngineArgs),
 }
 
 fn main() {
@@ -117,7 +111,13 @@ fn run(cmd: Command) -> Result<()> {
         Command::Generate(a) => model_cmds::generate(&a),
         Command::Obfuscate(a) => obfuscation_cmds::obfuscate(&a),
         Command::Eval(EvalCommand::Fidelity(a)) => obfuscation_cmds::fidelity(&a),
+        Command::Eval(EvalCommand::Quant(a)) => umbra_model::cli::eval_quant::run(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Bench(BenchCommand::Obfuscation(a)) => bench::obfuscation(&a),
+        Command::Bench(BenchCommand::Engine(a)) => umbra_model::cli::bench_engine::run(&a)
+            .map(|_| ())
+            .map_err(Into::into),
         Command::Serving(c) => umbra_serve::cli::run(&c).map_err(Into::into),
         Command::Bench(BenchCommand::Serve(a)) => {
             umbra_serve::cli::run_bench(&a).map_err(Into::into)
@@ -130,15 +130,7 @@ fn run(cmd: Command) -> Result<()> {
             .map_err(Into::into),
         Command::Split(c) => umbra_r3elu::cli::run(&c).map_err(Into::into),
         Command::Halluc(c) => umbra_haluprobe::cli::run(&c).map_err(Into::into),
-        Command::Sap(SapCommand::Finetune(a)) => umbra_sap::cli::run_finetune(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Sap(SapCommand::Attack(a)) => umbra_sap::cli::run_attack(&a)
-            .map(|_| ())
-            .map_err(Into::into),
-        Command::Sap(SapCommand::Party(a)) => umbra_sap::cli::run_party(&a)
-            .map(|_| ())
-            .map_err(Into::into),
+        Command::Sap(c) => umbra_sap::cli::run(&c).map_err(Into::into),
         Command::Bench(BenchCommand::Sap(a)) => umbra_sap::cli::run_bench(&a)
             .map(|_| ())
             .map_err(Into::into),

@@ -10,6 +10,7 @@ use umbra_assets::{Asset, Cache};
 use umbra_model::checkpoint::{convert_gguf_to_hf, Checkpoint};
 use umbra_model::generate::{generate as run_generate, FinishReason, GenerateParams};
 use umbra_model::llama::Llama;
+use umbra_model::load::{load_model, WeightDtype};
 use umbra_model::sampling::SamplingParams;
 use umbra_model::tokenizer::{ChatMessage, TextTokenizer};
 
@@ -112,6 +113,10 @@ pub struct GenerateArgs {
     /// Seconds to wait for each answer of the split-mode server.
     #[arg(long, default_value_t = 60.0)]
     pub server_timeout_s: f64,
+    /// Weight precision: auto (a GGUF's own quantized types, F32 for HF folders), f32, q8_0,
+    /// q4_k (or q4_0, q4_1, q5_0, q5_k, q6_k).
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
 }
 
 /// Resolves `smollm2` to the cached default model; anything else is a path.
@@ -146,10 +151,17 @@ pub struct Session {
     pub tokenizer: TextTokenizer,
     pub tau: Option<umbra_aloepri::TokenPermutation>,
     pub stop_ids: Vec<u32>,
+    /// How the weights are held (`f32`, `q4_k x169, q6_k x29`, ...).
+    pub dtype: String,
 }
 
 impl Session {
     pub fn open(path: &Path, key: Option<&Path>) -> Result<Self> {
+        Self::open_dtype(path, key, WeightDtype::Auto)
+    }
+
+    /// [`Session::open`] with the weights held as `dtype`.
+    pub fn open_dtype(path: &Path, key: Option<&Path>, dtype: WeightDtype) -> Result<Self> {
         let tau = match key {
             Some(k) => {
                 let key = ClientKey::load(k)?;
@@ -167,11 +179,13 @@ impl Session {
                 None
             }
         };
-        let ck = Checkpoint::open(path)?;
-        // First, so that a split-mode part is named as such (not as a folder without a tokenizer).
-        let model = Llama::new(&ck.config, &ck.weights, &Device::Cpu)?;
-        let stop_ids = ck.eos_token_ids();
-        let tokenizer = ck.tokenizer.clone().with_context(|| {
+        // Loads the model first, so that a split-mode part is named as such (not as a folder
+        // without a tokenizer).
+        let ck = load_model(path, dtype, &Device::Cpu)?;
+        let model = ck.model;
+        let stop_ids = ck.eos_token_ids;
+        let dtype = ck.dtype;
+        let tokenizer = ck.tokenizer.with_context(|| {
             format!(
                 "{} has no tokenizer (tokenizer.json or GGUF metadata)",
                 path.display()
@@ -182,6 +196,7 @@ impl Session {
             tokenizer,
             tau,
             stop_ids,
+            dtype,
         })
     }
 
@@ -234,7 +249,7 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         return generate_split(a, server);
     }
     let path = resolve_model(&a.model)?;
-    let s = Session::open(&path, a.key.as_deref())?;
+    let s = Session::open_dtype(&path, a.key.as_deref(), WeightDtype::parse(&a.dtype)?)?;
     let prompt = encode_prompt(&s.tokenizer, &a.prompt, a.chat)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
@@ -254,11 +269,12 @@ pub fn generate(a: &GenerateArgs) -> Result<()> {
         "length"
     };
     eprintln!(
-        "[{} prompt tokens, {} generated, finish {finish}, prefill {:.2}s, {:.1} tok/s{}]",
+        "[{} prompt tokens, {} generated, finish {finish}, prefill {:.2}s, {:.1} tok/s, weights {}{}]",
         prompt.len(),
         ids.len(),
         out.prefill_s,
         out.decode_tok_per_s(),
+        s.dtype,
         if s.tau.is_some() { ", obfuscated" } else { "" }
     );
     if let Some(j) = &a.json {

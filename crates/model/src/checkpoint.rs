@@ -26,66 +26,7 @@ pub struct Checkpoint {
     pub source: PathBuf,
 }
 
-/// Every tensor a Llama-family model with `cfg` must have, with its HF shape
-/// (`d` = hidden, `h`/`kv` = heads, `hd` = head_dim, `f` = intermediate, `V` = vocab):
-///
-/// * `model.embed_tokens.weight` `[V, d]`, `model.norm.weight` `[d]`,
-///   `lm_head.weight` `[V, d]` (absent when `tie_word_embeddings`);
-/// * per layer `i`: `input_layernorm.weight` / `post_attention_layernorm.weight` `[d]`,
-///   `self_attn.q_proj.weight` `[h*hd, d]`, `k_proj`/`v_proj` `[kv*hd, d]`,
-///   `o_proj.weight` `[d, h*hd]` (+ q/k/v biases `[h*hd]`/`[kv*hd]` when
-///   [`LlamaConfig::qkv_bias`], o bias `[d]` when [`LlamaConfig::o_bias`]),
-///   `mlp.gate_proj`/`up_proj` `[f, d]`, `mlp.down_proj` `[d, f]`.
-///
-/// A split-mode part ([`LlamaConfig::part`]) expects only what it holds: a server part the
-/// layers, a client part the embedding, final norm and head.
-pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    use crate::config::ModelPart;
-    let all = full_shapes(cfg);
-    let is_layer = |n: &str| n.starts_with("model.layers.");
-    match cfg.part() {
-        ModelPart::Full => all,
-        ModelPart::Server => all.into_iter().filter(|(n, _)| is_layer(n)).collect(),
-        ModelPart::Client => all.into_iter().filter(|(n, _)| !is_layer(n)).collect(),
-    }
-}
-
-fn full_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    let d = cfg.hidden_size;
-    let (h, kv, hd, f, v) = (
-        cfg.num_attention_heads,
-        cfg.num_kv_heads(),
-        cfg.head_dim(),
-        cfg.intermediate_size,
-        cfg.vocab_size,
-    );
-    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.self_attn.q_proj.weight"), vec![h * hd, d]));
-        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d]));
-        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d]));
-        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, h * hd]));
-        if cfg.qkv_bias() {
-            out.push((format!("{p}.self_attn.q_proj.bias"), vec![h * hd]));
-            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv * hd]));
-            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv * hd]));
-        }
-        if cfg.o_bias() {
-            out.push((format!("{p}.self_attn.o_proj.bias"), vec![d]));
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
-    }
-    out.push(("model.norm.weight".to_string(), vec![d]));
-    if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![v, d]));
-    }
-    out
-}
+pub use crate::config::expected_shapes;
 
 /// Checks `weights` against `cfg`: every expected tensor present ([`ModelError::MissingTensor`])
 /// with its expected shape ([`ModelError::Mismatch`] naming tensor and both shapes), and no
@@ -130,7 +71,8 @@ pub fn validate_weights(cfg: &LlamaConfig, weights: &Weights) -> Result<()> {
     Ok(())
 }
 
-fn is_gguf(path: &Path) -> bool {
+/// Whether `path` is a GGUF file (by extension or magic).
+pub fn is_gguf(path: &Path) -> bool {
     if path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
@@ -153,14 +95,14 @@ fn hf_dir_tokenizer(dir: &Path) -> Result<Option<TextTokenizer>> {
     TextTokenizer::from_hf_dir(dir).map(Some)
 }
 
-fn gguf_tokenizer(g: &GgufFile) -> Result<Option<TextTokenizer>> {
+pub(crate) fn gguf_tokenizer(g: &GgufFile) -> Result<Option<TextTokenizer>> {
     if g.meta("tokenizer.ggml.model").is_none() {
         return Ok(None);
     }
     TextTokenizer::from_gguf(g).map(Some)
 }
 
-fn check_tokenizer(cfg: &LlamaConfig, tok: &Option<TextTokenizer>) -> Result<()> {
+pub(crate) fn check_tokenizer(cfg: &LlamaConfig, tok: &Option<TextTokenizer>) -> Result<()> {
     if let Some(t) = tok {
         if let Some(max) = t.added_tokens().iter().map(|a| a.0).max() {
             if max as usize >= cfg.vocab_size {
@@ -229,15 +171,7 @@ impl Checkpoint {
 
     /// EOS ids: the config's, else the tokenizer's.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        let ids = self.config.eos_token_ids();
-        if !ids.is_empty() {
-            return ids;
-        }
-        self.tokenizer
-            .as_ref()
-            .and_then(|t| t.eos_id())
-            .into_iter()
-            .collect()
+        eos_token_ids(&self.config, self.tokenizer.as_ref())
     }
 
     /// `generation_config.json` content (bos/eos/pad ids).
@@ -365,6 +299,15 @@ impl Checkpoint {
         write_file_atomic(&dir.join("generation_config.json"), gen.as_bytes())?;
         Ok(())
     }
+}
+
+/// EOS ids: the config's, else the tokenizer's.
+pub fn eos_token_ids(config: &LlamaConfig, tokenizer: Option<&TextTokenizer>) -> Vec<u32> {
+    let ids = config.eos_token_ids();
+    if !ids.is_empty() {
+        return ids;
+    }
+    tokenizer.and_then(|t| t.eos_id()).into_iter().collect()
 }
 
 fn read_hf_config(dir: &Path) -> Result<LlamaConfig> {

@@ -212,6 +212,66 @@ fn ids_of(v: Option<&serde_json::Value>) -> Vec<u32> {
     }
 }
 
+/// Every tensor a Llama-family model with `cfg` must have, with its HF shape
+/// (`d` = hidden, `h`/`kv` = heads, `hd` = head_dim, `f` = intermediate, `V` = vocab):
+///
+/// * `model.embed_tokens.weight` `[V, d]`, `model.norm.weight` `[d]`,
+///   `lm_head.weight` `[V, d]` (absent when `tie_word_embeddings`);
+/// * per layer `i`: `input_layernorm.weight` / `post_attention_layernorm.weight` `[d]`,
+///   `self_attn.q_proj.weight` `[h*hd, d]`, `k_proj`/`v_proj` `[kv*hd, d]`,
+///   `o_proj.weight` `[d, h*hd]` (+ q/k/v biases `[h*hd]`/`[kv*hd]` when
+///   [`LlamaConfig::qkv_bias`], o bias `[d]` when [`LlamaConfig::o_bias`]),
+///   `mlp.gate_proj`/`up_proj` `[f, d]`, `mlp.down_proj` `[d, f]`.
+///
+/// A split-mode part ([`LlamaConfig::part`]) expects only what it holds: a server part the
+/// layers, a client part the embedding, final norm and head.
+pub fn expected_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let all = full_shapes(cfg);
+    let is_layer = |n: &str| n.starts_with("model.layers.");
+    match cfg.part() {
+        ModelPart::Full => all,
+        ModelPart::Server => all.into_iter().filter(|(n, _)| is_layer(n)).collect(),
+        ModelPart::Client => all.into_iter().filter(|(n, _)| !is_layer(n)).collect(),
+    }
+}
+
+fn full_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let d = cfg.hidden_size;
+    let (h, kv, hd, f, v) = (
+        cfg.num_attention_heads,
+        cfg.num_kv_heads(),
+        cfg.head_dim(),
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    );
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, d])];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.self_attn.q_proj.weight"), vec![h * hd, d]));
+        out.push((format!("{p}.self_attn.k_proj.weight"), vec![kv * hd, d]));
+        out.push((format!("{p}.self_attn.v_proj.weight"), vec![kv * hd, d]));
+        out.push((format!("{p}.self_attn.o_proj.weight"), vec![d, h * hd]));
+        if cfg.qkv_bias() {
+            out.push((format!("{p}.self_attn.q_proj.bias"), vec![h * hd]));
+            out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv * hd]));
+            out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv * hd]));
+        }
+        if cfg.o_bias() {
+            out.push((format!("{p}.self_attn.o_proj.bias"), vec![d]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+    }
+    out.push(("model.norm.weight".to_string(), vec![d]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, d]));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

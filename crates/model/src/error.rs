@@ -26,10 +26,28 @@ pub enum ModelError {
     ChatTemplate(String),
     #[error("gguf: {0}")]
     Gguf(String),
+    /// A GGUF tensor of a ggml type this crate does not read.
+    #[error("tensor `{tensor}` has type {type_name}, which umbra does not read (supported: {supported})")]
+    UnsupportedQuant {
+        tensor: String,
+        type_name: String,
+        supported: String,
+    },
+    /// A file shorter than its own header says (a partial download or copy).
+    #[error("{path}: truncated: {what} needs bytes up to {needed}, the file has {len}")]
+    Truncated {
+        path: PathBuf,
+        what: String,
+        needed: u64,
+        len: u64,
+    },
     #[error("unsupported: {0}")]
     Unsupported(String),
     #[error("invalid input: {0}")]
     Input(String),
+    /// A command the model crate's commands run (a benchmark child, an asset lookup) failed.
+    #[error("{cmd}: {msg}")]
+    Command { cmd: String, msg: String },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -7,9 +7,12 @@
 //! product computed by a [`linear::LinearBackend`] chosen at load; [`generate`] samples.
 //!
 //! Modules: `llama` (the model and its blocks), `linear` (the backend seam), `kv_cache`, `rope`,
-//! `taps`, `kernels` (CPU decode kernels), `testing` (seeded random models, feature `testing`).
+//! `taps`, `kernels` (CPU decode kernels, quantized products), `quant` (GGUF block types kept
+//! quantized, the quantized backend), `testing` (seeded random models, feature `testing`).
 
 pub mod checkpoint;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod generate;
@@ -18,6 +21,8 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod load;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 pub mod taps;

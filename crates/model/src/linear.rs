@@ -147,6 +147,21 @@ pub trait LinearBackend {
     fn build(&self, spec: &LinearSpec) -> Result<Arc<dyn Linear>>;
     /// A short name for logs and reports (`f32`, `q8_0`, `shares`, ...).
     fn name(&self) -> &str;
+    /// The token embedding table `name` (`[V, d]`) when the backend keeps it in its own format
+    /// (rows materialized on lookup); `None` (the default): the model takes it from the F32
+    /// weights.
+    fn embedding(&self, name: &str) -> Result<Option<Arc<dyn EmbeddingTable>>> {
+        let _ = name;
+        Ok(None)
+    }
+}
+
+/// A token embedding table kept in a backend's own format (e.g. quantized blocks).
+pub trait EmbeddingTable: Send + Sync + std::fmt::Debug {
+    /// `(V, d)`.
+    fn shape(&self) -> (usize, usize);
+    /// Rows `ids` (each `< V`) as F32, concatenated: `[ids.len() * d]`.
+    fn lookup(&self, ids: &[u32]) -> Result<Vec<f32>>;
 }
 
 /// Local F32 weights taken from a [`Weights`] map.

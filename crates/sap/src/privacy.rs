@@ -9,24 +9,30 @@
 //!   statistics computed by the customer on its own training data,
 //!   `UI(c,t) = sum_{k != c} ln( p(t|c) / (p(t|k) + 3 xi) )`, `xi = 1 / max_c N_c`
 //!   (`N_c` = tokens in class c), `UI_t = max_c UI(c,t)`, and
-//!   `eta_t = eta_0 * clamp(2 sigmoid(UI_t), floor, 2)`: task-relevant tokens get up to twice the
-//!   budget (less noise), rare / non-discriminative ones less (more noise).
+//!   two budgets side by side:
+//!   - `dchi-cti` (the notes' second reading): `eta_t = eta_0 * clamp(2 sigmoid(UI_t), floor,
+//!     2)`: task-relevant tokens get up to twice the budget (less noise), rare /
+//!     non-discriminative ones less; a token unseen in training gets the floor (0.1: 10x the
+//!     noise);
+//!   - `dchi-cti-max` (the notes' first reading): `eta_t = max(UI_t, 0.6) * eta_0`, no upper
+//!     bound; an unseen or non-discriminative token gets `0.6 eta_0` (1.67x the noise).
 use crate::error::{Result, SapError};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma, StandardNormal};
 
 /// What the customer does to its outputs before they leave (and the centralized baseline).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Privacy {
     /// Split, no noise.
     None,
     /// Split, uniform d_chi noise.
     Dchi,
-    /// Split, d_chi noise with CTI per-token budgets.
+    /// Split, d_chi noise with CTI per-token budgets `eta_0 clamp(2 sigmoid(UI), floor, 2)`.
     DchiCti,
+    /// Split, d_chi noise with CTI per-token budgets `max(UI, 0.6) eta_0`.
+    DchiCtiMax,
     /// Split, isotropic Gaussian noise (same expected norm as d_chi).
     Gaussian,
     /// No split: the customer fine-tunes everything itself (LoRA on all blocks, no wire).
@@ -39,12 +45,20 @@ impl Privacy {
             Privacy::None => "none",
             Privacy::Dchi => "dchi",
             Privacy::DchiCti => "dchi-cti",
+            Privacy::DchiCtiMax => "dchi-cti-max",
             Privacy::Gaussian => "gaussian",
             Privacy::Centralized => "centralized",
         }
     }
     pub fn noisy(self) -> bool {
-        matches!(self, Privacy::Dchi | Privacy::DchiCti | Privacy::Gaussian)
+        matches!(
+            self,
+            Privacy::Dchi | Privacy::DchiCti | Privacy::DchiCtiMax | Privacy::Gaussian
+        )
+    }
+    /// Whether the budget is per token (needs CTI statistics).
+    pub fn cti(self) -> bool {
+        matches!(self, Privacy::DchiCti | Privacy::DchiCtiMax)
     }
 }
 
@@ -128,10 +142,18 @@ impl Cti {
         Ok(Cti { ui, floor })
     }
 
-    /// `eta_t / eta_0` for token `t`.
+    fn ui_of(&self, t: u32) -> f64 {
+        self.ui.get(t as usize).copied().unwrap_or(-1e4) as f64
+    }
+
+    /// `eta_t / eta_0 = clamp(2 sigmoid(UI_t), floor, 2)` (`dchi-cti`).
     pub fn factor(&self, t: u32) -> f64 {
-        let u = self.ui.get(t as usize).copied().unwrap_or(-1e4) as f64;
-        (2.0 / (1.0 + (-u).exp())).clamp(self.floor, 2.0)
+        (2.0 / (1.0 + (-self.ui_of(t)).exp())).clamp(self.floor, 2.0)
+    }
+
+    /// `eta_t / eta_0 = max(UI_t, 0.6)` (`dchi-cti-max`).
+    pub fn factor_max(&self, t: u32) -> f64 {
+        self.ui_of(t).max(0.6)
     }
 }
 
@@ -149,8 +171,11 @@ impl Privatizer {
         if privacy.noisy() && !(eta > 0.0 && eta.is_finite()) {
             return Err(SapError::Config(format!("--eta must be > 0, got {eta}")));
         }
-        if privacy == Privacy::DchiCti && cti.is_none() {
-            return Err(SapError::Config("dchi-cti needs CTI statistics".into()));
+        if privacy.cti() && cti.is_none() {
+            return Err(SapError::Config(format!(
+                "{} needs CTI statistics",
+                privacy.name()
+            )));
         }
         Ok(Privatizer { privacy, eta, cti })
     }
@@ -159,6 +184,7 @@ impl Privatizer {
     pub fn eta_of(&self, t: u32) -> f64 {
         match (&self.cti, self.privacy) {
             (Some(c), Privacy::DchiCti) => self.eta * c.factor(t),
+            (Some(c), Privacy::DchiCtiMax) => self.eta * c.factor_max(t),
             _ => self.eta,
         }
     }
@@ -287,6 +313,10 @@ mod tests {
         assert!(cti.factor(10) > 1.9, "{}", cti.factor(10));
         assert!((cti.factor(11) - 1.0).abs() < 0.05, "{}", cti.factor(11));
         assert!((cti.factor(40) - 0.1).abs() < 1e-9, "{}", cti.factor(40));
+        // the max(UI, 0.6) budget: unseen and even tokens get 0.6, the one-class token its UI
+        assert_eq!(cti.factor_max(40), 0.6);
+        assert_eq!(cti.factor_max(11), 0.6);
+        assert!(cti.factor_max(10) > 2.0, "{}", cti.factor_max(10));
         let p = Privatizer::new(Privacy::DchiCti, 10.0, Some(cti)).unwrap();
         let d = 32;
         let mut rng = ChaCha8Rng::seed_from_u64(1);
@@ -301,5 +331,26 @@ mod tests {
         let (a, b) = (norm_of(10, &mut rng), norm_of(40, &mut rng));
         // expected norms d/(2 eta) = 1.6 and d/(0.1 eta) = 32
         assert!((a - 1.6).abs() < 0.15 && (b - 32.0).abs() < 2.0, "{a} {b}");
+    }
+
+    #[test]
+    fn eta_must_be_positive_and_finite() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut v = vec![0f32; 8];
+        for eta in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = sample_dchi(8, eta, &mut rng, &mut v)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("eta must be > 0"), "{e}");
+            for p in [Privacy::Dchi, Privacy::Gaussian] {
+                let e = Privatizer::new(p, eta, None).unwrap_err().to_string();
+                assert!(e.contains("--eta must be > 0"), "{e}");
+            }
+        }
+        // no noise, no budget: eta is not read
+        assert!(Privatizer::new(Privacy::None, 0.0, None).is_ok());
+        // CTI without its statistics
+        let e = Privatizer::new(Privacy::DchiCtiMax, 10.0, None).unwrap_err();
+        assert!(e.to_string().contains("needs CTI statistics"), "{e}");
     }
 }

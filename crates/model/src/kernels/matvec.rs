@@ -4,36 +4,23 @@
 //! A decode step is memory-bound: every weight is read once per step whatever the batch. The
 //! kernel therefore streams each weight row once and dots it with all `m` input rows while it
 //! sits in L1, in a 4 (weight rows) x 2 (input rows) AVX2/FMA register block; the inputs
-//! (`m * k` floats) stay in L2. Output columns are split across rayon threads when the product
-//! is large enough to pay for the wake-up. Without AVX2/FMA a portable path does the same loop
-//! with the 32-lane dot product.
+//! (`m * k` floats) stay in L2. One input row (`m = 1`) streams one weight row at a time with
+//! four accumulators instead (a single sequential stream is what the hardware prefetcher reads
+//! fastest). Output columns are split across the persistent pool ([`super::pool`]) when the
+//! product is large enough. Without AVX2/FMA a portable path does the same loop with the
+//! 32-lane dot product.
 //!
 //! General BLAS kernels (gemm) pack the weight panel on every call, which at `m` of 2..32 costs
 //! more than the product itself; this path is what makes batched decoding cheaper per token
 //! than single-sequence decoding.
-use rayon::prelude::*;
-use std::sync::OnceLock;
+use super::has_avx2_fma;
+use super::pool::{parallel_for, SharedMut};
 
-/// Columns per parallel task (a multiple of 4).
-const COLS_PER_TASK: usize = 256;
-
-fn has_avx2_fma() -> bool {
-    static V: OnceLock<bool> = OnceLock::new();
-    *V.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
-}
+/// Columns per parallel grain (a multiple of 4).
+const GRAIN: usize = 16;
 
 /// `y[r, j] = sum_c x[r, c] * w[j, c]` for `r < m`, `j < n`; `x`: `m * k`, `w`: `n * k`,
-/// `y`: `m * n`, all row-major. `parallel` splits the columns across the rayon pool.
+/// `y`: `m * n`, all row-major. `parallel` splits the columns across the pool's threads.
 ///
 /// Returns `false` (and leaves `y` untouched) when the slice lengths do not match the shapes.
 pub fn matmul_rows(
@@ -51,31 +38,15 @@ pub fn matmul_rows(
     if m == 0 || n == 0 {
         return true;
     }
-    let tasks = n.div_ceil(COLS_PER_TASK);
-    if !parallel || tasks < 2 {
-        columns(x, m, w, k, 0, n, y, n);
-        return true;
-    }
-    let parts: Vec<(usize, Vec<f32>)> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let j0 = t * COLS_PER_TASK;
-            let j1 = (j0 + COLS_PER_TASK).min(n);
-            let mut out = vec![0f32; m * (j1 - j0)];
-            columns(x, m, w, k, j0, j1, &mut out, j1 - j0);
-            (j0, out)
-        })
-        .collect();
-    for (j0, out) in parts {
-        let cols = out.len() / m;
-        for r in 0..m {
-            y[r * n + j0..r * n + j0 + cols].copy_from_slice(&out[r * cols..(r + 1) * cols]);
-        }
-    }
+    let out = SharedMut::new(y);
+    parallel_for(n, GRAIN, parallel, |cols| {
+        columns(x, m, w, k, cols.start, cols.end, &out, n)
+    });
     true
 }
 
-/// Columns `j0..j1` of the product into `out` (`m` rows of stride `ld`, column 0 = `j0`).
+/// Columns `j0..j1` of the product into `out` (`m` rows of stride `ld`; `out` is `y` itself:
+/// column `j` of row `r` at `r * ld + j`). Callers hand each column to one thread only.
 #[allow(clippy::too_many_arguments)]
 fn columns(
     x: &[f32],
@@ -84,26 +55,35 @@ fn columns(
     k: usize,
     j0: usize,
     j1: usize,
-    out: &mut [f32],
+    out: &SharedMut<f32>,
     ld: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: AVX2 and FMA were detected at run time; slice bounds are checked by the caller
-        // (`x`: m*k, `w`: covers rows j0..j1 of k, `out`: m rows of `ld >= j1 - j0`).
-        unsafe { avx2::columns(x, m, w, k, j0, j1, out, ld) };
+        // (`x`: m*k, `w`: covers rows j0..j1 of k, `out`: m rows of `ld >= j1`), and columns
+        // j0..j1 are this call's alone.
+        unsafe {
+            if m == 1 {
+                avx2::row_stream(x, w, k, j0, j1, out)
+            } else {
+                avx2::columns(x, m, w, k, j0, j1, out, ld)
+            }
+        };
         return;
     }
     for j in j0..j1 {
         let wr = &w[j * k..(j + 1) * k];
         for r in 0..m {
-            out[r * ld + (j - j0)] = super::dot(&x[r * k..(r + 1) * k], wr);
+            // SAFETY: column j is this call's alone; r * ld + j < m * ld.
+            unsafe { out.write(r * ld + j, super::dot(&x[r * k..(r + 1) * k], wr)) };
         }
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::SharedMut;
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -120,6 +100,43 @@ mod avx2 {
         a[k8..].iter().zip(&b[k8..]).map(|(p, q)| p * q).sum()
     }
 
+    /// `m = 1`: one weight row at a time, four accumulators over 32 floats.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn row_stream(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        j0: usize,
+        j1: usize,
+        out: &SharedMut<f32>,
+    ) {
+        let k32 = k / 32 * 32;
+        let k8 = k / 8 * 8;
+        let xp = x.as_ptr();
+        for j in j0..j1 {
+            let w0 = w.as_ptr().add(j * k);
+            let mut a = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c < k32 {
+                for (t, acc) in a.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xp.add(c + 8 * t)),
+                        _mm256_loadu_ps(w0.add(c + 8 * t)),
+                        *acc,
+                    );
+                }
+                c += 32;
+            }
+            while c < k8 {
+                a[0] =
+                    _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(w0.add(c)), a[0]);
+                c += 8;
+            }
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            out.write(j, hsum(s) + tail(x, &w[j * k..(j + 1) * k], k8));
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn columns(
@@ -129,7 +146,7 @@ mod avx2 {
         k: usize,
         j0: usize,
         j1: usize,
-        out: &mut [f32],
+        out: &SharedMut<f32>,
         ld: usize,
     ) {
         let k8 = k / 8 * 8;
@@ -165,7 +182,7 @@ mod avx2 {
                     let xs = &x[xr * k..(xr + 1) * k];
                     for t in 0..4 {
                         let ws = &w[(j + t) * k..(j + t + 1) * k];
-                        out[xr * ld + (j - j0) + t] = hsum(acc[q + t]) + tail(xs, ws, k8);
+                        out.write(xr * ld + j + t, hsum(acc[q + t]) + tail(xs, ws, k8));
                     }
                 }
                 r += 2;
@@ -185,7 +202,7 @@ mod avx2 {
                 let xs = &x[r * k..(r + 1) * k];
                 for (t, a) in acc.iter().enumerate() {
                     let ws = &w[(j + t) * k..(j + t + 1) * k];
-                    out[r * ld + (j - j0) + t] = hsum(*a) + tail(xs, ws, k8);
+                    out.write(r * ld + j + t, hsum(*a) + tail(xs, ws, k8));
                 }
             }
             j += 4;
@@ -204,8 +221,10 @@ mod avx2 {
                     );
                     c += 8;
                 }
-                out[r * ld + (j - j0)] =
-                    hsum(acc) + tail(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k], k8);
+                out.write(
+                    r * ld + j,
+                    hsum(acc) + tail(&x[r * k..(r + 1) * k], &w[j * k..(j + 1) * k], k8),
+                );
             }
             j += 1;
         }

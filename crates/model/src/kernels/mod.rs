@@ -1,32 +1,58 @@
-//! Hand-written CPU kernels for the paths where candle's per-op dispatch (rayon wake-ups for
+//! Hand-written CPU kernels for the paths where candle's per-op dispatch (thread wake-ups for
 //! tiny matmuls and softmax) or gemm's per-call packing cost more than the work itself.
 //!
 //! - [`matvec`]: few-row products `x W^T` for decode steps (each weight row read once).
 //! - [`attention`]: one-position attention read straight from the KV cache buffers.
+//! - [`qact`], [`qdot`], [`qmatmul`]: products with quantized weights (8-bit activations,
+//!   integer dot products on the packed blocks), AVX2 where the CPU has it.
+//! - [`pool`]: splitting a product over the persistent worker threads.
 use candle_core::{Storage, Tensor};
 use std::sync::OnceLock;
 
 pub mod attention;
 pub mod matvec;
+pub mod pool;
+pub mod qact;
+pub mod qdot;
+#[cfg(target_arch = "x86_64")]
+mod qdot_avx2;
+pub mod qmatmul;
+
+/// Whether this CPU has AVX2, FMA and F16C (the SIMD kernels' requirement); detected once.
+pub fn has_avx2_fma() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
 
 /// Rows up to which the few-row kernel replaces candle's matmul.
 pub const SMALL_ROWS: usize = 32;
 
 /// Multiply-adds from which a small-row product is split across threads
-/// (`UMBRA_PAR_MIN_WORK`; a thread wake-up costs more than smaller products).
+/// (`UMBRA_PAR_MIN_WORK`; below it the hand-off costs more than the second thread saves).
 pub fn par_min_work() -> usize {
     static V: OnceLock<usize> = OnceLock::new();
     *V.get_or_init(|| {
         std::env::var("UMBRA_PAR_MIN_WORK")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(1 << 22)
+            .unwrap_or(1 << 17)
     })
 }
 
-/// Threads of the rayon pool the kernels split work over.
+/// Threads the kernels split work over ([`pool::threads`]).
 pub fn threads() -> usize {
-    rayon::current_num_threads()
+    pool::threads()
 }
 
 /// Runs `f` on the contiguous f32 CPU data of `t`; `None` for other devices/dtypes/layouts.

@@ -29,7 +29,8 @@ use crate::config::{LlamaConfig, ModelPart};
 use crate::error::{ModelError, Result};
 pub use crate::kv_cache::KvCache;
 use crate::linear::{
-    tensor, DenseBackend, Linear, LinearBackend, LinearId, LinearKind, LinearPart, LinearSpec,
+    tensor, DenseBackend, EmbeddingTable, Linear, LinearBackend, LinearId, LinearKind, LinearPart,
+    LinearSpec,
 };
 use crate::rope::Rope;
 pub use crate::taps::{Tap, TapOptions, TapPoint};
@@ -133,6 +134,13 @@ struct Block {
     down: Arc<dyn Linear>,
 }
 
+/// The token embedding table: F32, or kept by the backend (quantized rows dequantized on lookup).
+#[derive(Debug, Clone)]
+enum Embedding {
+    Dense(Tensor),
+    Table(Arc<dyn EmbeddingTable>),
+}
+
 /// A loaded Llama-family model.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -141,7 +149,7 @@ pub struct Llama {
     /// Which part of a split-mode model this is ([`ModelPart::Full`] for ordinary checkpoints).
     part: ModelPart,
     /// `[V, d]`; `None` in a split-mode server part.
-    embed: Option<Tensor>,
+    embed: Option<Embedding>,
     /// Empty in a split-mode client part.
     blocks: Vec<Block>,
     /// Final RMSNorm weight `[d]`; `None` in a split-mode server part.
@@ -201,7 +209,16 @@ impl Llama {
         let part = cfg.part();
         let embed = match part {
             ModelPart::Server => None,
-            _ => Some(load("model.embed_tokens.weight", &[v, d])?.contiguous()?),
+            _ => Some(match backend.embedding("model.embed_tokens.weight")? {
+                Some(t) if t.shape() == (v, d) => Embedding::Table(t),
+                Some(t) => {
+                    return Err(ModelError::Mismatch(format!(
+                    "tensor `model.embed_tokens.weight` has shape {:?}, config implies [{v}, {d}]",
+                    t.shape()
+                )))
+                }
+                None => Embedding::Dense(load("model.embed_tokens.weight", &[v, d])?.contiguous()?),
+            }),
         };
         let n_blocks = match part {
             ModelPart::Client => 0,
@@ -367,11 +384,8 @@ impl Llama {
         }
         let flat = ids.flatten_all()?;
         let vocab = self.cfg.vocab_size;
-        if let Some(bad) = flat
-            .to_vec1::<u32>()?
-            .into_iter()
-            .find(|&i| i as usize >= vocab)
-        {
+        let idv = flat.to_vec1::<u32>()?;
+        if let Some(bad) = idv.iter().find(|&&i| i as usize >= vocab) {
             return Err(ModelError::Input(format!(
                 "token id {bad} is out of range for vocab size {vocab}"
             )));
@@ -380,8 +394,14 @@ impl Llama {
             .embed
             .as_ref()
             .ok_or_else(|| self.missing("embedding"))?;
-        let e = table.index_select(&flat.to_device(&self.device)?, 0)?;
-        Ok(e.reshape((b, t, self.cfg.hidden_size))?)
+        let d = self.cfg.hidden_size;
+        let e = match table {
+            Embedding::Dense(table) => table.index_select(&flat.to_device(&self.device)?, 0)?,
+            Embedding::Table(table) => {
+                Tensor::from_vec(table.lookup(&idv)?, (b * t, d), &self.device)?
+            }
+        };
+        Ok(e.reshape((b, t, d))?)
     }
 
     /// Final norm and LM head: hidden `[.., d]` -> logits `[.., V]`.

@@ -1,6 +1,6 @@
 //! Stand-alone runner of `umbra-sap` (the `umbra` CLI exposes the same commands):
 //! `sap_party party --role vendor --broker nats://127.0.0.1:4222 --job job.toml`,
-//! `sap_party finetune ...`, `sap_party attack ...`, `sap_party bench ...`.
+//! `sap_party finetune ...`, `sap_party attack ...`, `sap_party bench ...` (= `umbra bench sap`).
 use clap::{Parser, Subcommand};
 use umbra_sap::cli;
 
@@ -16,17 +16,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    Party(cli::PartyArgs),
-    Finetune(cli::FinetuneArgs),
-    Attack(cli::AttackArgs),
-    Bench(cli::BenchArgs),
+    #[command(flatten)]
+    Sap(cli::Command),
+    /// The eta sweep at one split (same as `umbra bench sap`).
+    Bench(Box<cli::BenchArgs>),
 }
 
 fn main() {
     umbra_vfl::cli::party_main(|| match Cli::parse().cmd {
-        Cmd::Party(a) => cli::run_party(&a).map(|_| ()),
-        Cmd::Finetune(a) => cli::run_finetune(&a).map(|_| ()),
-        Cmd::Attack(a) => cli::run_attack(&a).map(|_| ()),
+        Cmd::Sap(c) => cli::run(&c),
         Cmd::Bench(a) => cli::run_bench(&a).map(|_| ()),
     });
 }

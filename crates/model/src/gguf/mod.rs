@@ -1,53 +1,113 @@
-//! GGUF files (llama.cpp) read into HF naming, HF layout and F32.
+//! GGUF files (llama.cpp) read into HF naming and layout: as F32, or with the quantized tensors
+//! kept as they are ([`GgufFile::quant_weights`]).
 //!
+//! * The header is read by [`reader`] with every length checked against the file: a truncated
+//!   file, an unknown value type or an unsupported ggml tensor type is a typed error before any
+//!   tensor data is read.
 //! * Metadata `{arch}.*` (arch = `general.architecture`, `llama` or `qwen2`) becomes a
 //!   [`LlamaConfig`]; the vocabulary size comes from `tokenizer.ggml.tokens`; the embeddings are
-//!   tied when there is no `output.weight`.
-//! * Every tensor is dequantized to F32 (Q4_0/Q4_1/Q8_0/K-quants/F16/F32... through candle's
-//!   `QTensor::dequantize`).
+//!   tied when there is no `output.weight`. Every tensor's shape is checked against the shapes the
+//!   config implies ([`GgufFile::check_tensors`]) before data is read, so a file whose metadata
+//!   disagrees with its tensors is named as such.
+//! * Dequantization is exact ([`crate::quant::dequant`]).
 //! * llama.cpp names map to HF names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`).
 //! * For `llama` files, q/k rows are un-permuted: llama.cpp's converter interleaves the two RoPE
 //!   halves of each head (`w.reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2)`); we apply the
-//!   inverse so that the weights fit HF's `rotate_half` RoPE.
+//!   inverse so that the weights fit HF's `rotate_half` RoPE. `qwen2` files are not permuted
+//!   (llama.cpp's converter permutes only for its `llama` architecture; Qwen2 runs NeoX-style
+//!   RoPE, which is HF's `rotate_half`), and keep their q/k/v biases.
 //!
-//! Shapes: candle reverses GGUF's dimension order when reading, so a tensor's candle shape is the
-//! numpy/PyTorch shape: `attn_q.weight` is `[n_head*head_dim, hidden]` = HF `[out, in]`,
+//! Shapes: a GGUF tensor's dimensions run innermost first; shapes here are reversed to
+//! numpy/PyTorch order, so `attn_q.weight` is `[n_head*head_dim, hidden]` = HF `[out, in]` and
 //! `token_embd.weight` is `[vocab, hidden]`.
-use crate::config::LlamaConfig;
+mod names;
+pub mod reader;
+
+use crate::config::{expected_shapes, LlamaConfig};
 use crate::error::{ModelError, Result};
+use crate::quant::backend::storable_type;
+use crate::quant::{dequant, QMatrix, QuantType, QuantWeights, WeightDtype};
 use crate::weights::Weights;
-use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::gguf_file::{Content, TensorInfo, Value, VersionedMagic};
+use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
+pub use names::{gguf_name, hf_name, permute_rows, unpermute_rows};
+pub use reader::TensorEntry;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 /// An opened GGUF file: its parsed header and where it lives.
 pub struct GgufFile {
     pub path: std::path::PathBuf,
+    /// The header as candle's type (metadata and tensor table; offsets relative to the data).
     pub content: Content,
+    /// The tensor table with this crate's types, sizes and absolute offsets.
+    pub tensors: BTreeMap<String, TensorEntry>,
 }
 
 impl std::fmt::Debug for GgufFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GgufFile")
             .field("path", &self.path)
-            .field("tensors", &self.content.tensor_infos.len())
+            .field("tensors", &self.tensors.len())
             .field("metadata", &self.content.metadata.len())
             .finish()
     }
 }
 
+fn ggml_dtype(t: QuantType) -> GgmlDType {
+    match t {
+        QuantType::F32 => GgmlDType::F32,
+        QuantType::F16 => GgmlDType::F16,
+        QuantType::BF16 => GgmlDType::BF16,
+        QuantType::Q4_0 => GgmlDType::Q4_0,
+        QuantType::Q4_1 => GgmlDType::Q4_1,
+        QuantType::Q5_0 => GgmlDType::Q5_0,
+        QuantType::Q5_1 => GgmlDType::Q5_1,
+        QuantType::Q8_0 => GgmlDType::Q8_0,
+        QuantType::Q2_K => GgmlDType::Q2K,
+        QuantType::Q3_K => GgmlDType::Q3K,
+        QuantType::Q4_K => GgmlDType::Q4K,
+        QuantType::Q5_K => GgmlDType::Q5K,
+        QuantType::Q6_K => GgmlDType::Q6K,
+    }
+}
+
 impl GgufFile {
-    /// Parses the header (metadata and tensor table) without reading tensor data. A truncated or
-    /// corrupt header gives [`ModelError::Malformed`] naming the file.
+    /// Parses the header (metadata and tensor table) without reading tensor data: a truncated
+    /// file is [`ModelError::Truncated`], a corrupt header [`ModelError::Malformed`], a tensor of
+    /// an unsupported type [`ModelError::UnsupportedQuant`], each naming the file or tensor.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
-        let content = Content::read(&mut f).map_err(|e| ModelError::Malformed {
-            path: path.into(),
-            msg: format!("cannot parse GGUF header: {e}"),
-        })?;
+        let h = reader::read_header(path)?;
+        let magic = match h.version {
+            1 => VersionedMagic::GgufV1,
+            2 => VersionedMagic::GgufV2,
+            _ => VersionedMagic::GgufV3,
+        };
+        let tensor_infos: HashMap<String, TensorInfo> = h
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    TensorInfo {
+                        ggml_dtype: ggml_dtype(t.ty),
+                        shape: candle_core::Shape::from(t.shape.clone()),
+                        offset: t.offset - h.data_offset,
+                    },
+                )
+            })
+            .collect();
         Ok(Self {
             path: path.into(),
-            content,
+            content: Content {
+                magic,
+                metadata: h.metadata,
+                tensor_infos,
+                tensor_data_offset: h.data_offset,
+            },
+            tensors: h.tensors.into_iter().collect(),
         })
     }
 
@@ -264,35 +324,168 @@ impl GgufFile {
         Ok(cfg)
     }
 
+    /// Checks the tensor table against the shapes `cfg` (built from this file's metadata)
+    /// implies: every expected tensor present ([`ModelError::MissingTensor`]), of the implied
+    /// shape, and no tensor the model does not have ([`ModelError::Mismatch`], naming tensor
+    /// and shapes).
+    pub fn check_tensors(&self, cfg: &LlamaConfig) -> Result<()> {
+        let arch = &cfg.model_type;
+        let expected: HashMap<String, Vec<usize>> = expected_shapes(cfg).into_iter().collect();
+        for (name, t) in &self.tensors {
+            let hf = hf_name(name).ok_or_else(|| {
+                ModelError::Mismatch(format!(
+                    "{}: unexpected tensor `{name}` (not part of a {arch} model)",
+                    self.path.display()
+                ))
+            })?;
+            match expected.get(&hf) {
+                Some(shape) if *shape == t.shape => {}
+                Some(shape) => {
+                    return Err(ModelError::Mismatch(format!(
+                        "{}: tensor `{name}` has shape {:?}, but the metadata ({arch}.*, \
+                         tokenizer) implies {shape:?}",
+                        self.path.display(),
+                        t.shape
+                    )))
+                }
+                None => {
+                    return Err(ModelError::Mismatch(format!(
+                        "{}: unexpected tensor `{name}` {:?} for a {arch} model of {} layers \
+                         ({arch}.block_count)",
+                        self.path.display(),
+                        t.shape,
+                        cfg.num_hidden_layers
+                    )))
+                }
+            }
+        }
+        let mut missing: Vec<&String> = expected
+            .keys()
+            .filter(|hf| gguf_name(hf).is_none_or(|g| !self.tensors.contains_key(&g)))
+            .collect();
+        missing.sort();
+        if let Some(hf) = missing.first() {
+            return Err(ModelError::MissingTensor(format!(
+                "{} (`{hf}`) in {}: the metadata implies it",
+                gguf_name(hf).unwrap_or_default(),
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The bytes of tensor `name`.
+    pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let t = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
+        reader::read_tensor_bytes(&self.path, t)
+    }
+
+    /// Tensor `name` dequantized to F32 (exactly), in its GGUF row order.
+    pub fn tensor_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let t = &self.tensors[name];
+        let bytes = self.tensor_bytes(name)?;
+        let mut out = vec![0f32; t.elem_count()];
+        dequant::dequantize(t.ty, &bytes, &mut out)?;
+        Ok(out)
+    }
+
+    /// For a `llama` file, the row order that undoes llama.cpp's q/k permutation of HF tensor
+    /// `hf` (`None` for tensors that are not permuted).
+    fn unpermute_order(
+        &self,
+        cfg: &LlamaConfig,
+        hf: &str,
+        rows: usize,
+    ) -> Result<Option<Vec<usize>>> {
+        if cfg.model_type != "llama" {
+            return Ok(None);
+        }
+        let heads = if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") {
+            cfg.num_attention_heads
+        } else if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") {
+            cfg.num_kv_heads()
+        } else {
+            return Ok(None);
+        };
+        names::unpermute_order(rows, heads).map(Some)
+    }
+
     /// Reads and dequantizes every tensor to F32 on the CPU, in HF naming and layout
     /// (q/k un-permuted for `llama` files). `cfg` must come from [`GgufFile::config`].
     pub fn weights(&self, cfg: &LlamaConfig) -> Result<Weights> {
-        let unpermute = self.architecture()? == "llama";
-        let mut f = std::fs::File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
-        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
-        names.sort();
+        self.check_tensors(cfg)?;
         let mut out = Weights::new();
-        for name in names {
-            let hf = hf_name(name)
-                .ok_or_else(|| ModelError::Gguf(format!("unexpected tensor `{name}`")))?;
-            let q = self
-                .content
-                .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| ModelError::Malformed {
-                    path: self.path.clone(),
-                    msg: format!("tensor `{name}`: {e}"),
-                })?;
-            let mut t = q.dequantize(&Device::Cpu)?;
-            if unpermute {
-                if hf.ends_with("q_proj.weight") || hf.ends_with("q_proj.bias") {
-                    t = unpermute_rows(&t, cfg.num_attention_heads)?;
-                } else if hf.ends_with("k_proj.weight") || hf.ends_with("k_proj.bias") {
-                    t = unpermute_rows(&t, cfg.num_kv_heads())?;
-                }
+        for (name, t) in &self.tensors {
+            let hf = hf_name(name).expect("checked by check_tensors");
+            let mut v = self.tensor_f32(name)?;
+            if let Some(order) = self.unpermute_order(cfg, &hf, t.shape[0])? {
+                let inner = t.elem_count() / t.shape[0];
+                v = order
+                    .iter()
+                    .flat_map(|&r| v[r * inner..(r + 1) * inner].iter().copied())
+                    .collect();
             }
-            out.insert(hf, t);
+            out.insert(hf, Tensor::from_vec(v, t.shape.clone(), &Device::Cpu)?);
         }
         Ok(out)
+    }
+
+    /// Reads the weights for the quantized engine: every matrix (linear maps and the embedding)
+    /// as a [`QMatrix`], the vectors (norms, biases) as F32. With [`WeightDtype::Auto`] quantized
+    /// matrices keep their own type (types without a kernel, `Q2_K`/`Q3_K`/`Q5_1`, become
+    /// `Q8_0`) and float matrices stay F32; with [`WeightDtype::Quant`] every matrix is
+    /// converted to that type (or its fallback, [`storable_type`]); [`WeightDtype::F32`]
+    /// dequantizes everything (the returned quantized map is empty).
+    pub fn quant_weights(
+        &self,
+        cfg: &LlamaConfig,
+        dtype: WeightDtype,
+    ) -> Result<(Weights, QuantWeights)> {
+        if dtype == WeightDtype::F32 {
+            return Ok((self.weights(cfg)?, QuantWeights::new()));
+        }
+        self.check_tensors(cfg)?;
+        let mut dense = Weights::new();
+        let mut quant = QuantWeights::new();
+        for (name, t) in &self.tensors {
+            let hf = hf_name(name).expect("checked by check_tensors");
+            let rows = t.shape[0];
+            let order = self.unpermute_order(cfg, &hf, rows)?;
+            let target = match (t.shape.len(), dtype) {
+                (2, WeightDtype::Quant(q)) => storable_type(q, t.shape[1]),
+                (2, _) if t.ty.has_kernel() => t.ty,
+                (2, _) if t.ty.is_float() => QuantType::F32,
+                (2, _) => storable_type(QuantType::Q8_0, t.shape[1]),
+                _ => QuantType::F32,
+            };
+            if target == QuantType::F32 {
+                let mut v = self.tensor_f32(name)?;
+                if let Some(order) = &order {
+                    let inner = t.elem_count() / rows;
+                    v = order
+                        .iter()
+                        .flat_map(|&r| v[r * inner..(r + 1) * inner].iter().copied())
+                        .collect();
+                }
+                dense.insert(hf, Tensor::from_vec(v, t.shape.clone(), &Device::Cpu)?);
+                continue;
+            }
+            let cols = t.shape[1];
+            let m = if target == t.ty {
+                QMatrix::new(t.ty, rows, cols, self.tensor_bytes(name)?)?
+            } else {
+                QMatrix::quantize(&self.tensor_f32(name)?, rows, cols, target)?
+            };
+            let m = match &order {
+                Some(o) => m.reorder_rows(o)?,
+                None => m,
+            };
+            quant.insert(hf, Arc::new(m));
+        }
+        Ok((dense, quant))
     }
 }
 
@@ -300,21 +493,31 @@ impl GgufFile {
     /// Writes a copy of this GGUF with every tensor dequantized to F32 (same names, layout and
     /// metadata), atomically. Lets llama.cpp run at the precision of our F32 engine.
     pub fn write_f32_copy(&self, out: &Path) -> Result<()> {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        let mut f = std::fs::File::open(&self.path).map_err(|e| ModelError::io(&self.path, e))?;
-        let mut names: Vec<&String> = self.content.tensor_infos.keys().collect();
-        names.sort();
-        let mut tensors = Vec::with_capacity(names.len());
-        for name in names {
-            let q = self
-                .content
-                .tensor(&mut f, name, &Device::Cpu)
-                .map_err(|e| ModelError::Malformed {
-                    path: self.path.clone(),
-                    msg: format!("tensor `{name}`: {e}"),
-                })?;
-            let t = q.dequantize(&Device::Cpu)?;
-            tensors.push((name.as_str(), QTensor::quantize(&t, GgmlDType::F32)?));
+        self.write_converted(out, None)
+    }
+
+    /// Writes a copy of this GGUF (same names, tensor layout and metadata but
+    /// `general.file_type`), atomically: with `Some(ty)` every matrix is requantized to `ty` (or
+    /// its fallback, [`storable_type`], for rows that are not whole blocks of it) from its exact
+    /// F32 values, vectors are F32; with `None` everything is F32.
+    pub fn write_converted(&self, out: &Path, ty: Option<QuantType>) -> Result<()> {
+        use candle_core::quantized::{QStorage, QTensor};
+        let dev = Device::Cpu;
+        let mut tensors = Vec::with_capacity(self.tensors.len());
+        for (name, t) in &self.tensors {
+            let v = self.tensor_f32(name)?;
+            let target = match ty {
+                Some(q) if t.shape.len() == 2 => storable_type(q, t.shape[1]),
+                _ => QuantType::F32,
+            };
+            let q = if target == QuantType::F32 {
+                QTensor::quantize(&Tensor::from_vec(v, t.shape.clone(), &dev)?, GgmlDType::F32)?
+            } else {
+                let m = QMatrix::quantize(&v, t.shape[0], t.shape[1], target)?;
+                let st = QStorage::from_data(m.gguf_bytes().into(), &dev, ggml_dtype(target))?;
+                QTensor::new(st, t.shape.clone())?
+            };
+            tensors.push((name.as_str(), q));
         }
         let mut metadata: Vec<(&str, &Value)> = self
             .content
@@ -323,7 +526,22 @@ impl GgufFile {
             .filter(|(k, _)| k.as_str() != "general.file_type")
             .map(|(k, v)| (k.as_str(), v))
             .collect();
-        let file_type = Value::U32(0); // ALL_F32
+        // llama.cpp's `llama_ftype`: ALL_F32 0, MOSTLY_Q4_0 2, Q4_1 3, Q8_0 7, Q5_0 8, Q5_1 9,
+        // Q4_K_M 15, Q5_K_M 17, Q6_K 18.
+        let file_type = Value::U32(match ty {
+            None => 0,
+            Some(QuantType::Q4_0) => 2,
+            Some(QuantType::Q4_1) => 3,
+            Some(QuantType::Q8_0) => 7,
+            Some(QuantType::Q5_0) => 8,
+            Some(QuantType::Q5_1) => 9,
+            Some(QuantType::Q4_K) => 15,
+            Some(QuantType::Q5_K) => 17,
+            Some(QuantType::Q6_K) => 18,
+            Some(other) => {
+                return Err(ModelError::Unsupported(format!("writing a {other} GGUF")));
+            }
+        });
         metadata.push(("general.file_type", &file_type));
         let tmp = out.with_extension("gguf.tmp");
         let res = (|| -> Result<()> {
@@ -369,176 +587,10 @@ fn value_to_i64(v: &Value, key: &str) -> Result<i64> {
     })
 }
 
-/// llama.cpp <-> HF names of the whole-model tensors.
-const GLOBAL_NAMES: [(&str, &str); 3] = [
-    ("token_embd.weight", "model.embed_tokens.weight"),
-    ("output_norm.weight", "model.norm.weight"),
-    ("output.weight", "lm_head.weight"),
-];
-
-/// llama.cpp <-> HF names of the per-layer tensors (`blk.N.{gguf}` <-> `model.layers.N.{hf}`).
-const LAYER_NAMES: [(&str, &str); 9] = [
-    ("attn_norm", "input_layernorm"),
-    ("ffn_norm", "post_attention_layernorm"),
-    ("attn_q", "self_attn.q_proj"),
-    ("attn_k", "self_attn.k_proj"),
-    ("attn_v", "self_attn.v_proj"),
-    ("attn_output", "self_attn.o_proj"),
-    ("ffn_gate", "mlp.gate_proj"),
-    ("ffn_up", "mlp.up_proj"),
-    ("ffn_down", "mlp.down_proj"),
-];
-
-/// Renames `name` from one naming to the other: `to_hf` picks the direction.
-fn rename(name: &str, to_hf: bool) -> Option<String> {
-    let pick = |pair: &(&'static str, &'static str)| {
-        if to_hf {
-            (pair.0, pair.1)
-        } else {
-            (pair.1, pair.0)
-        }
-    };
-    if let Some((_, to)) = GLOBAL_NAMES
-        .iter()
-        .map(pick)
-        .find(|(from, _)| *from == name)
-    {
-        return Some(to.to_string());
-    }
-    let (prefix_in, prefix_out) = if to_hf {
-        ("blk.", "model.layers.")
-    } else {
-        ("model.layers.", "blk.")
-    };
-    let (layer, rest) = name.strip_prefix(prefix_in)?.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (part, kind) = rest.rsplit_once('.')?;
-    if kind != "weight" && kind != "bias" {
-        return None;
-    }
-    let (_, to) = LAYER_NAMES
-        .iter()
-        .map(pick)
-        .find(|(from, _)| *from == part)?;
-    Some(format!("{prefix_out}{layer}.{to}.{kind}"))
-}
-
-/// Maps a llama.cpp tensor name to its HF name (`None` for names we do not know).
-pub fn hf_name(gguf: &str) -> Option<String> {
-    rename(gguf, true)
-}
-
-/// Maps an HF tensor name to its llama.cpp name (inverse of [`hf_name`]).
-pub fn gguf_name(hf: &str) -> Option<String> {
-    rename(hf, false)
-}
-
-/// llama.cpp's q/k row permutation (`convert_hf_to_gguf.py` `permute`): for `w` of shape
-/// `[n_head * head_dim, in]` (or `[n_head * head_dim]` for a bias),
-/// `w.reshape(n_head, 2, head_dim/2, in).swapaxes(1, 2).reshape(out, in)`.
-pub fn permute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    reorder_rows(w, n_head, false)
-}
-
-/// Inverse of [`permute_rows`]: `w.reshape(n_head, head_dim/2, 2, in).swapaxes(1, 2).reshape(out, in)`.
-pub fn unpermute_rows(w: &Tensor, n_head: usize) -> Result<Tensor> {
-    reorder_rows(w, n_head, true)
-}
-
-fn reorder_rows(w: &Tensor, n_head: usize, inverse: bool) -> Result<Tensor> {
-    let dims = w.dims().to_vec();
-    let out = dims[0];
-    let inner: usize = dims[1..].iter().product();
-    if n_head == 0 || !out.is_multiple_of(2 * n_head) {
-        return Err(ModelError::Mismatch(format!(
-            "cannot split {out} rows into {n_head} heads of even width"
-        )));
-    }
-    let half = out / n_head / 2;
-    let (a, b) = if inverse { (half, 2) } else { (2, half) };
-    let t = w
-        .reshape((n_head, a, b, inner))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape(dims)?;
-    Ok(t)
-}
-
 /// Convenience: opens `path` and returns its config and F32 HF weights.
 pub fn load_gguf(path: &Path) -> Result<(LlamaConfig, Weights)> {
     let g = GgufFile::open(path)?;
     let cfg = g.config()?;
     let w = g.weights(&cfg)?;
     Ok((cfg, w))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn permute_then_unpermute_is_identity_and_matches_numpy() {
-        // n_head = 2, head_dim = 4, in = 3.
-        let w = Tensor::arange(0f32, 24., &Device::Cpu)
-            .unwrap()
-            .reshape((8, 3))
-            .unwrap();
-        let p = permute_rows(&w, 2).unwrap();
-        // numpy: rows of head h go [0, 2, 1, 3] (interleave the two halves).
-        let rows: Vec<f32> = p
-            .narrow(1, 0, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(rows, vec![0., 6., 3., 9., 12., 18., 15., 21.]);
-        let back = unpermute_rows(&p, 2).unwrap();
-        assert_eq!(back.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
-        let b = Tensor::arange(0f32, 8., &Device::Cpu).unwrap();
-        let pb = permute_rows(&b, 2).unwrap();
-        assert_eq!(
-            pb.to_vec1::<f32>().unwrap(),
-            vec![0., 2., 1., 3., 4., 6., 5., 7.]
-        );
-        assert_eq!(
-            unpermute_rows(&pb, 2).unwrap().to_vec1::<f32>().unwrap(),
-            b.to_vec1::<f32>().unwrap()
-        );
-        assert!(unpermute_rows(&w, 3).is_err());
-    }
-
-    #[test]
-    fn names_map_both_ways() {
-        for (g, h) in [
-            ("token_embd.weight", "model.embed_tokens.weight"),
-            ("output.weight", "lm_head.weight"),
-            ("output_norm.weight", "model.norm.weight"),
-            (
-                "blk.12.attn_q.bias",
-                "model.layers.12.self_attn.q_proj.bias",
-            ),
-            (
-                "blk.0.attn_output.weight",
-                "model.layers.0.self_attn.o_proj.weight",
-            ),
-            (
-                "blk.3.ffn_down.weight",
-                "model.layers.3.mlp.down_proj.weight",
-            ),
-            (
-                "blk.3.ffn_norm.weight",
-                "model.layers.3.post_attention_layernorm.weight",
-            ),
-            (
-                "blk.3.attn_norm.weight",
-                "model.layers.3.input_layernorm.weight",
-            ),
-        ] {
-            assert_eq!(hf_name(g).as_deref(), Some(h));
-            assert_eq!(gguf_name(h).as_deref(), Some(g));
-        }
-        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
-        assert_eq!(hf_name("rope_freqs.weight"), None);
-    }
 }

@@ -1,25 +1,19 @@
-//! The two roles of SAP and the training loop between them.
+//! The SAP protocol between the two roles of [`crate::roles`] (the two-party training loop).
 //!
-//! - [`Customer`]: embedding layer + blocks `0..k`, frozen. Its clean cut-layer outputs are
-//!   computed once per example ([`Customer::cut_outputs`], `len_i x d` values each) and
-//!   privatized afresh every time they are sent.
-//! - [`Vendor`]: blocks `k..L` with LoRA on query/value, mean pooling over real tokens, linear
-//!   head, cross-entropy, AdamW on the LoRA and head parameters only.
 //! - [`run_customer`] / [`run_vendor`]: the protocol over any [`Transport`] (in-process threads
 //!   or NATS): `Hello` -> `Ready`; per training batch `Train` -> `Ack` (a window of 4 batches in
 //!   flight); per evaluation batch `Eval` -> `Logits`; `Done` -> `Report`.
 //! - [`run_centralized`]: the baseline where the customer fine-tunes everything itself.
-use crate::bert::{mean_pool, BertEncoder, Head};
+use crate::encoder::Encoder;
 use crate::error::{Result, SapError};
 use crate::privacy::Privatizer;
+use crate::roles::{accuracy, correct, sortish_batches, TrainConfig, Vendor};
 use crate::wire::{Ctrl, Header, Kind, Msg};
-use candle_core::{Device, Module, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use umbra_common::progress::Progress;
 use umbra_vfl::transport::Transport;
 
 /// Topic customer -> vendor.
@@ -28,267 +22,6 @@ pub const UP: &str = "sap.up";
 pub const DOWN: &str = "sap.down";
 /// Training batches in flight before the customer waits for an `Ack`.
 pub const WINDOW: u64 = 4;
-
-/// Training hyper-parameters shared by both roles.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TrainConfig {
-    pub split_at: usize,
-    pub lora_rank: usize,
-    pub lora_alpha: f64,
-    pub lr: f64,
-    pub epochs: usize,
-    pub batch: usize,
-    pub seed: u64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig {
-            split_at: 2,
-            lora_rank: 8,
-            lora_alpha: 16.0,
-            lr: 2e-3,
-            epochs: 2,
-            batch: 32,
-            seed: 0,
-        }
-    }
-}
-
-/// Length-bucketed batches for one epoch ("sortish" sampling): shuffle, sort each window of
-/// `16 * batch` examples by length, cut into batches, shuffle the batches. Cuts padding on the
-/// vendor without making batches deterministic.
-pub fn sortish_batches(lens: &[usize], batch: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<usize>> {
-    let batch = batch.max(1);
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.shuffle(rng);
-    let mut out = Vec::new();
-    for w in order.chunks_mut(batch * 16) {
-        w.sort_by_key(|&i| lens[i]);
-        out.extend(w.chunks(batch).map(|c| c.to_vec()));
-    }
-    out.shuffle(rng);
-    out
-}
-
-/// Pads ragged rows into `[b, tmax, d]` plus a `[b, tmax]` mask.
-pub fn pad_rows(rows: &[&[f32]], d: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-    let b = rows.len();
-    let tmax = rows.iter().map(|r| r.len() / d).max().unwrap_or(1).max(1);
-    let mut x = vec![0f32; b * tmax * d];
-    let mut m = vec![0f32; b * tmax];
-    for (i, r) in rows.iter().enumerate() {
-        let t = r.len() / d;
-        x[i * tmax * d..i * tmax * d + t * d].copy_from_slice(&r[..t * d]);
-        m[i * tmax..i * tmax + t].iter_mut().for_each(|v| *v = 1.0);
-    }
-    Ok((
-        Tensor::from_vec(x, (b, tmax, d), dev)?,
-        Tensor::from_vec(m, (b, tmax), dev)?,
-    ))
-}
-
-/// The customer's frozen bottom: embedding layer and blocks `0..k`.
-#[derive(Debug, Clone)]
-pub struct Customer {
-    enc: BertEncoder,
-    pub k: usize,
-}
-
-impl Customer {
-    pub fn new(enc: &BertEncoder, k: usize) -> Result<Self> {
-        if k > enc.num_blocks() {
-            return Err(SapError::Config(format!(
-                "--split-at {k} exceeds the model's {} blocks",
-                enc.num_blocks()
-            )));
-        }
-        let mut enc = enc.clone();
-        enc.blocks.truncate(k);
-        Ok(Customer { enc, k })
-    }
-
-    pub fn hidden(&self) -> usize {
-        self.enc.hidden()
-    }
-
-    /// Clean cut-layer outputs, one `len_i * d` vector per sequence (real tokens only).
-    pub fn cut_outputs(&self, seqs: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
-        let mut all = self.cut_outputs_at(seqs, batch, &[self.k])?;
-        Ok(all.pop().unwrap_or_default())
-    }
-
-    /// Clean outputs after the embedding layer and `k` blocks for each `k` in `ks` (all
-    /// `<= self.k`), in one pass: `out[j][i]` is sequence `i` at split `ks[j]`.
-    /// Sequences are batched by similar length; padding never reaches the output.
-    pub fn cut_outputs_at(
-        &self,
-        seqs: &[Vec<u32>],
-        batch: usize,
-        ks: &[usize],
-    ) -> Result<Vec<Vec<Vec<f32>>>> {
-        if let Some(k) = ks.iter().find(|&&k| k > self.k) {
-            return Err(SapError::Config(format!(
-                "split {k} > customer blocks {}",
-                self.k
-            )));
-        }
-        let d = self.hidden();
-        let dev = Device::Cpu;
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| seqs[i].len());
-        let mut out = vec![vec![Vec::new(); seqs.len()]; ks.len()];
-        let pb = crate::progress::bar(seqs.len() as u64, "customer cut layer");
-        for chunk in order.chunks(batch.max(1)) {
-            let tmax = chunk.iter().map(|&i| seqs[i].len()).max().unwrap_or(1);
-            if tmax == 0 {
-                return Err(SapError::Data("empty token sequence".into()));
-            }
-            let mut ids = vec![0u32; chunk.len() * tmax];
-            let mut mask = vec![0f32; chunk.len() * tmax];
-            for (r, &i) in chunk.iter().enumerate() {
-                let s = &seqs[i];
-                ids[r * tmax..r * tmax + s.len()].copy_from_slice(s);
-                mask[r * tmax..r * tmax + s.len()]
-                    .iter_mut()
-                    .for_each(|v| *v = 1.0);
-            }
-            let ids = Tensor::from_vec(ids, (chunk.len(), tmax), &dev)?;
-            let mask = Tensor::from_vec(mask, (chunk.len(), tmax), &dev)?;
-            let mut h = self.enc.embeddings.forward(&ids)?;
-            let bias = BertEncoder::attention_bias(&mask)?;
-            let kmax = ks.iter().copied().max().unwrap_or(0);
-            for k in 0..=kmax {
-                if k > 0 {
-                    h = self.enc.forward_blocks(&h, &bias, k - 1..k, false)?;
-                }
-                for (j, _) in ks.iter().enumerate().filter(|(_, &kk)| kk == k) {
-                    let flat: Vec<f32> = h.flatten_all()?.to_vec1()?;
-                    for (r, &i) in chunk.iter().enumerate() {
-                        let n = seqs[i].len();
-                        out[j][i] = flat[r * tmax * d..(r * tmax + n) * d].to_vec();
-                    }
-                }
-            }
-            pb.inc(chunk.len() as u64);
-        }
-        pb.finish_and_clear();
-        Ok(out)
-    }
-}
-
-/// The vendor's top: blocks `k..L` with LoRA, pooling and the head, plus its optimiser.
-pub struct Vendor {
-    enc: BertEncoder,
-    pub k: usize,
-    head: Head,
-    vars: Vec<Var>,
-    opt: AdamW,
-}
-
-impl Vendor {
-    pub fn new(enc: &BertEncoder, classes: usize, cfg: &TrainConfig) -> Result<Self> {
-        let k = cfg.split_at;
-        let l = enc.num_blocks();
-        if k > l {
-            return Err(SapError::Config(format!("split_at {k} exceeds {l} blocks")));
-        }
-        if classes < 2 {
-            return Err(SapError::Config(format!("{classes} classes")));
-        }
-        let mut enc = enc.clone();
-        let mut vars = enc.attach_lora(k..l, cfg.lora_rank, cfg.lora_alpha, cfg.seed ^ 0x10a)?;
-        let head = Head::new(enc.hidden(), classes, cfg.seed ^ 0x4ead, &Device::Cpu)?;
-        vars.extend(head.vars());
-        let opt = AdamW::new(
-            vars.clone(),
-            ParamsAdamW {
-                lr: cfg.lr,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        )?;
-        Ok(Vendor {
-            enc,
-            k,
-            head,
-            vars,
-            opt,
-        })
-    }
-
-    /// Number of trainable parameters.
-    pub fn trainable(&self) -> usize {
-        self.vars.iter().map(|v| v.elem_count()).sum()
-    }
-
-    /// Logits `[b, C]` of rows `[sum(lengths), d]`.
-    pub fn logits(&self, rows: &[f32], lengths: &[u32], grad: bool) -> Result<Tensor> {
-        let d = self.enc.hidden();
-        let mut parts = Vec::with_capacity(lengths.len());
-        let mut off = 0usize;
-        for &l in lengths {
-            let n = l as usize * d;
-            let p = rows
-                .get(off..off + n)
-                .ok_or_else(|| SapError::Message("rows shorter than lengths".into()))?;
-            parts.push(p);
-            off += n;
-        }
-        if off != rows.len() {
-            return Err(SapError::Message("rows longer than lengths".into()));
-        }
-        let (x, mask) = pad_rows(&parts, d, &Device::Cpu)?;
-        let bias = BertEncoder::attention_bias(&mask)?;
-        let h = self
-            .enc
-            .forward_blocks(&x, &bias, self.k..self.enc.num_blocks(), grad)?;
-        Ok(self.head.forward(&mean_pool(&h, &mask)?)?)
-    }
-
-    /// One AdamW step on a batch; returns the loss.
-    pub fn train_step(&mut self, rows: &[f32], lengths: &[u32], labels: &[u32]) -> Result<f64> {
-        let logits = self.logits(rows, lengths, true)?;
-        let classes = logits.dim(1)? as u32;
-        if labels.iter().any(|&l| l >= classes) {
-            return Err(SapError::Message(format!("label out of 0..{classes}")));
-        }
-        let y = Tensor::from_vec(labels.to_vec(), labels.len(), &Device::Cpu)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
-        self.opt.backward_step(&loss)?;
-        Ok(loss.to_scalar::<f32>()? as f64)
-    }
-
-    /// Logits as a flat `[b * C]` vector (no gradients).
-    pub fn predict(&self, rows: &[f32], lengths: &[u32]) -> Result<Vec<f32>> {
-        Ok(self
-            .logits(rows, lengths, false)?
-            .flatten_all()?
-            .to_vec1()?)
-    }
-}
-
-/// Accuracy of flat logits `[n * c]` against labels.
-pub fn accuracy(logits: &[f32], c: usize, labels: &[usize]) -> f64 {
-    let n = labels.len();
-    if n == 0 || c == 0 {
-        return 0.0;
-    }
-    let correct = logits
-        .chunks(c)
-        .zip(labels)
-        .filter(|(row, &y)| {
-            let mut best = 0;
-            for j in 1..row.len() {
-                if row[j] > row[best] {
-                    best = j;
-                }
-            }
-            best == y
-        })
-        .count();
-    correct as f64 / n as f64
-}
 
 /// What the customer hands the run: its private data, already through its bottom part.
 pub struct CustomerData<'a> {
@@ -307,6 +40,8 @@ pub struct CustomerData<'a> {
 #[derive(Debug, Clone, Default)]
 pub struct CustomerResult {
     pub test_acc: f64,
+    /// Per test example, whether the vendor's prediction was right.
+    pub correct: Vec<bool>,
     pub train_s: f64,
     pub eval_s: f64,
     pub bytes: u64,
@@ -396,7 +131,7 @@ pub fn run_customer(
     }
     let n = data.train_cut.len();
     let steps_per_epoch = n.div_ceil(cfg.batch.max(1));
-    let pb = crate::progress::bar((steps_per_epoch * cfg.epochs) as u64, "split fine-tuning");
+    let pb = Progress::new((steps_per_epoch * cfg.epochs) as u64, "split fine-tuning");
     let start = Instant::now();
     let mut sent = 0u64;
     let mut acked = 0u64;
@@ -443,7 +178,7 @@ pub fn run_customer(
     while acked < sent {
         wait_ack(&mut acked, &mut res)?;
     }
-    pb.finish_and_clear();
+    pb.finish();
     res.train_s = start.elapsed().as_secs_f64();
     // inference through the same path
     let e0 = Instant::now();
@@ -490,6 +225,7 @@ pub fn run_customer(
         }
     }
     let flat: Vec<f32> = logits.into_iter().flatten().flatten().collect();
+    res.correct = correct(&flat, data.classes, data.test_labels);
     res.test_acc = accuracy(&flat, data.classes, data.test_labels);
     res.eval_s = e0.elapsed().as_secs_f64();
     send(Msg::control(Ctrl::Done), &mut res)?;
@@ -551,7 +287,7 @@ pub struct VendorResult {
 /// on `Done`.
 pub fn run_vendor(
     t: &Arc<dyn Transport>,
-    enc: &BertEncoder,
+    enc: &Encoder,
     record: bool,
     timeout: Duration,
 ) -> Result<VendorResult> {
@@ -656,7 +392,7 @@ pub fn run_vendor(
 
 /// Both roles in one process over the in-process transport (two threads).
 pub fn run_split_inproc(
-    enc: &BertEncoder,
+    enc: &Encoder,
     data: &CustomerData,
     privatizer: &Privatizer,
     cfg: &TrainConfig,
@@ -677,13 +413,12 @@ pub fn run_split_inproc(
 }
 
 /// Centralized baseline: the customer fine-tunes LoRA on all blocks and the head itself, on
-/// clean embedding-layer outputs (`cut` computed with `k = 0`), no wire. Returns
-/// `(test_acc, train_s)`.
+/// clean embedding-layer outputs (`cut` computed with `k = 0`), no wire.
 pub fn run_centralized(
-    enc: &BertEncoder,
+    enc: &Encoder,
     data: &CustomerData,
     cfg: &TrainConfig,
-) -> Result<(f64, f64)> {
+) -> Result<CustomerResult> {
     let cfg0 = TrainConfig {
         split_at: 0,
         ..cfg.clone()
@@ -694,7 +429,7 @@ pub fn run_centralized(
     let n = data.train_cut.len();
     let lens: Vec<usize> = data.train_ids.iter().map(Vec::len).collect();
     let none = Privatizer::new(crate::privacy::Privacy::None, 1.0, None)?;
-    let pb = crate::progress::bar(
+    let pb = Progress::new(
         (n.div_ceil(cfg.batch.max(1)) * cfg.epochs) as u64,
         "centralized fine-tuning",
     );
@@ -708,7 +443,7 @@ pub fn run_centralized(
             pb.inc(1);
         }
     }
-    pb.finish_and_clear();
+    pb.finish();
     let train_s = start.elapsed().as_secs_f64();
     let mut flat = Vec::new();
     let idx: Vec<usize> = (0..data.test_cut.len()).collect();
@@ -716,5 +451,10 @@ pub fn run_centralized(
         let (rows, lengths) = privatize(&none, data.test_ids, data.test_cut, c, d, &mut rng)?;
         flat.extend(v.predict(&rows, &lengths)?);
     }
-    Ok((accuracy(&flat, data.classes, data.test_labels), train_s))
+    Ok(CustomerResult {
+        test_acc: accuracy(&flat, data.classes, data.test_labels),
+        correct: correct(&flat, data.classes, data.test_labels),
+        train_s,
+        ..Default::default()
+    })
 }
