@@ -98,7 +98,7 @@ enum BenchCommand {
     Obfuscation(bench::BenchObfuscationArgs),
     /// Obfuscated GGUF checkpoints (F32, Q8_0, Q4_K) in an unmodified llama.cpp vs the plaintext model.
     Llamacpp(obfuscation_cmds::LlamacppArgs),
-    /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients.
+    /// Serving throughput, TTFT and TPOT, plain vs obfuscated, at 1, 4 and 16 clients (--soak: a max-context prompt beside short chats).
     Serve(umbra_serve::cli::BenchServeArgs),
     /// The five split-learning modes on one dataset, one table.
     Vfl(umbra_vfl::cli::BenchVflArgs),
@@ -184,7 +184,7 @@ fn run(cmd: Command) -> Result<()> {
             .map(|_| ())
             .map_err(Into::into),
         Command::Bench(BenchCommand::Serve(a)) => {
-            umbra_serve::cli::run_bench_serve(&a).map_err(Into::into)
+            umbra_serve::cli::run_bench(&a).map_err(Into::into)
         }
         Command::Bench(BenchCommand::Vfl(a)) => umbra_vfl::cli::run_bench(&a)
             .map(|_| ())

@@ -328,7 +328,8 @@ fn generate_split(a: &GenerateArgs, server: &str) -> Result<()> {
         bail!("--server-timeout-s must be a positive number of seconds");
     }
     let timeout = std::time::Duration::from_secs_f64(a.server_timeout_s);
-    let client = umbra_serve::split::SplitClient::open(Path::new(&a.model), key, server, timeout)?;
+    let client =
+        umbra_serve::split_mode::SplitClient::open(Path::new(&a.model), key, server, timeout)?;
     let prompt = encode_prompt(&client.tokenizer, &a.prompt, a.chat)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,

@@ -23,6 +23,8 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+mod chat_ids;
+
 /// One chat turn.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -269,6 +271,8 @@ pub struct TextTokenizer {
     add_eos_token: bool,
     /// The original `tokenizer_config.json` keys, written back on save.
     config_extra: serde_json::Map<String, serde_json::Value>,
+    /// `inner` with special tokens encoded as text (built on first use, for chat content).
+    literal: std::sync::OnceLock<Tokenizer>,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -311,6 +315,7 @@ impl TextTokenizer {
             add_bos_token: false,
             add_eos_token: false,
             config_extra: Default::default(),
+            literal: Default::default(),
         }
     }
 
@@ -545,6 +550,7 @@ impl TextTokenizer {
             add_bos_token: add_bos,
             add_eos_token: add_eos,
             config_extra: Default::default(),
+            literal: Default::default(),
         })
     }
 

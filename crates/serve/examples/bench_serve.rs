@@ -1,5 +1,5 @@
-//! `cargo run --release -p umbra-serve --example bench_serve -- --json out.json` (what
-//! `umbra bench serve` runs).
+//! `cargo run --release -p umbra-serve --features cli --example bench_serve -- --json out.json`
+//! (what `umbra bench serve` runs).
 use clap::Parser;
 
 #[derive(Parser)]
@@ -9,7 +9,7 @@ struct Cli {
 }
 
 fn main() {
-    if let Err(e) = umbra_serve::cli::run_bench_serve(&Cli::parse().args) {
+    if let Err(e) = umbra_serve::cli::run_bench(&Cli::parse().args) {
         eprintln!("error: {e}");
         std::process::exit(1);
     }

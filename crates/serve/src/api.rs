@@ -12,6 +12,8 @@ pub struct ApiError {
     pub message: String,
     pub kind: &'static str,
     pub code: Option<&'static str>,
+    /// Seconds sent as `Retry-After` (429 and 503 answers).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -21,13 +23,26 @@ impl ApiError {
             message: message.into(),
             kind,
             code: None,
+            retry_after: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }
+    /// An upstream failure (502; 504 for a timeout), naming the upstream.
+    pub fn upstream(status: StatusCode, upstream: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(
+            status,
+            "upstream_error",
+            format!("upstream {upstream}: {message}"),
+        )
+    }
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
+        self
+    }
+    pub fn with_retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
         self
     }
     pub fn body(&self) -> Value {
@@ -57,7 +72,12 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        let mut r = (self.status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 
@@ -104,6 +124,12 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub n: Option<i64>,
+    /// Tool calling is not supported: a request that offers tools is refused (400) rather
+    /// than answered as if they were not there.
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
 }
 
 /// A prompt: text or token ids.
@@ -396,8 +422,32 @@ impl CompletionRequest {
     }
 }
 
+/// A field that offers tools: absent, `null`, an empty list and `"none"` offer none.
+fn offers_tools(v: Option<&Value>) -> bool {
+    match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::String(s)) => s != "none",
+        Some(_) => true,
+    }
+}
+
 impl ChatRequest {
     pub fn options(&self) -> Result<GenOptions, ApiError> {
+        for (name, v) in [
+            ("tools", &self.tools),
+            ("tool_choice", &self.tool_choice),
+            ("functions", &self.functions),
+            ("function_call", &self.function_call),
+        ] {
+            if offers_tools(v.as_ref()) {
+                return Err(ApiError::bad_request(format!(
+                    "`{name}` is not supported: this server does not call tools (send the \
+                     request without tools, or describe them in the messages)"
+                ))
+                .with_code("tools_not_supported"));
+            }
+        }
         let logprobs = match (self.logprobs, self.top_logprobs) {
             (Some(true), k) => Some(k.unwrap_or(0)),
             (_, Some(_)) => {
@@ -443,4 +493,26 @@ pub fn new_id(prefix: &str) -> String {
         t as u64 & 0xffff_ffff_ffff,
         n & 0xffff
     )
+}
+
+/// Response header on every answer of a server (`umbra serve`, split mode too) carrying the
+/// key fingerprint its checkpoint records; absent for a plaintext checkpoint. `/health` and
+/// `/v1/models` carry it as `key_fingerprint`.
+pub const KEY_FINGERPRINT_HEADER: &str = "x-umbra-key-fingerprint";
+
+/// Checks that `served` (what `upstream` publishes) is the fingerprint of the client's key
+/// `key`; the error says which side is wrong.
+pub fn check_fingerprint(upstream: &str, key: &str, served: Option<&str>) -> Result<(), String> {
+    match served {
+        Some(s) if s == key => Ok(()),
+        Some(s) => Err(format!(
+            "upstream {upstream} serves a checkpoint obfuscated with another key (its key \
+             fingerprint is {s}, the client key's is {key}): wrong key or wrong upstream"
+        )),
+        None => Err(format!(
+            "upstream {upstream} serves a plaintext checkpoint (it publishes no key \
+             fingerprint; the client key's is {key}): it would read permuted ids as other \
+             tokens; point the client at the server of the checkpoint this key obfuscated"
+        )),
+    }
 }

@@ -1,12 +1,38 @@
-//! Command-line entry points: `umbra serve`, `umbra proxy` and `umbra bench serve` are one
-//! line each in the `umbra` binary: `umbra_serve::cli::run_serve(&args)`,
-//! `umbra_serve::cli::run_proxy(&args)` and `umbra_serve::cli::run_bench_serve(&args)`.
+//! Command-line entry points (feature `cli`): [`Command`] holds `umbra serve` and `umbra proxy`
+//! (flattened into the binary's top-level commands) and [`run`] runs one;
+//! [`BenchServeArgs`] and [`run_bench`] are `umbra bench serve`.
 use crate::error::ServeError;
+use crate::guard::AccessPolicy;
 use crate::proxy::ProxyConfig;
 use crate::server::{serve, ModelSource, ServeConfig};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// The serving commands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve any checkpoint (plain or obfuscated) over the OpenAI HTTP API; knows nothing of keys.
+    Serve(ServeArgs),
+    /// Client-side privacy proxy: OpenAI API for local apps, tau-mapped token ids upstream.
+    Proxy(ProxyArgs),
+}
+
+/// Who may call a server or proxy (API key, browser origins).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AccessArgs {
+    /// Require `Authorization: Bearer <KEY>` on every request but `GET /health`. The key is
+    /// visible to local users in the process list; prefer --api-key-file.
+    #[arg(long, conflicts_with = "api_key_file")]
+    pub api_key: Option<String>,
+    /// Like --api-key, reading the key from a file (first line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// Allow browser pages of this origin (e.g. `http://localhost:3000`) to call; repeat for
+    /// more. Without it, every request that a web page sends is refused.
+    #[arg(long = "allow-origin")]
+    pub allow_origin: Vec<String>,
+}
 
 /// `umbra serve`: the provider's OpenAI-compatible server (plain or obfuscated checkpoint).
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +68,18 @@ pub struct ServeArgs {
     /// Milliseconds the scheduler waits for more arrivals to batch them together.
     #[arg(long, default_value_t = 5.0)]
     pub batch_window_ms: f64,
+    /// Most prompt tokens one forward pass carries (prompts are read in chunks; attention
+    /// memory is at most heads x this x context floats).
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
+    /// With nobody decoding, the most milliseconds a pass of prompt chunks aims at (16
+    /// decode steps' time if shorter): a request that arrives during a long prompt waits about
+    /// this long for its turn.
+    #[arg(long, default_value_t = 250.0)]
+    pub prefill_step_ms: f64,
+    /// CPU threads of the engine's forward passes (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// HaluProbe probe file: every completion carries `hallucination_score`,
     /// `hallucination_stage` and `hallucinated` (hidden-state and logit probes; lookback and
     /// FFN-statistics probes are refused at startup; for an obfuscated checkpoint, the probe
@@ -52,6 +90,8 @@ pub struct ServeArgs {
     /// session may idle before its KV cache is dropped. `--max-batch` bounds open sessions.
     #[arg(long, default_value_t = 300.0)]
     pub split_idle_s: f64,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// `umbra proxy`: the customer's side, holding the key and the public tokenizer.
@@ -75,12 +115,25 @@ pub struct ProxyArgs {
     pub host: String,
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Model name apps see in /v1/models and send as `model` (default: the plaintext model's
+    /// folder name; `umbra` in split mode).
+    #[arg(long)]
+    pub model_name: Option<String>,
     /// Seconds to wait for the upstream's answer or its next streamed token.
     #[arg(long, default_value_t = 60.0)]
     pub upstream_timeout_s: f64,
+    /// The upstream's API key (its `--api-key`).
+    #[arg(long, conflicts_with = "upstream_api_key_file")]
+    pub upstream_api_key: Option<String>,
+    /// Like --upstream-api-key, reading the key from a file (first line).
+    #[arg(long)]
+    pub upstream_api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
-/// `umbra bench serve`: throughput and latency of plain vs obfuscated serving.
+/// `umbra bench serve`: throughput and latency of plain vs obfuscated serving; with
+/// `--soak`, a max-context prompt beside short chats instead.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchServeArgs {
     /// Plaintext model folder (default: the cached SmolLM2-135M-Instruct).
@@ -102,6 +155,14 @@ pub struct BenchServeArgs {
     /// default is 0, the paper's 128). The exact mode is used so both sides generate the same tokens.
     #[arg(long, default_value_t = 0)]
     pub h: usize,
+    /// Soak instead: one prompt of this many tokens (0: the model's context minus
+    /// --max-tokens) plus --soak-chats short chats at once, against the chats alone; reports
+    /// the chats' latencies and the server's peak memory.
+    #[arg(long)]
+    pub soak: Option<usize>,
+    /// Short chats of the soak.
+    #[arg(long, default_value_t = 8)]
+    pub soak_chats: usize,
 }
 
 fn addr(host: &str, port: u16) -> Result<SocketAddr, ServeError> {
@@ -127,8 +188,52 @@ fn secs(s: f64, what: &str) -> Result<Duration, ServeError> {
     }
 }
 
+/// A key given inline or in a file (its first line).
+fn secret(inline: &Option<String>, file: &Option<PathBuf>) -> Result<Option<String>, ServeError> {
+    let key = match (inline, file) {
+        (Some(k), _) => k.trim().to_string(),
+        (None, Some(f)) => read_first_line(f)?,
+        (None, None) => return Ok(None),
+    };
+    if key.is_empty() {
+        return Err(ServeError::Config("an API key must not be empty".into()));
+    }
+    Ok(Some(key))
+}
+
+fn read_first_line(f: &Path) -> Result<String, ServeError> {
+    let text = std::fs::read_to_string(f)
+        .map_err(|e| ServeError::Config(format!("{}: {e}", f.display())))?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+impl AccessArgs {
+    fn policy(&self) -> Result<AccessPolicy, ServeError> {
+        for o in &self.allow_origin {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(ServeError::Config(format!(
+                    "--allow-origin `{o}` is not an origin (scheme://host[:port], no path)"
+                )));
+            }
+        }
+        Ok(AccessPolicy {
+            api_key: secret(&self.api_key, &self.api_key_file)?,
+            allow_origins: self.allow_origin.clone(),
+            local_hosts_only: false,
+        })
+    }
+}
+
 async fn ctrl_c() {
     let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs a serving command until Ctrl-C.
+pub fn run(cmd: &Command) -> Result<(), ServeError> {
+    match cmd {
+        Command::Serve(a) => run_serve(a),
+        Command::Proxy(a) => run_proxy(a),
+    }
 }
 
 /// Runs `umbra serve` until Ctrl-C.
@@ -151,8 +256,15 @@ pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
         ));
     }
     cfg.batch_window = Duration::from_secs_f64(args.batch_window_ms / 1e3);
+    if args.prefill_chunk == 0 {
+        return Err(ServeError::Config("--prefill-chunk must be >= 1".into()));
+    }
+    cfg.prefill_chunk = args.prefill_chunk;
+    cfg.prefill_step = secs(args.prefill_step_ms / 1e3, "--prefill-step-ms")?;
+    cfg.threads = args.threads.filter(|&n| n > 0);
     cfg.halluc_probe = args.halluc_probe.clone();
     cfg.split_idle = secs(args.split_idle_s, "--split-idle-s")?;
+    cfg.access = args.access.policy()?;
     runtime()?.block_on(async move {
         let (bound, fut) = serve(cfg, ctrl_c()).await?;
         eprintln!("umbra serve: listening on http://{bound}");
@@ -178,7 +290,10 @@ pub fn run_proxy(args: &ProxyArgs) -> Result<(), ServeError> {
         addr(&args.host, args.port)?,
     );
     cfg.split_client = args.split_client.clone();
+    cfg.model_name = args.model_name.clone();
     cfg.upstream_timeout = secs(args.upstream_timeout_s, "--upstream-timeout-s")?;
+    cfg.upstream_api_key = secret(&args.upstream_api_key, &args.upstream_api_key_file)?;
+    cfg.access = args.access.policy()?;
     runtime()?.block_on(async move {
         let (bound, fut) = crate::proxy::run_proxy(cfg, ctrl_c()).await?;
         eprintln!(
@@ -191,6 +306,24 @@ pub fn run_proxy(args: &ProxyArgs) -> Result<(), ServeError> {
 }
 
 /// Runs `umbra bench serve`.
-pub fn run_bench_serve(args: &BenchServeArgs) -> Result<(), ServeError> {
-    runtime()?.block_on(crate::bench::run(args))
+pub fn run_bench(a: &BenchServeArgs) -> Result<(), ServeError> {
+    let opts = crate::bench::BenchServeOptions {
+        model: match &a.model {
+            Some(m) => m.clone(),
+            None => crate::bench::default_model()?,
+        },
+        json: a.json.clone(),
+        clients: a.clients.clone(),
+        max_tokens: a.max_tokens,
+        requests_per_client: a.requests_per_client,
+        h: a.h,
+        soak: a.soak.map(|n| crate::bench::soak::SoakOptions {
+            prompt_tokens: n,
+            chats: a.soak_chats.max(1),
+            max_tokens: a.max_tokens,
+            rounds: a.requests_per_client,
+            threads: None,
+        }),
+    };
+    runtime()?.block_on(crate::bench::run(&opts))
 }

@@ -1,5 +1,11 @@
-//! The HTTP/1.1 accept loop shared by the server and the proxy: hyper with a header read
-//! timeout (slow-loris on headers), graceful stop on a shutdown future.
+//! The HTTP/1.1 accept loop shared by the server, the proxy and the split-mode server: hyper
+//! with a header read timeout (slow-loris on headers), graceful stop on a shutdown future; and
+//! the request-body reader they share (size and time limits).
+use crate::api::ApiError;
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -93,4 +99,89 @@ pub async fn bind(
         conns.abort_all();
     };
     Ok((bound, fut))
+}
+
+/// The OpenAI-shaped 404 for a route nobody serves.
+pub async fn not_found(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no route for {} {}", req.method(), req.uri().path()),
+    )
+    .into_response()
+}
+
+/// Reads a request body within the size and time limits: a `Content-Length` over `max` is
+/// refused (413) before anything is read, a body that grows past it while streaming too.
+pub async fn read_body(
+    body: Body,
+    headers: &axum::http::HeaderMap,
+    max: usize,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let too_big = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body exceeds the limit of {max} bytes"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        if len > max as u64 {
+            return Err(too_big());
+        }
+    }
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "timed out after {} s reading the request body",
+                timeout.as_secs_f64()
+            ),
+        )),
+        Ok(Err(e)) => {
+            let msg = format!("{e}");
+            let mut src: Option<&dyn std::error::Error> = Some(&e);
+            let mut limit = false;
+            while let Some(s) = src {
+                limit |= s.to_string().contains("length limit");
+                src = s.source();
+            }
+            if limit {
+                Err(too_big())
+            } else {
+                Err(ApiError::bad_request(format!(
+                    "cannot read the request body: {msg}"
+                )))
+            }
+        }
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// Bodies at least this large are parsed on a blocking thread (CPU work off the runtime).
+const PARSE_OFF_RUNTIME: usize = 64 << 10;
+
+/// Parses a JSON body ([`crate::api::parse_body`]); large bodies on a blocking thread.
+pub async fn parse_json<T>(body: Bytes) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
+    if body.len() < PARSE_OFF_RUNTIME {
+        return crate::api::parse_body(&body);
+    }
+    tokio::task::spawn_blocking(move || crate::api::parse_body(&body))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                format!("parsing failed: {e}"),
+            )
+        })?
 }

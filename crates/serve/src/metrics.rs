@@ -12,7 +12,12 @@ pub struct Metrics {
     requests: Mutex<BTreeMap<(String, u16), u64>>,
     pub queue_depth: AtomicI64,
     pub active_sequences: AtomicI64,
+    /// Prompt tokens admitted.
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens run through the model so far (prompts are read in chunks).
+    pub prefill_tokens: AtomicU64,
+    /// Prompt chunks run (one per prefilling cohort per pass).
+    pub prefill_chunks: AtomicU64,
     pub generated_tokens: AtomicU64,
     pub cancelled: AtomicU64,
     /// Batched decode forwards, and the rows they carried (mean batch = rows / steps).
@@ -114,9 +119,23 @@ impl Metrics {
         gauge(
             &mut s,
             "umbra_prompt_tokens_total",
-            "Prompt tokens prefilled.",
+            "Prompt tokens admitted.",
             "counter",
             self.prompt_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut s,
+            "umbra_prefill_tokens_total",
+            "Prompt tokens run through the model (prompts are read in chunks).",
+            "counter",
+            self.prefill_tokens.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut s,
+            "umbra_prefill_chunks_total",
+            "Prompt chunks run (one per prefilling cohort per forward pass).",
+            "counter",
+            self.prefill_chunks.load(Ordering::Relaxed).to_string(),
         );
         gauge(
             &mut s,

@@ -193,7 +193,7 @@ async fn collect(
                 finish = Some(f.as_str());
                 break;
             }
-            Event::Error(e) => return Err(crate::api::engine_error(e)),
+            Event::Error(e) => return Err(e),
         }
     }
     drop(rx);
@@ -304,10 +304,12 @@ fn stream(
                     break;
                 }
                 Event::Error(e) => {
-                    let err = crate::api::engine_error(e);
+                    // The status line went out with the first chunk: the error is an event,
+                    // and the stream still ends with [DONE].
                     let _ = tx
-                        .send(SseEvent::default().data(err.body().to_string()))
+                        .send(SseEvent::default().data(e.body().to_string()))
                         .await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
             }
@@ -322,6 +324,7 @@ fn stream(
             let _ = tx
                 .send(SseEvent::default().data(err.body().to_string()))
                 .await;
+            let _ = tx.send(SseEvent::default().data("[DONE]")).await;
             return;
         };
         let rest = out.finish();

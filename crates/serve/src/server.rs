@@ -1,13 +1,22 @@
-//! The provider's server: OpenAI-compatible endpoints over any checkpoint, plain or obfuscated.
-//! It knows nothing of keys; with an obfuscated checkpoint its ids and text are meaningless to it.
-use crate::api::{self, parse_body, ApiError, ChatRequest, CompletionRequest, GenOptions, Prompt};
+//! The provider's server: OpenAI-compatible endpoints over any checkpoint, plain or obfuscated
+//! (or any [`Llama`] built in memory, [`ModelSource::Loaded`]). It knows nothing of keys; with
+//! an obfuscated checkpoint its ids and text are meaningless to it. It publishes the key
+//! fingerprint its checkpoint records, so that a client holding the wrong key finds out.
+//!
+//! Cheap checks come first: the guard ([`crate::guard`]), the body's size, the prompt's byte
+//! length ([`PromptBound`]); tokenization and large JSON bodies run off the async runtime, so
+//! `/health` answers while a hostile request is being refused.
+use crate::api::{self, ApiError, ChatRequest, CompletionRequest, GenOptions, Prompt};
 use crate::engine::{self, EngineHandle, Job, ModelInfo};
 use crate::error::ServeError;
+use crate::guard::AccessPolicy;
+use crate::http::{not_found, parse_json, read_body};
 use crate::metrics::Metrics;
 use crate::respond::{respond, RespondCtx};
-use axum::body::{Body, Bytes};
+use crate::text::{PromptBound, PromptText};
+use axum::body::Bytes;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -32,7 +41,8 @@ pub type BodyHook = Arc<dyn Fn(&str, &[u8]) + Send + Sync>;
 pub enum ModelSource {
     /// An HF folder or a `.gguf` file.
     Path(PathBuf),
-    /// An already built model (tests).
+    /// An already built model: any [`Llama`] (any linear backend) with its tokenizer (without
+    /// one, prompts must be token ids) and stop ids.
     Loaded {
         model: Box<Llama>,
         tokenizer: Option<Box<TextTokenizer>>,
@@ -65,6 +75,11 @@ pub struct ServeConfig {
     /// How long the scheduler waits for more requests after one arrives, so that requests sent
     /// together are prefilled and decoded as one batch.
     pub batch_window: Duration,
+    /// Most prompt tokens one forward pass carries (the memory bound of prefill).
+    pub prefill_chunk: usize,
+    /// With nobody decoding, the longest a pass of prompt chunks aims at
+    /// ([`engine::EngineOptions::prefill_step`]).
+    pub prefill_step: Duration,
     /// A HaluProbe probe file (`umbra halluc train`; for an obfuscated checkpoint the one
     /// `umbra obfuscate --halluc-probe` wrote): every completion then carries a
     /// `hallucination_score` computed from the taps of its own forward passes.
@@ -72,16 +87,21 @@ pub struct ServeConfig {
     /// Split mode (a server part): an open session idle this long is dropped. `max_batch` is the
     /// most open sessions (each holds a KV cache of up to the model's context).
     pub split_idle: Duration,
+    /// API key and browser origins ([`crate::guard`]).
+    pub access: AccessPolicy,
+    /// CPU threads of the engine's forward passes (`None`: all of the global pool's).
+    pub threads: Option<usize>,
 }
 
 impl ServeConfig {
     pub fn new(model: ModelSource, addr: SocketAddr) -> Self {
+        let defaults = engine::EngineOptions::default();
         Self {
             model,
             model_name: None,
             addr,
-            max_batch: 16,
-            max_queue: 256,
+            max_batch: defaults.max_batch,
+            max_queue: defaults.max_queue,
             max_prompt_tokens: None,
             max_tokens_limit: 4096,
             max_body_bytes: 4 << 20,
@@ -89,9 +109,13 @@ impl ServeConfig {
             header_timeout: Duration::from_secs(10),
             body_hook: None,
             step_delay: Duration::ZERO,
-            batch_window: Duration::from_millis(5),
+            batch_window: defaults.batch_window,
+            prefill_chunk: defaults.prefill_chunk,
+            prefill_step: defaults.prefill_step,
             halluc_probe: None,
             split_idle: Duration::from_secs(300),
+            access: AccessPolicy::default(),
+            threads: None,
         }
     }
 }
@@ -99,6 +123,7 @@ impl ServeConfig {
 struct AppState {
     engine: EngineHandle,
     tokenizer: Option<Arc<TextTokenizer>>,
+    bound: Option<PromptBound>,
     name: String,
     max_prompt: usize,
     max_tokens_limit: usize,
@@ -110,6 +135,77 @@ struct AppState {
 
 /// A running server.
 pub type ServerHandle = crate::http::Handle;
+
+/// What loading gives: the model, its tokenizer, stop ids, default name and probe.
+type Loaded = (
+    Llama,
+    Option<TextTokenizer>,
+    Vec<u32>,
+    String,
+    Option<engine::HalluProbe>,
+);
+
+/// Loads the model (and checks that this part of a split model may be served here).
+fn load(model: ModelSource, halluc_probe: Option<PathBuf>) -> Result<Loaded, ServeError> {
+    let (llama, tok, eos, name) = match model {
+        ModelSource::Path(p) => {
+            let ck = Checkpoint::open(&p)?;
+            let eos = ck.eos_token_ids();
+            let llama = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
+            let name = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            (llama, ck.tokenizer, eos, name)
+        }
+        ModelSource::Loaded {
+            model,
+            tokenizer,
+            eos_ids,
+        } => (*model, tokenizer.map(|t| *t), eos_ids, "model".to_string()),
+    };
+    // Split-mode parts are checked before any probe is read.
+    match llama.part() {
+        ModelPart::Full => {}
+        ModelPart::Client => {
+            return Err(ServeError::Config(
+                "this is the client part of a split model (embedding and head stay with the \
+                 client): serve <out>/server and generate with `umbra generate --model \
+                 <out>/client --server URL`"
+                    .into(),
+            ))
+        }
+        ModelPart::Server if halluc_probe.is_some() => {
+            return Err(ServeError::Config(
+                "--halluc-probe is not available in split mode (the server has no head and no \
+                 logits)"
+                    .into(),
+            ))
+        }
+        ModelPart::Server => {}
+    }
+    let probe = halluc_probe
+        .map(|p| {
+            engine::HalluProbe::load(&p, &llama)
+                .map_err(|e| ServeError::Config(format!("--halluc-probe {}: {e}", p.display())))
+        })
+        .transpose()?;
+    Ok((llama, tok, eos, name, probe))
+}
+
+/// Adds the key fingerprint header to every answer of `app` (none for a plaintext model).
+pub(crate) fn with_fingerprint(app: Router, fingerprint: Option<&str>) -> Router {
+    let Some(v) = fingerprint.and_then(|f| HeaderValue::from_str(f).ok()) else {
+        return app;
+    };
+    app.layer(axum::middleware::map_response(move |mut r: Response| {
+        let v = v.clone();
+        async move {
+            r.headers_mut().insert(api::KEY_FINGERPRINT_HEADER, v);
+            r
+        }
+    }))
+}
 
 /// Loads the model, starts the engine and binds; returns the bound address and the future that
 /// serves until `shutdown` resolves.
@@ -131,76 +227,55 @@ pub async fn serve(
         body_hook,
         step_delay,
         batch_window,
+        prefill_chunk,
+        prefill_step,
         halluc_probe,
         split_idle,
+        mut access,
+        threads,
     } = config;
+    access.local_hosts_only = addr.ip().is_loopback();
     let (llama, tokenizer, eos_ids, default_name, probe) =
-        tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
-            let (llama, tok, eos, name) = match model {
-                ModelSource::Path(p) => {
-                    let ck = Checkpoint::open(&p)?;
-                    let eos = ck.eos_token_ids();
-                    let llama = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
-                    let name = p
-                        .file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_else(|| "model".into());
-                    (llama, ck.tokenizer, eos, name)
-                }
-                ModelSource::Loaded {
-                    model,
-                    tokenizer,
-                    eos_ids,
-                } => (*model, tokenizer.map(|t| *t), eos_ids, "model".to_string()),
-            };
-            // Split-mode parts are checked before any probe is read.
-            match llama.part() {
-                ModelPart::Full => {}
-                ModelPart::Client => {
-                    return Err(ServeError::Config(
-                        "this is the client part of a split model (embedding and head stay \
-                         with the client): serve <out>/server and generate with `umbra \
-                         generate --model <out>/client --server URL`"
-                            .into(),
-                    ))
-                }
-                ModelPart::Server if halluc_probe.is_some() => {
-                    return Err(ServeError::Config(
-                        "--halluc-probe is not available in split mode (the server has no \
-                         head and no logits)"
-                            .into(),
-                    ))
-                }
-                ModelPart::Server => {}
-            }
-            let probe = halluc_probe
-                .map(|p| {
-                    engine::HalluProbe::load(&p, &llama).map_err(|e| {
-                        ServeError::Config(format!("--halluc-probe {}: {e}", p.display()))
-                    })
-                })
-                .transpose()?;
-            Ok((llama, tok, eos, name, probe))
-        })
-        .await
-        .map_err(|e| ServeError::Other(format!("model loading panicked: {e}")))??;
+        tokio::task::spawn_blocking(move || load(model, halluc_probe))
+            .await
+            .map_err(|e| ServeError::Other(format!("model loading panicked: {e}")))??;
+    let fingerprint = umbra_aloepri::compiler::recorded_fingerprint(llama.config());
+    let name = model_name.unwrap_or(default_name);
     if llama.part() == ModelPart::Server {
-        let app = crate::split::router(
-            llama,
-            model_name.unwrap_or(default_name),
-            crate::split::SplitLimits {
-                max_sessions: max_batch,
-                idle: split_idle,
-                max_body: max_body_bytes,
-                body_timeout,
-            },
-        )?;
+        let limits = crate::split_mode::SplitLimits {
+            max_sessions: max_batch,
+            idle: split_idle,
+            max_body: max_body_bytes,
+            body_timeout,
+            prefill_chunk,
+        };
+        let app = crate::split_mode::router(llama, name, limits)?;
+        let app = crate::guard::guarded(with_fingerprint(app, fingerprint.as_deref()), access);
         return Ok(crate::http::bind(addr, app, header_timeout, shutdown).await?);
     }
     let info = ModelInfo {
         vocab_size: llama.vocab_size(),
         max_positions: llama.config().max_position_embeddings,
         eos_ids,
+        key_fingerprint: fingerprint.clone(),
+    };
+    let max_prompt = max_prompt_tokens
+        .unwrap_or(info.max_positions)
+        .min(info.max_positions);
+    let bound = match tokenizer {
+        Some(t) => Some(
+            tokio::task::spawn_blocking(move || {
+                let b = PromptBound::new(&t, max_prompt);
+                (t, b)
+            })
+            .await
+            .map_err(|e| ServeError::Other(format!("reading the vocabulary: {e}")))?,
+        ),
+        None => None,
+    };
+    let (tokenizer, bound) = match bound {
+        Some((t, b)) => (Some(Arc::new(t)), Some(b)),
+        None => (None, None),
     };
     let metrics = Arc::new(Metrics::default());
     let (handle, _join) = engine::spawn(
@@ -212,16 +287,18 @@ pub async fn serve(
             max_queue,
             step_delay,
             batch_window,
+            prefill_chunk,
+            prefill_step,
             probe,
+            threads,
         },
-    );
+    )?;
     let state = Arc::new(AppState {
         engine: handle,
-        tokenizer: tokenizer.map(Arc::new),
-        name: model_name.unwrap_or(default_name),
-        max_prompt: max_prompt_tokens
-            .unwrap_or(info.max_positions)
-            .min(info.max_positions),
+        tokenizer,
+        bound,
+        name,
+        max_prompt,
         max_tokens_limit,
         max_body: max_body_bytes,
         body_timeout,
@@ -236,6 +313,7 @@ pub async fn serve(
         .route("/v1/chat/completions", post(chat))
         .fallback(not_found)
         .with_state(state);
+    let app = crate::guard::guarded(with_fingerprint(app, fingerprint.as_deref()), access);
     Ok(crate::http::bind(addr, app, header_timeout, shutdown).await?)
 }
 
@@ -245,7 +323,12 @@ pub async fn start(config: ServeConfig) -> Result<ServerHandle, ServeError> {
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({"status": "ok", "model": s.name})).into_response()
+    axum::Json(json!({
+        "status": "ok", "model": s.name,
+        "key_fingerprint": s.engine.info.key_fingerprint,
+        "max_model_len": s.engine.info.max_positions,
+    }))
+    .into_response()
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
@@ -260,69 +343,9 @@ async fn models(State(s): State<Arc<AppState>>) -> Response {
     axum::Json(json!({"object": "list", "data": [{
         "id": s.name, "object": "model", "created": 0, "owned_by": "umbra",
         "max_model_len": s.engine.info.max_positions,
+        "key_fingerprint": s.engine.info.key_fingerprint,
     }]}))
     .into_response()
-}
-
-pub(crate) async fn not_found(req: Request) -> Response {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        format!("no route for {} {}", req.method(), req.uri().path()),
-    )
-    .into_response()
-}
-
-/// Reads a request body within the size and time limits.
-pub(crate) async fn read_body(
-    body: Body,
-    headers: &axum::http::HeaderMap,
-    max: usize,
-    timeout: Duration,
-) -> Result<Bytes, ApiError> {
-    let too_big = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("request body exceeds the limit of {max} bytes"),
-        )
-    };
-    if let Some(len) = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        if len > max as u64 {
-            return Err(too_big());
-        }
-    }
-    match tokio::time::timeout(timeout, axum::body::to_bytes(body, max)).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "invalid_request_error",
-            format!(
-                "timed out after {} s reading the request body",
-                timeout.as_secs_f64()
-            ),
-        )),
-        Ok(Err(e)) => {
-            let msg = format!("{e}");
-            let mut src: Option<&dyn std::error::Error> = Some(&e);
-            let mut limit = false;
-            while let Some(s) = src {
-                limit |= s.to_string().contains("length limit");
-                src = s.source();
-            }
-            if limit {
-                Err(too_big())
-            } else {
-                Err(ApiError::bad_request(format!(
-                    "cannot read the request body: {msg}"
-                )))
-            }
-        }
-        Ok(Ok(b)) => Ok(b),
-    }
 }
 
 async fn completions(State(s): State<Arc<AppState>>, req: Request) -> Response {
@@ -366,22 +389,26 @@ fn check_model(s: &AppState, model: Option<&str>) -> Result<(), ApiError> {
     }
 }
 
-fn need_tokenizer(s: &AppState, what: &str) -> Result<Arc<TextTokenizer>, ApiError> {
-    s.tokenizer
-        .clone()
-        .ok_or_else(|| ApiError::bad_request(format!("this model has no tokenizer; {what}")))
+/// The tokenizer and the prompt bound, or a 400 saying what to send instead.
+fn need_tokenizer(s: &AppState, what: &str) -> Result<(Arc<TextTokenizer>, PromptBound), ApiError> {
+    match (&s.tokenizer, &s.bound) {
+        (Some(t), Some(b)) => Ok((t.clone(), b.clone())),
+        _ => Err(ApiError::bad_request(format!(
+            "this model has no tokenizer; {what}"
+        ))),
+    }
 }
 
 async fn completions_inner(s: &AppState, req: Request) -> Result<Response, ApiError> {
     let body = body_of(s, req).await?;
-    let r: CompletionRequest = parse_body(&body)?;
+    let r: CompletionRequest = parse_json(body).await?;
     check_model(s, r.model.as_deref())?;
     let opts = r.options()?;
     let ids = match api::parse_prompt(r.prompt.as_ref())? {
         Prompt::Ids(ids) => ids,
         Prompt::Text(t) => {
-            let tok = need_tokenizer(s, "send the prompt as token ids")?;
-            crate::text::text_prompt_ids(&tok, &t)?
+            let (tok, bound) = need_tokenizer(s, "send the prompt as token ids")?;
+            bound.ids(&tok, PromptText::Text(t)).await?
         }
     };
     let return_text = r.return_text.unwrap_or(true);
@@ -390,12 +417,12 @@ async fn completions_inner(s: &AppState, req: Request) -> Result<Response, ApiEr
 
 async fn chat_inner(s: &AppState, req: Request) -> Result<Response, ApiError> {
     let body = body_of(s, req).await?;
-    let r: ChatRequest = parse_body(&body)?;
+    let r: ChatRequest = parse_json(body).await?;
     check_model(s, r.model.as_deref())?;
     let opts = r.options()?;
     let messages = api::parse_messages(r.messages.as_ref())?;
-    let tok = need_tokenizer(s, "chat needs one (use /v1/completions with token ids)")?;
-    let ids = crate::text::chat_prompt_ids(&tok, &messages)?;
+    let (tok, bound) = need_tokenizer(s, "chat needs one (use /v1/completions with token ids)")?;
+    let ids = bound.ids(&tok, PromptText::Chat(messages)).await?;
     generate(s, true, ids, opts, true).await
 }
 
@@ -445,7 +472,7 @@ async fn generate(
         temperature: opts.temperature,
         top_k: opts.top_k,
         top_p: opts.top_p,
-        seed: opts.seed.unwrap_or_else(rand_seed),
+        seed: opts.seed.unwrap_or_else(umbra_common::seed::os_seed),
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = ids.len();
@@ -466,16 +493,4 @@ async fn generate(
         prompt_tokens,
     };
     Ok(respond(ctx, rx).await)
-}
-
-pub(crate) fn rand_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0),
-    );
-    h.finish()
 }

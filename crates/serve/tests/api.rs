@@ -350,7 +350,7 @@ async fn hostile_input_gets_4xx_while_others_are_served() {
 
     // Slow-loris on the body: headers promise 100 bytes, 10 arrive, then nothing.
     let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\":").await.unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"prompt\":").await.unwrap();
     let mut resp = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut resp))
         .await
@@ -361,7 +361,7 @@ async fn hostile_input_gets_4xx_while_others_are_served() {
     assert!(head.contains("timed out"), "{head}");
     // Slow-loris on the headers: the connection is closed.
     let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\n")
         .await
         .unwrap();
     let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut resp))
@@ -460,7 +460,7 @@ async fn non_streaming_client_that_hangs_up_is_cancelled() {
         .unwrap();
     let mut s = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
     let head = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST /v1/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();

@@ -111,7 +111,7 @@ async fn served_score_equals_the_offline_score_of_own_answers() {
     let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
     let plan = Arc::new(TapPlan::every_family(&store.manifest.model, &cfg));
     let (answers, _) =
-        generate_answers(&lm.model, &plan, &ids, &vec![0; CHECKED], &lm.eos_ids, &gen).unwrap();
+        generate_answers(&lm.model, &plan, &ids, &[0; CHECKED], &lm.eos_ids, &gen).unwrap();
     // 4. The server with that probe, on the same (already loaded) model.
     let mut sc = ServeConfig::new(
         ModelSource::Loaded {

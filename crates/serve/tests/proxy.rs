@@ -47,14 +47,9 @@ async fn stack(plain_dir: &Path, work: &Path, h: usize, name: &str) -> Stack {
         rec.lock().unwrap().push((path.to_string(), b.to_vec()))
     }));
     let obf = start(cfg).await.unwrap();
-    let proxy = start_proxy(ProxyConfig::new(
-        key,
-        plain_dir.into(),
-        obf.url(),
-        loopback(),
-    ))
-    .await
-    .unwrap();
+    let mut pcfg = ProxyConfig::new(key, plain_dir.into(), obf.url(), loopback());
+    pcfg.model_name = Some(name.into());
+    let proxy = start_proxy(pcfg).await.unwrap();
     Stack {
         plain,
         obf,

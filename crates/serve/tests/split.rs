@@ -18,7 +18,7 @@ use umbra_model::sampling::SamplingParams;
 use umbra_model::{Forward, Input};
 use umbra_serve::proxy::{start_proxy, ProxyConfig};
 use umbra_serve::server::{start, ModelSource, ServeConfig, ServerHandle};
-use umbra_serve::split::{decode_f32, encode_f32, SplitClient, FORWARD_PATH};
+use umbra_serve::split_mode::{decode_f32, encode_f32, SplitClient, FORWARD_PATH};
 
 struct Setup {
     _tmp: tempfile::TempDir,
@@ -211,6 +211,7 @@ async fn openai_proxy_in_split_mode_answers_like_the_plaintext_server() {
     let plain = start(pcfg).await.unwrap();
     let mut cfg = ProxyConfig::new(s.key.clone(), PathBuf::new(), server.url(), loopback());
     cfg.split_client = Some(s.split.join("client"));
+    cfg.model_name = Some("tiny".into());
     let proxy = start_proxy(cfg).await.unwrap();
     let requests = [
         (

@@ -78,6 +78,26 @@ pub fn tiny_model_dir(root: &Path) -> PathBuf {
     dir
 }
 
+/// A tiny random HF checkpoint with a long context (`context` positions) and `layers` blocks
+/// of width `hidden`, with the byte-level tokenizer (no EOS).
+pub fn tiny_long_model_dir(root: &Path, hidden: usize, layers: usize, context: usize) -> PathBuf {
+    let tokdir = root.join("tok");
+    write_tokenizer(&tokdir);
+    let tokenizer = TextTokenizer::from_hf_dir(&tokdir).unwrap();
+    let mut config = tiny_config(hidden, 4, 2, layers, TINY_VOCAB);
+    config.max_position_embeddings = context;
+    let weights = random_weights(&config, 9);
+    let dir = root.join("tiny-long");
+    let ck = Checkpoint {
+        config,
+        weights,
+        tokenizer: Some(tokenizer),
+        source: dir.clone(),
+    };
+    ck.save_hf(&dir, true).unwrap();
+    dir
+}
+
 pub fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }

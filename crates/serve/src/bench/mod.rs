@@ -14,113 +14,19 @@
 //! proxy's own mean processing time per request (its `/metrics`: parsing, tau mapping both
 //! ways, upstream request and chunk handling; tokenization and waiting excluded).
 //! `mean_decode_batch_plain` = sequences per batched decode forward during the plain wave.
-use crate::cli::BenchServeArgs;
+mod load;
+pub mod soak;
+
 use crate::error::ServeError;
 use crate::proxy::{start_proxy, ProxyConfig};
 use crate::server::{start, ModelSource, ServeConfig};
-use futures::StreamExt;
+use load::wave;
 use serde_json::{json, Value};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const PROMPT: &str =
     "Once upon a time, in a small village by the sea, there lived an old fisherman who";
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Wave {
-    tok_s: f64,
-    ttft_ms: f64,
-    tpot_ms: f64,
-    latency_ms: f64,
-}
-
-struct Sample {
-    tokens: usize,
-    ttft: f64,
-    tpot: Option<f64>,
-    latency: f64,
-}
-
-async fn one(client: &reqwest::Client, url: &str, body: &Value) -> Result<Sample, ServeError> {
-    let t0 = Instant::now();
-    let r = client
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
-    if !r.status().is_success() {
-        let st = r.status();
-        let t = r.text().await.unwrap_or_default();
-        return Err(ServeError::Other(format!("{url}: {st}: {t}")));
-    }
-    let mut s = r.bytes_stream();
-    let (mut buf, mut tokens, mut first, mut last) = (String::new(), 0usize, None, t0);
-    while let Some(c) = s.next().await {
-        let c = c.map_err(|e| ServeError::Other(format!("{url}: {e}")))?;
-        buf.push_str(&String::from_utf8_lossy(&c));
-        while let Some(p) = buf.find("\n\n") {
-            let ev: String = buf.drain(..p + 2).collect();
-            for line in ev.lines() {
-                let Some(d) = line.strip_prefix("data:") else {
-                    continue;
-                };
-                let d = d.trim();
-                if d == "[DONE]" {
-                    continue;
-                }
-                let v: Value = serde_json::from_str(d)
-                    .map_err(|e| ServeError::Other(format!("{url}: bad chunk {e}")))?;
-                let n = v["choices"][0]["token_ids"]
-                    .as_array()
-                    .map_or(0, |a| a.len());
-                if n > 0 {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = now;
-                    tokens += n;
-                }
-            }
-        }
-    }
-    let first = first.unwrap_or(last);
-    Ok(Sample {
-        tokens,
-        ttft: first.duration_since(t0).as_secs_f64(),
-        tpot: (tokens > 1).then(|| last.duration_since(first).as_secs_f64() / (tokens - 1) as f64),
-        latency: t0.elapsed().as_secs_f64(),
-    })
-}
-
-async fn wave(url: &str, body: &Value, clients: usize, reqs: usize) -> Result<Wave, ServeError> {
-    let client = reqwest::Client::new();
-    let t0 = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (client, url, body) = (client.clone(), url.to_string(), body.clone());
-            tokio::spawn(async move {
-                let mut out = vec![];
-                for _ in 0..reqs {
-                    out.push(one(&client, &url, &body).await?);
-                }
-                Ok::<_, ServeError>(out)
-            })
-        })
-        .collect();
-    let mut all = vec![];
-    for t in tasks {
-        all.extend(t.await.map_err(|e| ServeError::Other(e.to_string()))??);
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let n = all.len() as f64;
-    let tpots: Vec<f64> = all.iter().filter_map(|s| s.tpot).collect();
-    Ok(Wave {
-        tok_s: all.iter().map(|s| s.tokens).sum::<usize>() as f64 / wall,
-        ttft_ms: all.iter().map(|s| s.ttft).sum::<f64>() / n * 1e3,
-        tpot_ms: tpots.iter().sum::<f64>() / tpots.len().max(1) as f64 * 1e3,
-        latency_ms: all.iter().map(|s| s.latency).sum::<f64>() / n * 1e3,
-    })
-}
 
 /// `(sum seconds, count)` of the proxy's `umbra_proxy_overhead_seconds`.
 async fn proxy_overhead(base: &str) -> Result<(f64, f64), ServeError> {
@@ -181,7 +87,9 @@ pub async fn bench(
         split_dir.clone(),
         split_key.clone(),
     );
-    eprintln!("bench serve: compiling the exact-mode obfuscated checkpoint and its split parts");
+    let progress = umbra_common::progress::Progress::new(clients.len() as u64, "bench serve");
+    progress
+        .println("bench serve: compiling the exact-mode obfuscated checkpoint and its split parts");
     tokio::task::spawn_blocking(move || -> Result<(), umbra_aloepri::AloeError> {
         let params = umbra_aloepri::ObfuscationParams::exact(h);
         umbra_aloepri::compiler::compile_checkpoint(&m, &o, &k, &params, 1, &mut |_, _, _| {})?;
@@ -199,13 +107,9 @@ pub async fn bench(
     };
     let plain = start(mk(model)).await?;
     let obf = start(mk(&obf_dir)).await?;
-    let proxy = start_proxy(ProxyConfig::new(
-        key.clone(),
-        model.into(),
-        obf.url(),
-        loopback(),
-    ))
-    .await?;
+    let mut proxy_cfg = ProxyConfig::new(key.clone(), model.into(), obf.url(), loopback());
+    proxy_cfg.model_name = Some("bench".into());
+    let proxy = start_proxy(proxy_cfg).await?;
     let split_server = start(mk(&split_dir.join(umbra_aloepri::split::SERVER_DIR))).await?;
     let mut split_cfg = ProxyConfig::new(
         split_key,
@@ -214,6 +118,7 @@ pub async fn bench(
         loopback(),
     );
     split_cfg.split_client = Some(split_dir.join(umbra_aloepri::split::CLIENT_DIR));
+    split_cfg.model_name = Some("bench".into());
     let split_proxy = start_proxy(split_cfg).await?;
     let (_, tok) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model)?;
     let tok = tok.ok_or_else(|| ServeError::Config("the model has no tokenizer".into()))?;
@@ -238,7 +143,7 @@ pub async fn bench(
     wave(&split_url, &text_body, 1, 1).await?;
     let mut rows = vec![];
     for &c in clients {
-        eprintln!("bench serve: {c} client(s)");
+        progress.set_note(format!("{c} client(s)"));
         let pb = decode_counts(&plain.url()).await?;
         let p = wave(
             &format!("{}/v1/completions", plain.url()),
@@ -280,7 +185,9 @@ pub async fn bench(
             "tok_s_split": sp.tok_s, "ttft_ms_split": sp.ttft_ms, "tpot_ms_split": sp.tpot_ms,
             "split_over_plain": sp.tok_s / p.tok_s,
         }));
+        progress.inc(1);
     }
+    progress.finish();
     split_proxy.stop().await;
     split_server.stop().await;
     proxy.stop().await;
@@ -344,35 +251,59 @@ fn print_table(report: &serde_json::Value) {
     );
 }
 
-/// `umbra bench serve`.
-pub async fn run(args: &BenchServeArgs) -> Result<(), ServeError> {
-    let model = match &args.model {
-        Some(m) => m.clone(),
-        None => umbra_assets::Cache::from_env()
-            .and_then(|c| c.require_smollm2_hf())
-            .map_err(|e| ServeError::Config(format!("{e} (or pass --model)")))?,
-    };
-    if args.clients.is_empty()
-        || args.clients.contains(&0)
-        || args.max_tokens == 0
-        || args.requests_per_client == 0
+/// What `umbra bench serve` runs.
+#[derive(Debug, Clone)]
+pub struct BenchServeOptions {
+    /// Plaintext model folder.
+    pub model: PathBuf,
+    /// Where the JSON report goes.
+    pub json: PathBuf,
+    pub clients: Vec<usize>,
+    pub max_tokens: usize,
+    pub requests_per_client: usize,
+    /// Residual expansion of the obfuscated checkpoint.
+    pub h: usize,
+    /// A soak instead of the throughput waves.
+    pub soak: Option<soak::SoakOptions>,
+}
+
+/// The cached SmolLM2-135M-Instruct folder (the benchmarks' default model).
+pub fn default_model() -> Result<PathBuf, ServeError> {
+    umbra_assets::Cache::from_env()
+        .and_then(|c| c.require_smollm2_hf())
+        .map_err(|e| ServeError::Config(format!("{e} (or pass --model)")))
+}
+
+/// `umbra bench serve`: runs, writes the JSON report, prints the table.
+pub async fn run(o: &BenchServeOptions) -> Result<(), ServeError> {
+    if o.clients.is_empty()
+        || o.clients.contains(&0)
+        || o.max_tokens == 0
+        || o.requests_per_client == 0
     {
         return Err(ServeError::Config(
             "--clients, --max-tokens and --requests-per-client must be >= 1".into(),
         ));
     }
-    let report = bench(
-        &model,
-        &args.clients,
-        args.max_tokens,
-        args.requests_per_client,
-        args.h,
-    )
-    .await?;
-    let text = serde_json::to_string_pretty(&report).expect("json");
-    std::fs::write(&args.json, &text)
-        .map_err(|e| ServeError::Other(format!("{}: {e}", args.json.display())))?;
-    print_table(&report);
-    eprintln!("wrote {}", args.json.display());
+    let report = match &o.soak {
+        Some(s) => soak::soak(&o.model, s).await?,
+        None => {
+            bench(
+                &o.model,
+                &o.clients,
+                o.max_tokens,
+                o.requests_per_client,
+                o.h,
+            )
+            .await?
+        }
+    };
+    umbra_common::fs::write_json(&o.json, &report)
+        .map_err(|e| ServeError::Other(format!("{}: {e}", o.json.display())))?;
+    match &o.soak {
+        Some(_) => soak::print_table(&report),
+        None => print_table(&report),
+    }
+    eprintln!("wrote {}", o.json.display());
     Ok(())
 }
