@@ -8,7 +8,7 @@
 //! [`source::CheckpointSource`], runs each through the per-component transforms of [`transform`]
 //! ([`tensor_compiler::compile_source`]), writes it, and writes the client's
 //! [`keyfile::ClientKey`].
-//! [`split`] cuts an exact obfuscation into a blocks-only server part and the client's
+//! [`split_parts`] cuts an exact obfuscation into a blocks-only server part and the client's
 //! embedding/head part (split mode, beyond the paper). [`fidelity`] measures the obfuscated model against the plaintext one on the same inputs.
 //!
 //! Row-vector convention throughout the docs: `y = x W`, `x` a row of width `d`. HF stores a linear
@@ -25,7 +25,7 @@ pub mod keys;
 pub mod linalg;
 pub mod params;
 pub mod source;
-pub mod split;
+pub mod split_parts;
 pub mod statemap;
 pub mod tau;
 pub mod tensor_compiler;

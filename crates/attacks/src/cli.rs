@@ -7,12 +7,13 @@ use crate::isa::IsaConfig;
 use crate::sda::SdaConfig;
 use crate::states::StateLayer;
 use crate::suite::{load_texts, run_one, AttackKind, AttackResult, Streams, SuiteConfig};
-use crate::sweep::{parse_grid, write_atomic, SweepSetup};
+use crate::sweep::{parse_grid, SweepSetup};
 use crate::target::Target;
 use crate::vma::VmaConfig;
 use clap::{Args, Subcommand};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use umbra_common::fs::write_atomic;
 use umbra_model::checkpoint::Checkpoint;
 use umbra_model::tokenizer::TextTokenizer;
 
@@ -379,8 +380,8 @@ pub fn run_split(a: &SplitAttackArgs) -> Result<AttackResult> {
     use candle_core::{Device, Tensor};
     use umbra_model::llama::Llama;
     let plain = resolve_model(&a.plain)?;
-    let client_dir = a.split.join(umbra_aloepri::split::CLIENT_DIR);
-    let server_dir = a.split.join(umbra_aloepri::split::SERVER_DIR);
+    let client_dir = a.split.join(umbra_aloepri::split_parts::CLIENT_DIR);
+    let server_dir = a.split.join(umbra_aloepri::split_parts::SERVER_DIR);
     let key = umbra_aloepri::ClientKey::load(&a.key)?;
     // Harness: the client part (its config proves the key; its embedding simulates the traffic).
     let client = Checkpoint::open(&client_dir)?;

@@ -91,11 +91,6 @@ pub struct SweepSetup<'a> {
     pub keep: bool,
 }
 
-/// Writes `bytes` atomically ([`umbra_common::fs::write_atomic`]).
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    Ok(umbra_common::fs::write_atomic(path, bytes)?)
-}
-
 /// Runs the sweep; writes the JSON after every point and the report at the end.
 pub fn run(grid: &[(String, ObfuscationParams)], s: &SweepSetup) -> Result<Vec<SweepPoint>> {
     let dev = candle_core::Device::Cpu;
@@ -167,14 +162,14 @@ pub fn run(grid: &[(String, ObfuscationParams)], s: &SweepSetup) -> Result<Vec<S
         });
         let json =
             serde_json::to_vec_pretty(&points).map_err(|e| AttackError::Input(e.to_string()))?;
-        write_atomic(&s.out.join("sweep.json"), &json)?;
+        umbra_common::fs::write_atomic(&s.out.join("sweep.json"), &json)?;
     }
-    write_atomic(
+    umbra_common::fs::write_atomic(
         &s.out.join("report.md"),
         markdown(&points, &s.attacks).as_bytes(),
     )?;
     #[cfg(feature = "plot")]
-    write_atomic(
+    umbra_common::fs::write_atomic(
         &s.out.join("frontier.svg"),
         frontier_svg(&points, &s.attacks)?.as_bytes(),
     )?;

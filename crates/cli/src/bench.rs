@@ -7,13 +7,13 @@
 //! 3. llama.cpp (llama-cpp-python, when importable) on the same GGUF as shipped (Q4_1) and on an
 //!    F32 copy of it (the precision our engine runs at), as the reference a user would pick.
 use crate::model_cmds::{encode_prompt, smollm2_dir, Session};
-use crate::util::write_json;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use umbra_assets::{Asset, Cache};
+use umbra_common::fs::write_json;
 use umbra_model::generate::GenerateParams;
 
 #[derive(Args)]

@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod model_cmds;
 mod obfuscation_cmds;
-mod util;
 
 #[derive(Parser)]
 #[command(name = "umbra", version, about = "Privacy-preserving ML on models people already use", long_about = None)]

@@ -1,5 +1,4 @@
 //! `fetch`, `convert`, `generate`.
-use crate::util::{peak_rss_mib, write_json};
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Args;
@@ -7,6 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use umbra_aloepri::ClientKey;
 use umbra_assets::{Asset, Cache};
+use umbra_common::fs::write_json;
 use umbra_model::checkpoint::{convert_gguf_to_hf, Checkpoint};
 use umbra_model::generate::{generate as run_generate, FinishReason, GenerateParams};
 use umbra_model::llama::Llama;
@@ -72,7 +72,7 @@ pub fn convert(a: &ConvertArgs) -> Result<()> {
     if let Some(j) = &a.json {
         write_json(
             j,
-            &serde_json::json!({"seconds": secs, "tensors": ck.weights.len(), "peak_rss_mib": peak_rss_mib()}),
+            &serde_json::json!({"seconds": secs, "tensors": ck.weights.len(), "peak_rss_mib": umbra_common::mem::peak_rss_mib()}),
         )?;
     }
     Ok(())

@@ -175,8 +175,8 @@ async fn wrong_keys_are_detected_across_the_wire() {
     plain_srv.stop().await;
     // Split mode: the client part of key A refuses the server part of key B.
     let (split_a, split_b) = (tmp.path().join("split-a"), tmp.path().join("split-b"));
-    umbra_aloepri::split::write_split(&obf_a, &split_a).unwrap();
-    umbra_aloepri::split::write_split(&obf_b, &split_b).unwrap();
+    umbra_aloepri::split_parts::write_split(&obf_a, &split_a).unwrap();
+    umbra_aloepri::split_parts::write_split(&obf_b, &split_b).unwrap();
     let server_b = serve_dir(&split_b.join("server"), |_| {}).await;
     let client = umbra_serve::split_mode::SplitClient::open(
         &split_a.join("client"),

@@ -43,7 +43,7 @@ fn setup(h: usize, seed: u64) -> Setup {
     )
     .unwrap();
     let split = tmp.path().join("split");
-    umbra_aloepri::split::write_split(&whole, &split).unwrap();
+    umbra_aloepri::split_parts::write_split(&whole, &split).unwrap();
     Setup {
         _tmp: tmp,
         plain,

@@ -6,7 +6,7 @@ use crate::error::{AloeError, Result};
 use crate::gguf_out::GgufQuant;
 use crate::params::{round_h_for_heads, ObfuscationParams};
 use crate::source::CheckpointSource;
-use crate::split::SplitReport;
+use crate::split_parts::SplitReport;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use umbra_common::progress::Progress;
@@ -243,8 +243,14 @@ pub fn run_obfuscate(a: &ObfuscateArgs, hook: &mut dyn ObfuscateHook) -> Result<
             ));
         }
         drop(src);
-        let (r, s) =
-            crate::split::compile_split(&input, &a.out, &a.key, &params, seed, &mut progress)?;
+        let (r, s) = crate::split_parts::compile_split(
+            &input,
+            &a.out,
+            &a.key,
+            &params,
+            seed,
+            &mut progress,
+        )?;
         (r, Some(s))
     } else {
         (

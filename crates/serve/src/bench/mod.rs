@@ -93,7 +93,7 @@ pub async fn bench(
     tokio::task::spawn_blocking(move || -> Result<(), umbra_aloepri::AloeError> {
         let params = umbra_aloepri::ObfuscationParams::exact(h);
         umbra_aloepri::compiler::compile_checkpoint(&m, &o, &k, &params, 1, &mut |_, _, _| {})?;
-        umbra_aloepri::split::compile_split(&m, &so, &sk, &params, 1, &mut |_, _, _| {})?;
+        umbra_aloepri::split_parts::compile_split(&m, &so, &sk, &params, 1, &mut |_, _, _| {})?;
         Ok(())
     })
     .await
@@ -110,14 +110,14 @@ pub async fn bench(
     let mut proxy_cfg = ProxyConfig::new(key.clone(), model.into(), obf.url(), loopback());
     proxy_cfg.model_name = Some("bench".into());
     let proxy = start_proxy(proxy_cfg).await?;
-    let split_server = start(mk(&split_dir.join(umbra_aloepri::split::SERVER_DIR))).await?;
+    let split_server = start(mk(&split_dir.join(umbra_aloepri::split_parts::SERVER_DIR))).await?;
     let mut split_cfg = ProxyConfig::new(
         split_key,
         Default::default(),
         split_server.url(),
         loopback(),
     );
-    split_cfg.split_client = Some(split_dir.join(umbra_aloepri::split::CLIENT_DIR));
+    split_cfg.split_client = Some(split_dir.join(umbra_aloepri::split_parts::CLIENT_DIR));
     split_cfg.model_name = Some("bench".into());
     let split_proxy = start_proxy(split_cfg).await?;
     let (_, tok) = umbra_model::checkpoint::Checkpoint::open_config_and_tokenizer(model)?;
