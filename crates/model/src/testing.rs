@@ -179,3 +179,69 @@ pub fn smollm2_135m_config() -> LlamaConfig {
     c.tie_word_embeddings = true;
     c
 }
+
+/// The ChatML template of the byte tokenizer below (`<|im_start|>role\ncontent<|im_end|>\n`).
+pub const CHATML_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// GPT-2's byte -> printable-char table (`bytes_to_unicode`): entry `b` is the char that
+/// stands for byte `b` in a byte-level BPE vocabulary.
+pub fn gpt2_byte_chars() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in bs.iter().zip(cs) {
+        table[*b as usize] = char::from_u32(c).expect("GPT-2 byte chars are valid");
+    }
+    table
+}
+
+/// `tokenizer.json` of a byte-level BPE without merges: ids 0..256 are the bytes,
+/// `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` are the special ids 256..259.
+pub fn byte_tokenizer_json() -> serde_json::Value {
+    use serde_json::json;
+    let chars = gpt2_byte_chars();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..256).map(|b| (chars[b].to_string(), json!(b))).collect();
+    let added: Vec<serde_json::Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            json!({"id": 256 + i, "content": t, "single_word": false, "lstrip": false,
+                   "rstrip": false, "normalized": false, "special": true})
+        })
+        .collect();
+    json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added, "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    })
+}
+
+/// Writes the byte tokenizer ([`byte_tokenizer_json`]) and a `tokenizer_config.json` with the
+/// [`CHATML_TEMPLATE`] into `dir` (created); panics on an I/O error (tests only).
+pub fn write_byte_tokenizer(dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("create the tokenizer folder");
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        byte_tokenizer_json().to_string(),
+    )
+    .expect("write tokenizer.json");
+    let tc = serde_json::json!({"chat_template": CHATML_TEMPLATE, "add_bos_token": false, "add_eos_token": false});
+    std::fs::write(dir.join("tokenizer_config.json"), tc.to_string())
+        .expect("write tokenizer_config.json");
+}

@@ -16,27 +16,7 @@ const FFN: usize = 24;
 const LAYERS: usize = 2;
 const TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/// GPT-2's byte -> printable-char table (`bytes_to_unicode`).
-fn byte_chars() -> Vec<char> {
-    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-        .chain(0xA1..=0xAC)
-        .chain(0xAE..=0xFF)
-        .collect();
-    let mut cs = bs.clone();
-    let mut n = 0;
-    for b in 0..256u32 {
-        if !bs.contains(&b) {
-            bs.push(b);
-            cs.push(256 + n);
-            n += 1;
-        }
-    }
-    let mut table = vec![' '; 256];
-    for (b, c) in bs.iter().zip(cs) {
-        table[*b as usize] = char::from_u32(c).unwrap();
-    }
-    table
-}
+use umbra_model::testing::gpt2_byte_chars as byte_chars;
 
 /// Tokens: 3 specials (type 3), 256 byte tokens, then the merge results.
 fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {

@@ -222,50 +222,10 @@ mod tests {
 
     /// A byte-level BPE without merges (ids 0..256 are bytes) and three special tokens.
     fn byte_tokenizer() -> TextTokenizer {
-        let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
-            .chain(0xA1..=0xAC)
-            .chain(0xAE..=0xFF)
-            .collect();
-        let mut cs = bs.clone();
-        let mut n = 0;
-        for b in 0..256u32 {
-            if !bs.contains(&b) {
-                bs.push(b);
-                cs.push(256 + n);
-                n += 1;
-            }
-        }
-        let vocab: serde_json::Map<String, serde_json::Value> = bs
-            .iter()
-            .zip(&cs)
-            .map(|(b, c)| (char::from_u32(*c).unwrap().to_string(), (*b).into()))
-            .collect();
-        let added: Vec<serde_json::Value> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                serde_json::json!({"id": 256 + i, "content": t, "single_word": false,
-                "lstrip": false, "rstrip": false, "normalized": false, "special": true})
-            })
-            .collect();
-        let tj = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                      "ignore_merges": false, "vocab": vocab, "merges": []}
-        });
-        let inner: tokenizers::Tokenizer = tj.to_string().parse().unwrap();
+        let json = crate::testing::byte_tokenizer_json().to_string();
+        let inner: tokenizers::Tokenizer = json.parse().unwrap();
         let mut t = TextTokenizer::from_tokenizer(inner);
-        t.chat_template = Some(
-            ChatTemplate::new(
-                "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-            )
-            .unwrap(),
-        );
+        t.chat_template = Some(ChatTemplate::new(crate::testing::CHATML_TEMPLATE).unwrap());
         t
     }
 
