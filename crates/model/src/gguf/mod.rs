@@ -56,24 +56,6 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
-fn ggml_dtype(t: QuantType) -> GgmlDType {
-    match t {
-        QuantType::F32 => GgmlDType::F32,
-        QuantType::F16 => GgmlDType::F16,
-        QuantType::BF16 => GgmlDType::BF16,
-        QuantType::Q4_0 => GgmlDType::Q4_0,
-        QuantType::Q4_1 => GgmlDType::Q4_1,
-        QuantType::Q5_0 => GgmlDType::Q5_0,
-        QuantType::Q5_1 => GgmlDType::Q5_1,
-        QuantType::Q8_0 => GgmlDType::Q8_0,
-        QuantType::Q2_K => GgmlDType::Q2K,
-        QuantType::Q3_K => GgmlDType::Q3K,
-        QuantType::Q4_K => GgmlDType::Q4K,
-        QuantType::Q5_K => GgmlDType::Q5K,
-        QuantType::Q6_K => GgmlDType::Q6K,
-    }
-}
-
 impl GgufFile {
     /// Parses the header (metadata and tensor table) without reading tensor data: a truncated
     /// file is [`ModelError::Truncated`], a corrupt header [`ModelError::Malformed`], a tensor of
@@ -92,7 +74,7 @@ impl GgufFile {
                 (
                     n.clone(),
                     TensorInfo {
-                        ggml_dtype: ggml_dtype(t.ty),
+                        ggml_dtype: t.ty.ggml_dtype(),
                         shape: candle_core::Shape::from(t.shape.clone()),
                         offset: t.offset - h.data_offset,
                     },
@@ -514,7 +496,7 @@ impl GgufFile {
                 QTensor::quantize(&Tensor::from_vec(v, t.shape.clone(), &dev)?, GgmlDType::F32)?
             } else {
                 let m = QMatrix::quantize(&v, t.shape[0], t.shape[1], target)?;
-                let st = QStorage::from_data(m.gguf_bytes().into(), &dev, ggml_dtype(target))?;
+                let st = QStorage::from_data(m.gguf_bytes().into(), &dev, target.ggml_dtype())?;
                 QTensor::new(st, t.shape.clone())?
             };
             tensors.push((name.as_str(), q));

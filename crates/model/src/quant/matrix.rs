@@ -63,7 +63,7 @@ impl QMatrix {
     /// Quantizes F32 `w` (`[rows, cols]` row-major) to `ty` with llama.cpp's reference
     /// quantizers (through candle's ports of them).
     pub fn quantize(w: &[f32], rows: usize, cols: usize, ty: QuantType) -> Result<Self> {
-        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::quantized::QTensor;
         if w.len() != rows * cols {
             return Err(ModelError::Mismatch(format!(
                 "{} values for a [{rows}, {cols}] matrix",
@@ -76,21 +76,7 @@ impl QMatrix {
                 ty.block_size()
             ))
         })?;
-        let dt = match ty {
-            QuantType::F32 => GgmlDType::F32,
-            QuantType::F16 => GgmlDType::F16,
-            QuantType::BF16 => GgmlDType::BF16,
-            QuantType::Q4_0 => GgmlDType::Q4_0,
-            QuantType::Q4_1 => GgmlDType::Q4_1,
-            QuantType::Q5_0 => GgmlDType::Q5_0,
-            QuantType::Q5_1 => GgmlDType::Q5_1,
-            QuantType::Q8_0 => GgmlDType::Q8_0,
-            QuantType::Q2_K => GgmlDType::Q2K,
-            QuantType::Q3_K => GgmlDType::Q3K,
-            QuantType::Q4_K => GgmlDType::Q4K,
-            QuantType::Q5_K => GgmlDType::Q5K,
-            QuantType::Q6_K => GgmlDType::Q6K,
-        };
+        let dt = ty.ggml_dtype();
         let t = candle_core::Tensor::from_slice(w, (rows, cols), &candle_core::Device::Cpu)?;
         let q = QTensor::quantize(&t, dt)?;
         Self::new(ty, rows, cols, q.data()?.into_owned())

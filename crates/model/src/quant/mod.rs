@@ -95,6 +95,26 @@ pub fn ggml_type_name(id: u32) -> Option<&'static str> {
 }
 
 impl QuantType {
+    /// candle's name for this type (its GGUF `ggml_type`).
+    pub(crate) fn ggml_dtype(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType;
+        match self {
+            QuantType::F32 => GgmlDType::F32,
+            QuantType::F16 => GgmlDType::F16,
+            QuantType::BF16 => GgmlDType::BF16,
+            QuantType::Q4_0 => GgmlDType::Q4_0,
+            QuantType::Q4_1 => GgmlDType::Q4_1,
+            QuantType::Q5_0 => GgmlDType::Q5_0,
+            QuantType::Q5_1 => GgmlDType::Q5_1,
+            QuantType::Q8_0 => GgmlDType::Q8_0,
+            QuantType::Q2_K => GgmlDType::Q2K,
+            QuantType::Q3_K => GgmlDType::Q3K,
+            QuantType::Q4_K => GgmlDType::Q4K,
+            QuantType::Q5_K => GgmlDType::Q5K,
+            QuantType::Q6_K => GgmlDType::Q6K,
+        }
+    }
+
     /// All types this crate reads.
     pub const ALL: [QuantType; 13] = [
         Self::F32,
