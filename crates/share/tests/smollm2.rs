@@ -215,7 +215,9 @@ fn smollm2_attacks_on_a_servers_view_read_chance() {
 }
 
 fn python_client(base: &str, model: &str) -> Value {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
+    // The serving tests' client, so both crates drive their proxies with the same script.
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../serve/tests/python/openai_client.py");
     let check = std::process::Command::new("python3")
         .args(["-c", "import openai"])
         .output();
