@@ -273,19 +273,13 @@ impl GgufWriter {
 
     /// Flushes and fsyncs; fails if a tensor of the header was never written.
     pub fn finish(self) -> Result<()> {
-        if self.next != self.plan.len() {
-            return Err(AloeError::Input(format!(
-                "only {} of {} GGUF tensors were written",
-                self.next,
-                self.plan.len()
-            )));
-        }
-        let path = self.path;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| AloeError::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| AloeError::io(&path, e))
+        crate::writer::finish_file(
+            self.out,
+            &self.path,
+            self.next,
+            self.plan.len(),
+            "GGUF tensors",
+        )
     }
 }
 

@@ -104,20 +104,28 @@ impl StreamingWriter {
 
     /// Flushes and fsyncs; fails if a tensor of the header was never written.
     pub fn finish(self) -> Result<()> {
-        if self.next != self.order.len() {
-            return Err(AloeError::Input(format!(
-                "only {} of {} tensors were written",
-                self.next,
-                self.order.len()
-            )));
-        }
-        let path = self.path;
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| AloeError::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| AloeError::io(&path, e))
+        finish_file(self.out, &self.path, self.next, self.order.len(), "tensors")
     }
+}
+
+/// Ends a streamed file: fails unless all `planned` tensors (`what`) of its header were written,
+/// then flushes and fsyncs it.
+pub(crate) fn finish_file(
+    out: BufWriter<std::fs::File>,
+    path: &Path,
+    written: usize,
+    planned: usize,
+    what: &str,
+) -> Result<()> {
+    if written != planned {
+        return Err(AloeError::Input(format!(
+            "only {written} of {planned} {what} were written"
+        )));
+    }
+    let file = out
+        .into_inner()
+        .map_err(|e| AloeError::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| AloeError::io(path, e))
 }
 
 #[cfg(test)]
