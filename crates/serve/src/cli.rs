@@ -8,6 +8,7 @@ use crate::server::{serve, ModelSource, ServeConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use umbra_model::load::WeightDtype;
 
 /// The serving commands.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -40,6 +41,11 @@ pub struct ServeArgs {
     /// HF checkpoint folder or `.gguf` file.
     #[arg(long)]
     pub model: PathBuf,
+    /// Weight precision: `auto` (a GGUF's own blocks, F32 for an HF folder), `f32`, or a type
+    /// every matrix is quantized to at load (`q8_0`, `q4_k`, `q4_0`, `q4_1`, `q5_0`, `q5_k`,
+    /// `q6_k`). Split-mode server parts are served in F32.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8000)]
@@ -236,13 +242,22 @@ pub fn run(cmd: &Command) -> Result<(), ServeError> {
     }
 }
 
+/// The name `/v1/models` reports by default: the folder's or file's stem.
+fn default_name(model: &std::path::Path) -> Option<String> {
+    model.file_stem().map(|s| s.to_string_lossy().into_owned())
+}
+
 /// Runs `umbra serve` until Ctrl-C.
 pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
+    let dtype = WeightDtype::parse(&args.dtype)?;
     let mut cfg = ServeConfig::new(
-        ModelSource::Path(args.model.clone()),
+        ModelSource::with_dtype(&args.model, dtype)?,
         addr(&args.host, args.port)?,
     );
-    cfg.model_name = args.model_name.clone();
+    cfg.model_name = args
+        .model_name
+        .clone()
+        .or_else(|| default_name(&args.model));
     cfg.max_batch = args.max_batch.max(1);
     cfg.max_queue = args.max_queue.max(1);
     cfg.max_tokens_limit = args.max_tokens_limit;

@@ -24,12 +24,13 @@ use candle_core::Device;
 use serde_json::json;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
-use umbra_model::checkpoint::Checkpoint;
+use umbra_model::checkpoint::{is_gguf, Checkpoint};
 use umbra_model::llama::Llama;
+use umbra_model::load::{load_model, WeightDtype};
 use umbra_model::sampling::SamplingParams;
 use umbra_model::tokenizer::TextTokenizer;
 use umbra_model::ModelPart;
@@ -48,6 +49,30 @@ pub enum ModelSource {
         tokenizer: Option<Box<TextTokenizer>>,
         eos_ids: Vec<u32>,
     },
+}
+
+impl ModelSource {
+    /// The model at `path` held as `dtype`: the path itself where the weights are F32 (an HF
+    /// folder under `auto`, anything under `f32`; the server loads it, split-mode parts
+    /// included), else the quantized engine's load ([`load_model`]) of a whole model.
+    pub fn with_dtype(path: &Path, dtype: WeightDtype) -> Result<Self, ServeError> {
+        let gguf = path.is_file() && is_gguf(path);
+        if dtype == WeightDtype::F32 || (dtype == WeightDtype::Auto && !gguf) {
+            return Ok(Self::Path(path.to_path_buf()));
+        }
+        let m = load_model(path, dtype, &Device::Cpu)?;
+        tracing::info!(
+            "{} loaded as {} ({:.0} MiB of weights)",
+            path.display(),
+            m.dtype,
+            m.weight_bytes as f64 / (1u64 << 20) as f64
+        );
+        Ok(Self::Loaded {
+            model: Box::new(m.model),
+            tokenizer: m.tokenizer.map(Box::new),
+            eos_ids: m.eos_token_ids,
+        })
+    }
 }
 
 /// Server settings.
