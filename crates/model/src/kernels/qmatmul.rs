@@ -79,12 +79,22 @@ pub fn matmul(
         if need256 {
             a256.fill(x, k);
         }
+        // A buffer this call did not fill holds another call's rows: hand over none of them.
+        let a32 = need32.then_some(&*a32);
+        let a256 = need256.then_some(&*a256);
         run(segs, a32, a256, m, y, n);
     });
     Ok(())
 }
 
-fn run(segs: &[Segment<'_>], a32: &Q8Rows32, a256: &Q8Rows256, m: usize, y: &mut [f32], n: usize) {
+fn run(
+    segs: &[Segment<'_>],
+    a32: Option<&Q8Rows32>,
+    a256: Option<&Q8Rows256>,
+    m: usize,
+    y: &mut [f32],
+    n: usize,
+) {
     // Global weight rows: segment after segment.
     let starts: Vec<usize> = segs
         .iter()
@@ -97,12 +107,8 @@ fn run(segs: &[Segment<'_>], a32: &Q8Rows32, a256: &Q8Rows256, m: usize, y: &mut
     let total: usize = segs.iter().map(|s| s.w.rows()).sum();
     let bytes: usize = segs.iter().map(|s| s.w.bytes().len()).sum();
     let out = SharedMut::new(y);
-    let rows32: Vec<_> = (0..if a32.k > 0 { m } else { 0 })
-        .map(|r| a32.row(r))
-        .collect();
-    let rows256: Vec<_> = (0..if a256.k > 0 { m } else { 0 })
-        .map(|r| a256.row(r))
-        .collect();
+    let rows32: Vec<_> = a32.map_or(vec![], |a| (0..m).map(|r| a.row(r)).collect());
+    let rows256: Vec<_> = a256.map_or(vec![], |a| (0..m).map(|r| a.row(r)).collect());
     parallel_for(total, GRAIN, bytes * m >= PAR_MIN_BYTES, |range| {
         for (s, &s0) in segs.iter().zip(&starts) {
             let lo = range.start.max(s0);
@@ -148,6 +154,30 @@ fn run(segs: &[Segment<'_>], a32: &Q8Rows32, a256: &Q8Rows256, m: usize, y: &mut
 mod tests {
     use super::*;
     use crate::quant::QuantType;
+
+    /// A call that needs only 32-blocks after one that filled the 256-block buffer with fewer
+    /// rows (the `--dtype q4_k` fallback on SmolLM2: Q5_0 maps of 576 inputs after Q4_K maps of
+    /// 1536) must not read that buffer.
+    #[test]
+    fn a_stale_activation_buffer_is_not_read() {
+        fn seg(w: &QMatrix) -> Segment<'_> {
+            Segment {
+                w,
+                col0: 0,
+                scale: 1.0,
+                kernel: Kernel::for_type(w.ty()).unwrap(),
+            }
+        }
+        let w256 = QMatrix::quantize(&[0.5; 2 * 256], 2, 256, QuantType::Q4_K).unwrap();
+        let mut y = vec![0.0; 2];
+        matmul(&[seg(&w256)], &[1.0; 256], 1, 256, &mut y, 2).unwrap();
+        let w32 = QMatrix::quantize(&[0.25; 3 * 32], 3, 32, QuantType::Q5_0).unwrap();
+        let mut y = vec![0.0; 4 * 3];
+        matmul(&[seg(&w32)], &[2.0; 4 * 32], 4, 32, &mut y, 3).unwrap();
+        for v in y {
+            assert!((v - 16.0).abs() < 0.1, "{v}");
+        }
+    }
 
     #[test]
     fn segments_of_mixed_types_match_dequantized_product() {
