@@ -119,6 +119,15 @@ fn main() {
     ) {
         umbra_vfl::cli::one_compute_thread_per_worker();
     }
+    let share_client = match &cli.command {
+        Command::Generate(a) => a.share.active(),
+        Command::Proxy(a) => a.share.client.active(),
+        Command::Bench(BenchCommand::Share(_)) => true,
+        _ => false,
+    };
+    if share_client {
+        umbra_share::cli::short_barrier_spin();
+    }
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log.clone());
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -22,6 +22,22 @@ use crate::tls::Trust;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Makes candle's CPU worker threads park after a short spin (`CANDLE_BARRIER_POOL_SPIN_LIMIT`
+/// 500 instead of candle's 25,000), unless the user chose a value; must run before the first
+/// candle op (the pool reads it once). A share client waits on the network between its small
+/// candle ops (norms, residuals, attention glue), and candle's idle workers spin ~1 ms after
+/// each op: on the 2-core host that spinning was most of the client's CPU. Measured (`umbra
+/// bench share --reps 1`, same loaded host, back to back): client CPU in decode 4.85 s -> 1.47 s
+/// for 64 tokens, share decode 4.2 -> 6.0 tok/s; the plaintext run in the same process also got
+/// faster (4.1 -> 10.2 tok/s), the spinning stole a core from our own kernel pool there too.
+/// The `umbra` binary calls this for share-client commands (`generate`/`proxy
+/// --share-servers`, `bench share`).
+pub fn short_barrier_spin() {
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "500");
+    }
+}
+
 /// How a client reaches the two share servers (`umbra generate`, `umbra proxy`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ShareClientArgs {
