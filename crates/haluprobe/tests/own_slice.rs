@@ -24,6 +24,7 @@ use umbra_haluprobe::features::ExtractConfig;
 use umbra_haluprobe::generation::GenSettings;
 use umbra_haluprobe::labels::judge;
 use umbra_haluprobe::metrics::{auroc, auroc_permutation_bound};
+use umbra_haluprobe::opendomain::QaItem;
 use umbra_haluprobe::own::{run_generation, OwnJob, Progress};
 use umbra_haluprobe::probe::FeatureRef;
 use umbra_haluprobe::source::{resolve_model, LoadedModel};
@@ -31,16 +32,21 @@ use umbra_haluprobe::store::{read_manifest, FeatureStore};
 
 const QUESTIONS: usize = 40;
 
-#[test]
-fn smollm2_own_answer_slice_end_to_end() {
-    let t0 = std::time::Instant::now();
+/// SmolLM2 and the HaluEval QA questions; fails with the fetch command when an asset is missing.
+fn smollm2_and_questions() -> (LoadedModel, Vec<QaItem>) {
     let data = Cache::from_env()
         .unwrap()
         .require(Asset::HaluEvalQa)
-        .unwrap();
-    // Fails with the fetch command when SmolLM2 is not in the cache.
-    let lm = LoadedModel::open(&resolve_model("smollm2").unwrap()).unwrap();
-    let items = halueval_qa_items(&load_halueval_qa(&data).unwrap());
+        .unwrap_or_else(|e| panic!("{e}"));
+    let lm =
+        LoadedModel::open(&resolve_model("smollm2").unwrap_or_else(|e| panic!("{e}"))).unwrap();
+    (lm, halueval_qa_items(&load_halueval_qa(&data).unwrap()))
+}
+
+#[test]
+fn smollm2_own_answer_slice_end_to_end() {
+    let t0 = std::time::Instant::now();
+    let (lm, items) = smollm2_and_questions();
     let dir = tempfile::tempdir().unwrap();
     let job = OwnJob {
         task: "halueval-qa".into(),
@@ -108,12 +114,7 @@ const PROBE_QUESTIONS: usize = 800;
 #[test]
 fn smollm2_own_answers_probe_beats_chance() {
     let t0 = std::time::Instant::now();
-    let data = Cache::from_env()
-        .unwrap()
-        .require(Asset::HaluEvalQa)
-        .unwrap();
-    let lm = LoadedModel::open(&resolve_model("smollm2").unwrap()).unwrap();
-    let items = halueval_qa_items(&load_halueval_qa(&data).unwrap());
+    let (lm, items) = smollm2_and_questions();
     let dir = tempfile::tempdir().unwrap();
     let job = OwnJob {
         task: "halueval-qa".into(),
