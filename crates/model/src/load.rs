@@ -47,7 +47,7 @@ pub struct LoadedModel {
 /// Loads a whole model (not a split-mode part) from an HF folder or a GGUF file in `dtype`.
 pub fn load_model(path: &Path, dtype: WeightDtype, device: &Device) -> Result<LoadedModel> {
     let gguf = path.is_file() && is_gguf(path);
-    if dtype == WeightDtype::F32 || (dtype == WeightDtype::Auto && !gguf) {
+    if dtype.is_dense_f32(gguf) {
         let ck = Checkpoint::open(path)?;
         let model = Llama::new(&ck.config, &ck.weights, device)?;
         let weight_bytes = ck

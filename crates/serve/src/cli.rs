@@ -4,7 +4,7 @@
 use crate::error::ServeError;
 use crate::guard::AccessPolicy;
 use crate::proxy::ProxyConfig;
-use crate::server::{serve, ModelSource, ServeConfig};
+use crate::server::{default_name, serve, ModelSource, ServeConfig};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -242,11 +242,6 @@ pub fn run(cmd: &Command) -> Result<(), ServeError> {
         Command::Serve(a) => run_serve(a),
         Command::Proxy(a) => run_proxy(a),
     }
-}
-
-/// The name `/v1/models` reports by default: the folder's or file's stem.
-fn default_name(model: &std::path::Path) -> Option<String> {
-    model.file_stem().map(|s| s.to_string_lossy().into_owned())
 }
 
 /// Runs `umbra serve` until Ctrl-C.

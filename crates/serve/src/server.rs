@@ -56,8 +56,7 @@ impl ModelSource {
     /// folder under `auto`, anything under `f32`; the server loads it, split-mode parts
     /// included), else the quantized engine's load ([`load_model`]) of a whole model.
     pub fn with_dtype(path: &Path, dtype: WeightDtype) -> Result<Self, ServeError> {
-        let gguf = path.is_file() && is_gguf(path);
-        if dtype == WeightDtype::F32 || (dtype == WeightDtype::Auto && !gguf) {
+        if dtype.is_dense_f32(path.is_file() && is_gguf(path)) {
             return Ok(Self::Path(path.to_path_buf()));
         }
         let m = load_model(path, dtype, &Device::Cpu)?;
@@ -73,6 +72,11 @@ impl ModelSource {
             eos_ids: m.eos_token_ids,
         })
     }
+}
+
+/// The name `/v1/models` reports for a model loaded from `path`: its folder's or file's stem.
+pub fn default_name(path: &Path) -> Option<String> {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned())
 }
 
 /// Server settings.
@@ -177,10 +181,7 @@ fn load(model: ModelSource, halluc_probe: Option<PathBuf>) -> Result<Loaded, Ser
             let ck = Checkpoint::open(&p)?;
             let eos = ck.eos_token_ids();
             let llama = Llama::new_part(&ck.config, &ck.weights, &Device::Cpu)?;
-            let name = p
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "model".into());
+            let name = default_name(&p).unwrap_or_else(|| "model".into());
             (llama, ck.tokenizer, eos, name)
         }
         ModelSource::Loaded {

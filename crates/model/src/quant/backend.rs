@@ -28,6 +28,12 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    /// Whether a model is held as dense F32 under this dtype: always under `f32`, and under
+    /// `auto` for anything but a GGUF file (`gguf`; an HF folder's weights are F32).
+    pub fn is_dense_f32(self, gguf: bool) -> bool {
+        self == Self::F32 || (self == Self::Auto && !gguf)
+    }
+
     /// `auto`, `f32`, or a type with a kernel (`q8_0`, `q4_k`, `q4_0`, `q4_1`, `q5_0`, `q5_k`,
     /// `q6_k`).
     pub fn parse(s: &str) -> Result<Self> {
