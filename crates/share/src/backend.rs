@@ -3,9 +3,11 @@
 //!
 //! Per call of a map `W` (`[n, k]`) on rows `x` (`[rows, k]` F32), [`ShareLinear::forward`]:
 //! 1. encodes `x` in fixed point ([`crate::fixed::Format::encode`]: `a`, per-row exponents);
-//! 2. draws a fresh mask `r` uniform over `Z_2^64^(rows x k)` from the session's ChaCha20
-//!    stream (seeded from the OS once per session; never reused, never derived from the input);
-//! 3. sends `a - r` to server A and `r` to server B in one round trip ([`ShareClient`]);
+//! 2. draws a fresh mask `r` uniform over `Z_2^64^(rows x k)`: a new ChaCha20 stream under the
+//!    seed server B received when its link opened (OS-seeded per connection; never reused,
+//!    never derived from the input; [`ShareClient::draw_mask`]);
+//! 3. sends `a - r` to server A and the stream's number to server B, which expands the same
+//!    `r` (or computed its product ahead), in one round trip ([`ShareClient`]);
 //! 4. sums the two products (`(a - r) W^T + r W^T = a W^T` mod 2^64), checks the sum
 //!    ([`Checker`]: range + Freivalds) and decodes it to F32 (+ bias, kept by the client).
 //!
@@ -20,7 +22,7 @@ use crate::fixed::{decode, Format};
 use crate::public::{quantize_spec, Fingerprint};
 use crate::ring::{Digits, Kernel, RingMatrix};
 use candle_core::Tensor;
-use rand::{Rng, RngCore, SeedableRng, TryRngCore};
+use rand::{SeedableRng, TryRngCore};
 use rand_chacha::ChaCha20Rng;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -67,7 +69,7 @@ struct Scratch {
     /// The encoded input `[rows, k]`.
     a: Vec<u64>,
     exps: Vec<i32>,
-    /// The mask `r` (server B's share) and `a - r` (server A's).
+    /// The mask `r` (server B's share, sent as its stream) and `a - r` (server A's).
     r: Vec<u64>,
     am: Vec<u64>,
     za: Vec<u64>,
@@ -79,7 +81,6 @@ struct Scratch {
 struct State {
     transport: Transport,
     scratch: Scratch,
-    masks: ChaCha20Rng,
     poisoned: Option<String>,
     stats: SessionStats,
     /// Test hook: every call also records `(linear, a)` (the encoded input a server would see
@@ -108,7 +109,6 @@ impl ShareSession {
             state: Mutex::new(State {
                 transport: Transport::None,
                 scratch: Scratch::default(),
-                masks: os_chacha()?,
                 poisoned: None,
                 stats: SessionStats::default(),
                 plain_log: None,
@@ -229,15 +229,15 @@ impl ShareLinear {
             }
             Transport::Remote(c) => {
                 let t1 = Instant::now();
-                sc.r.resize(rows * k, 0);
+                let stream = c.draw_mask(rows * k, &mut sc.r)?;
                 sc.am.resize(rows * k, 0);
-                st.masks.fill(&mut sc.r[..]);
                 crate::lanes::sub(&sc.a, &sc.r, &mut sc.am);
                 prep += t1.elapsed().as_secs_f64();
                 c.round_trip(
                     self.index,
                     rows,
-                    [&sc.am, &sc.r],
+                    &sc.am,
+                    stream,
                     self.n,
                     [&mut sc.za, &mut sc.zb],
                 )?;
@@ -375,10 +375,4 @@ impl LinearBackend for ShareBackend<'_> {
     fn name(&self) -> &str {
         "shares"
     }
-}
-
-/// Draws `n` fresh mask words (tests of the mask stream's statistics).
-pub fn draw_masks(session: &ShareSession, n: usize) -> Vec<u64> {
-    let mut s = session.lock();
-    (0..n).map(|_| s.masks.next_u64()).collect()
 }

@@ -9,6 +9,7 @@
 //! ratios, and what the client's share of CPU becomes for Llama-3-8B and 70B shapes
 //! ([`project`]).
 use crate::error::{Result, ShareError};
+use crate::frame;
 use crate::model::ShareModel;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -185,7 +186,8 @@ pub struct Shapes {
     /// Sum over maps of (in + out): values the client encodes, masks, sends, receives, checks
     /// and decodes per token.
     pub client_values: f64,
-    /// Bytes sent + received per decoded token (two servers, 8-byte shares).
+    /// Bytes sent + received per decoded token (two servers, 8-byte shares; B's masks travel
+    /// as stream numbers, PREPAREs not counted).
     pub bytes_per_token: f64,
     pub round_trips_per_token: usize,
     /// Projected client CPU as a share of local plaintext decoding and prefill.
@@ -245,16 +247,19 @@ pub fn project(
     let f = |c: &LlamaConfig| {
         let m = maps_of(c);
         let macs: f64 = m.iter().map(|(_, i, o)| (*i * *o) as f64).sum();
-        let vals: f64 = m.iter().map(|(_, i, o)| (*i + *o) as f64).sum();
-        (macs, vals, m.len())
+        let ins: f64 = m.iter().map(|(_, i, _)| *i as f64).sum();
+        let outs: f64 = m.iter().map(|(_, _, o)| *o as f64).sum();
+        (macs, ins + outs, m.len(), ins, outs)
     };
-    let (macs, vals, maps) = f(cfg);
-    let (mm, mv, _) = f(measured);
+    let (macs, vals, maps, ins, outs) = f(cfg);
+    let (mm, mv, ..) = f(measured);
     Shapes {
         model: name.into(),
         linear_macs: macs,
         client_values: vals,
-        bytes_per_token: vals * 8.0 * 2.0,
+        // A: the shares in, the products out; B: a MASKED frame in, the products out.
+        bytes_per_token: (ins + 2.0 * outs) * 8.0
+            + maps as f64 * (frame::HEADER + frame::MASKED_LEN) as f64,
         round_trips_per_token: maps,
         client_cpu_share_decode: measured_decode * (vals / mv) / (macs / mm),
         client_cpu_share_prefill: measured_prefill * (vals / mv) / (macs / mm),

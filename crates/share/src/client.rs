@@ -1,15 +1,21 @@
 //! The client's two links: one persistent TLS connection to each share server, blocking I/O
 //! with timeouts (the engine thread calls it from inside a forward pass).
 //!
-//! A round trip writes server A's PRODUCT frame, then server B's, then reads A's RESULT and
-//! B's: both servers compute at the same time. Every failure names its server (`A
+//! A round trip writes server A's PRODUCT frame (`a - r`), then server B's MASKED frame (the
+//! stream `r` was drawn from, under the seed B received when its link opened), then reads A's
+//! RESULT and B's: both servers compute at the same time. With a MASKED request of at most
+//! [`PREPARE_MAX_ROWS`] rows goes, every [`PREPARE_REFILL`] tokens, a PREPARE naming the streams
+//! the same map will use at the next [`PREPARE_AHEAD`] tokens, which B computes ahead
+//! ([`crate::prepare`]). Every failure names its server (`A
 //! https://host:port`): a refused connection, a TLS or fingerprint mismatch, an ERROR frame, a
 //! closed connection, a malformed RESULT, no answer within the timeout. A link that failed is
 //! reopened (handshake and fingerprint again) at the next round trip, so a restarted server
 //! resumes service; nothing waits longer than the timeout.
 use crate::error::{Result, ShareError};
 use crate::frame;
+use crate::prepare::mask;
 use crate::tls::Trust;
+use rand::RngCore;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use std::io::{Read, Write};
@@ -277,12 +283,24 @@ fn read_frame(s: &mut impl Read, limit: usize) -> std::result::Result<(u8, Vec<u
     Ok((kind, body))
 }
 
+/// Tokens ahead whose masks' products server B is asked to compute early.
+pub const PREPARE_AHEAD: u64 = 16;
+/// A PREPARE is sent when fewer than this many tokens ahead remain prepared.
+pub const PREPARE_REFILL: u64 = 8;
+/// Requests of more rows (prefills) are not prepared for.
+pub const PREPARE_MAX_ROWS: usize = 4;
+
 /// The two links of one client.
 pub struct ShareClient {
     links: [Link; 2],
     expect: Expect,
     timeout: Duration,
     next: u32,
+    /// Server B's seed on its current connection, and the next stream to draw from it.
+    seed: [u8; 32],
+    stream: u64,
+    /// Per map: the rows and the last stream B was asked to prepare.
+    ahead: Vec<(usize, u64)>,
     buf: Vec<u8>,
     body: Vec<u8>,
     stats: LinkStats,
@@ -313,19 +331,62 @@ impl ShareClient {
                 model: String::new(),
             })
         };
-        let mut links = [mk(0)?, mk(1)?];
-        for l in &mut links {
-            l.open(&expect, timeout)?;
-        }
-        Ok(Self {
-            links,
+        let mut c = Self {
+            links: [mk(0)?, mk(1)?],
+            ahead: vec![(0, 0); expect.table.len()],
             expect,
             timeout,
             next: 0,
+            seed: [0; 32],
+            stream: 0,
             buf: vec![],
             body: vec![],
             stats: LinkStats::default(),
-        })
+        };
+        c.ensure_open()?;
+        Ok(c)
+    }
+
+    /// (Re)opens a closed link; B's gets a fresh seed (its streams start again at 0).
+    fn ensure_open(&mut self) -> Result<()> {
+        for i in 0..2 {
+            if self.links[i].stream.is_some() {
+                continue;
+            }
+            self.links[i].open(&self.expect, self.timeout)?;
+            if i == 1 {
+                let mut seed = [0u8; 32];
+                crate::backend::os_chacha()?.fill_bytes(&mut seed);
+                let l = &mut self.links[1];
+                let s = l.stream.as_mut().expect("opened above");
+                if let Err(e) = s.write_all(&frame::seed(&seed)).and_then(|_| s.flush()) {
+                    let err = l.io_err(&e, "sending the mask seed");
+                    l.stream = None;
+                    return Err(err);
+                }
+                self.seed = seed;
+                self.stream = 0;
+                self.ahead.iter_mut().for_each(|a| *a = (0, 0));
+            }
+        }
+        Ok(())
+    }
+
+    /// Draws the mask of the next request (`len` words of a fresh stream under server B's
+    /// seed) into `r`, opening the links first if needed; returns the stream for
+    /// [`ShareClient::round_trip`]. Every call uses a new stream.
+    pub fn draw_mask(&mut self, len: usize, r: &mut Vec<u64>) -> Result<u64> {
+        if let Err(e) = self.ensure_open() {
+            for l in &mut self.links {
+                l.stream = None;
+            }
+            return Err(e);
+        }
+        let stream = self.stream;
+        self.stream += 1;
+        r.resize(len, 0);
+        mask(&self.seed, stream, r);
+        Ok(stream)
     }
 
     /// The model name each server announced.
@@ -337,18 +398,21 @@ impl ShareClient {
         self.stats
     }
 
-    /// `(x - r) W^T` from A into `za` and `r W^T` from B into `zb` (`[rows, n]`) for map
-    /// `linear`; `shares[0]` goes to A, `shares[1]` to B. After any failure both links are
-    /// closed (the other one may hold an unread answer) and reopened at the next call.
+    /// `(x - r) W^T` from A into `out[0]` and `r W^T` from B into `out[1]` (`[rows, n]`) for
+    /// map `linear`: `am` (`x - r`) goes to A; B expands `r` from `stream` (the value
+    /// [`ShareClient::draw_mask`] returned for it). After any failure both links are closed
+    /// (the other one may hold an unread answer) and reopened, with a new seed, at the next
+    /// [`ShareClient::draw_mask`].
     pub fn round_trip(
         &mut self,
         linear: u32,
         rows: usize,
-        shares: [&[u64]; 2],
+        am: &[u64],
+        stream: u64,
         n: usize,
         out: [&mut Vec<u64>; 2],
     ) -> Result<()> {
-        let r = self.exchange(linear, rows, shares, n, out);
+        let r = self.exchange(linear, rows, am, stream, n, out);
         if r.is_err() {
             for l in &mut self.links {
                 l.stream = None;
@@ -357,24 +421,60 @@ impl ShareClient {
         r
     }
 
+    /// Appends a PREPARE for map `linear` to `buf` when fewer than [`PREPARE_REFILL`] of its
+    /// next tokens are prepared (a decode step calls every map once: map `linear` draws
+    /// stream `stream + M` at the next token, `M` maps).
+    fn plan_ahead(&mut self, linear: u32, rows: usize, stream: u64) {
+        let m = self.expect.table.len() as u64;
+        let Some(a) = self.ahead.get_mut(linear as usize) else {
+            return;
+        };
+        if rows > PREPARE_MAX_ROWS || m == 0 {
+            return;
+        }
+        if a.0 != rows || a.1 < stream {
+            *a = (rows, stream);
+        }
+        if a.1 >= stream + PREPARE_REFILL * m {
+            return;
+        }
+        let last = stream + PREPARE_AHEAD * m;
+        let streams: Vec<u64> = (1..)
+            .map(|j| a.1 + j * m)
+            .take_while(|&s| s <= last)
+            .collect();
+        if let Some(&l) = streams.last() {
+            a.1 = l;
+            frame::prepare(&mut self.buf, linear, rows as u32, &streams);
+        }
+    }
+
     fn exchange(
         &mut self,
         linear: u32,
         rows: usize,
-        shares: [&[u64]; 2],
+        am: &[u64],
+        stream: u64,
         n: usize,
         out: [&mut Vec<u64>; 2],
     ) -> Result<()> {
         let start = Instant::now();
         let request = self.next;
         self.next = self.next.wrapping_add(1);
-        for l in &mut self.links {
-            if l.stream.is_none() {
-                l.open(&self.expect, self.timeout)?;
-            }
+        if self.links.iter().any(|l| l.stream.is_none()) || stream >= self.stream {
+            return Err(ShareError::Config(
+                "a round trip needs a mask drawn on the open links (draw_mask)".into(),
+            ));
         }
-        for (i, l) in self.links.iter_mut().enumerate() {
-            frame::product(&mut self.buf, request, linear, rows as u32, shares[i]);
+        for i in 0..2 {
+            if i == 0 {
+                frame::product(&mut self.buf, request, linear, rows as u32, am);
+            } else {
+                self.buf.clear();
+                frame::masked(&mut self.buf, request, linear, rows as u32, stream);
+                self.plan_ahead(linear, rows, stream);
+            }
+            let l = &mut self.links[i];
             let sent = self.buf.len();
             let s = l.stream.as_mut().expect("opened above");
             if let Err(e) = s.write_all(&self.buf).and_then(|_| s.flush()) {

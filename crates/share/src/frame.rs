@@ -5,6 +5,9 @@
 //! client -> server
 //!   HELLO   (1)    magic "UMBRASH1" | version: u16 | fingerprint: [u8; 32]
 //!   PRODUCT (2)    request: u32 | linear: u32 | rows: u32 | rows x k shares: u64
+//!   SEED    (3)    seed: [u8; 32]                 (server B, once per connection)
+//!   MASKED  (4)    request: u32 | linear: u32 | rows: u32 | stream: u64
+//!   PREPARE (5)    linear: u32 | rows: u32 | count: u32 | count x stream: u64   (no answer)
 //! server -> client
 //!   WELCOME (0x81) version: u16 | fingerprint: [u8; 32] | maps: u32 | maps x (in: u32, out: u32) | name_len: u16 | name
 //!   RESULT  (0x82) request: u32 | rows: u32 | rows x n products: u64
@@ -14,21 +17,35 @@
 //! a forward pass costs one round trip per map. The server checks the length before reading a
 //! body (oversized frames are refused unread), then the map id and the width; any violation is
 //! answered with an ERROR frame naming it, and the connection is closed.
+//!
+//! Server B's share is the mask itself, which does not depend on the input: instead of the
+//! mask, the client sends B a secret 32-byte SEED once per connection, and each MASKED request
+//! names the ChaCha20 stream its rows were drawn from ([`crate::prepare::mask`]). B expands
+//! the same words and answers as for a PRODUCT. Because B's work does not depend on the input,
+//! B can do it before it is asked: PREPARE names streams the client will use for a map later
+//! (the same map at the next tokens), and B computes their products ahead, in idle time.
 use crate::error::{Result, ShareError};
 
 pub const MAGIC: [u8; 8] = *b"UMBRASH1";
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// `len` + `kind`.
 pub const HEADER: usize = 5;
 
 pub const HELLO: u8 = 1;
 pub const PRODUCT: u8 = 2;
+pub const SEED: u8 = 3;
+pub const MASKED: u8 = 4;
+pub const PREPARE: u8 = 5;
 pub const WELCOME: u8 = 0x81;
 pub const RESULT: u8 = 0x82;
 pub const ERROR: u8 = 0xff;
 
 /// Bytes of a PRODUCT body before the shares (request, linear, rows).
 pub const PRODUCT_HEAD: usize = 12;
+/// Bytes of a MASKED body (request, linear, rows, stream).
+pub const MASKED_LEN: usize = 20;
+/// Bytes of a PREPARE body before the streams (linear, rows, count).
+pub const PREPARE_HEAD: usize = 12;
 /// Bytes of a RESULT body before the products (request, rows).
 pub const RESULT_HEAD: usize = 8;
 
@@ -143,6 +160,75 @@ pub fn parse_product_head(b: &[u8]) -> Result<(u32, u32, u32)> {
         )));
     }
     Ok((u32_at(b, 0), u32_at(b, 4), u32_at(b, 8)))
+}
+
+/// A SEED frame.
+pub fn seed(seed: &[u8; 32]) -> Vec<u8> {
+    let mut v = frame(SEED, 32);
+    v.extend_from_slice(seed);
+    v
+}
+
+/// The seed of a SEED body.
+pub fn parse_seed(b: &[u8]) -> Result<[u8; 32]> {
+    b.try_into()
+        .map_err(|_| ShareError::Protocol(format!("SEED body of {} bytes (32 expected)", b.len())))
+}
+
+/// A MASKED frame appended to `buf`.
+pub fn masked(buf: &mut Vec<u8>, request: u32, linear: u32, rows: u32, stream: u64) {
+    buf.extend_from_slice(&((MASKED_LEN + 1) as u32).to_le_bytes());
+    buf.push(MASKED);
+    buf.extend_from_slice(&request.to_le_bytes());
+    buf.extend_from_slice(&linear.to_le_bytes());
+    buf.extend_from_slice(&rows.to_le_bytes());
+    buf.extend_from_slice(&stream.to_le_bytes());
+}
+
+/// `(request, linear, rows, stream)` of a MASKED body.
+pub fn parse_masked(b: &[u8]) -> Result<(u32, u32, u32, u64)> {
+    if b.len() != MASKED_LEN {
+        return Err(ShareError::Protocol(format!(
+            "MASKED body of {} bytes ({MASKED_LEN} expected)",
+            b.len()
+        )));
+    }
+    let mut st = [0u8; 8];
+    st.copy_from_slice(&b[12..20]);
+    Ok((
+        u32_at(b, 0),
+        u32_at(b, 4),
+        u32_at(b, 8),
+        u64::from_le_bytes(st),
+    ))
+}
+
+/// A PREPARE frame appended to `buf`.
+pub fn prepare(buf: &mut Vec<u8>, linear: u32, rows: u32, streams: &[u64]) {
+    let body = PREPARE_HEAD + streams.len() * 8;
+    buf.extend_from_slice(&((body + 1) as u32).to_le_bytes());
+    buf.push(PREPARE);
+    buf.extend_from_slice(&linear.to_le_bytes());
+    buf.extend_from_slice(&rows.to_le_bytes());
+    buf.extend_from_slice(&(streams.len() as u32).to_le_bytes());
+    put_u64s(buf, streams);
+}
+
+/// `(linear, rows, streams)` of a PREPARE body.
+pub fn parse_prepare(b: &[u8]) -> Result<(u32, u32, Vec<u64>)> {
+    if b.len() < PREPARE_HEAD {
+        return Err(ShareError::Protocol("PREPARE shorter than its head".into()));
+    }
+    let count = u32_at(b, 8) as usize;
+    if Some(b.len()) != count.checked_mul(8).map(|c| c + PREPARE_HEAD) {
+        return Err(ShareError::Protocol(format!(
+            "PREPARE of {} bytes for {count} streams",
+            b.len()
+        )));
+    }
+    let mut streams = vec![];
+    get_u64s(&b[PREPARE_HEAD..], &mut streams);
+    Ok((u32_at(b, 0), u32_at(b, 4), streams))
 }
 
 pub fn welcome(fingerprint: &[u8; 32], table: &[(u32, u32)], name: &str) -> Vec<u8> {
@@ -291,6 +377,24 @@ mod tests {
             (p.table.clone(), p.name.as_str(), p.fingerprint),
             (vec![(4, 8), (8, 4)], "m", fp)
         );
+        let sd = seed(&[3u8; 32]);
+        let (k, b) = split(&sd);
+        assert_eq!((k, parse_seed(b).unwrap()), (SEED, [3u8; 32]));
+        assert!(parse_seed(&b[1..]).is_err());
+        let mut buf = vec![];
+        masked(&mut buf, 5, 2, 1, u64::MAX - 1);
+        prepare(&mut buf, 2, 1, &[7, 9]);
+        let (k, b) = split(&buf[..HEADER + MASKED_LEN]);
+        assert_eq!(
+            (k, parse_masked(b).unwrap()),
+            (MASKED, (5, 2, 1, u64::MAX - 1))
+        );
+        let (k, b) = split(&buf[HEADER + MASKED_LEN..]);
+        assert_eq!(
+            (k, parse_prepare(b).unwrap()),
+            (PREPARE, (2, 1, vec![7, 9]))
+        );
+        assert!(parse_prepare(&b[..b.len() - 1]).is_err());
         let r = result(1, 1, &[42]);
         let (k, b) = split(&r);
         assert_eq!((k, parse_result_head(b).unwrap()), (RESULT, (1, 1)));

@@ -4,7 +4,8 @@
 //! The model's weights are public; the client's tokens are not. Every linear map of every
 //! block (fused q/k/v, o, fused gate/up, down) and the LM head is computed by two servers on
 //! additive shares in Z_2^64: the client encodes the map's input `x` in fixed point, draws a
-//! fresh uniform mask `r`, sends `x - r` to server A and `r` to server B, and adds the two
+//! fresh uniform mask `r`, sends `x - r` to server A and `r` to server B (as a seed and a stream
+//! number: B's work does not depend on the input, so B can do it ahead), and adds the two
 //! products (`(x - r) W^T + r W^T = x W^T`). Everything else (embedding, norms, RoPE,
 //! attention and its KV cache, SiLU, residuals, sampling) is the ordinary engine on the client.
 //! Either server alone sees uniformly random ring elements: the number of rows and the timing,
@@ -19,6 +20,7 @@
 //! | [`backend`] | the client's `LinearBackend` (`ShareLinear`: encode, mask, round trip, check, decode) |
 //! | [`model`] | a share-mode `Llama` opened and connected |
 //! | [`client`], [`server`], [`frame`], [`tls`] | the links: TLS 1.3, binary frames, batching servers |
+//! | [`prepare`] | server B's masks from a seed, and their products computed ahead at idle priority |
 //! | [`transcript`], [`secrecy`], [`attack`] | a server's recorded view, its statistics, the attacks on it |
 //! | [`bench`] | `umbra bench share`: speed, traffic and client CPU against local plaintext generation |
 //! | `cli` | clap arguments and entry points (feature `cli`) |
@@ -33,6 +35,7 @@ pub mod frame;
 pub mod inputs;
 pub mod lanes;
 pub mod model;
+pub mod prepare;
 pub mod public;
 pub mod ring;
 pub mod secrecy;

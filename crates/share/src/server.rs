@@ -6,8 +6,13 @@
 //! the products back. Requests are validated before any work: frame length against
 //! `max_frame` (refused unread), map id, row count, width; each violation is an ERROR frame
 //! naming it, and the connection is closed.
+//!
+//! Server B's requests are MASKED: the shares are the mask drawn from the connection's SEED,
+//! which the compute thread expands itself; products a PREPARE announced are computed ahead by
+//! a second thread at idle priority and answered from [`Prepared`] (see [`crate::prepare`]).
 use crate::error::{Result, ShareError};
 use crate::frame::{self, code};
+use crate::prepare::{mask, prepare_thread, PrepJob, Prepared};
 use crate::public::collect;
 use crate::ring::{gemm, Digits, Kernel, RingMatrix};
 use crate::tls::ServerIdentity;
@@ -81,6 +86,8 @@ pub struct Faults {
     pub stop_after: Option<u64>,
     /// Sleeps this long before each GEMM batch (lets concurrent requests pile up).
     pub delay: Duration,
+    /// Adds 1 to the first element of every product computed ahead (PREPARE).
+    pub corrupt_prepared: bool,
 }
 
 /// Server settings.
@@ -99,6 +106,11 @@ pub struct ServerConfig {
     /// Records every PRODUCT received (the server's view) to this file.
     pub record: Option<PathBuf>,
     pub kernel: Kernel,
+    /// Bytes of products computed ahead for MASKED requests (0: PREPARE frames are ignored).
+    pub prepare_bytes: usize,
+    /// Runs the work ahead at idle priority (Linux `SCHED_IDLE`); tests turn it off so that
+    /// it runs on a busy machine too.
+    pub prepare_idle: bool,
     pub faults: Faults,
 }
 
@@ -113,6 +125,8 @@ impl ServerConfig {
             io_timeout: Duration::from_secs(30),
             record: None,
             kernel: Kernel::best(),
+            prepare_bytes: 256 << 20,
+            prepare_idle: true,
             faults: Faults::default(),
         }
     }
@@ -130,13 +144,20 @@ pub struct ServerStats {
     /// Most jobs (and most distinct connections) one GEMM has covered.
     pub max_jobs_per_gemm: AtomicU64,
     pub max_connections_per_gemm: AtomicU64,
+    /// MASKED requests answered from products computed ahead, and those computed on demand.
+    pub prepared_hits: AtomicU64,
+    pub prepared_misses: AtomicU64,
+    /// Rows computed ahead (PREPARE).
+    pub prepared_rows: AtomicU64,
 }
 
 struct Job {
     connection: u64,
     linear: u32,
     rows: usize,
+    /// The shares (PRODUCT), or empty with `mask` set (MASKED: expanded by the compute thread).
     shares: Vec<u64>,
+    mask: Option<([u8; 32], u64)>,
     reply: oneshot::Sender<Vec<u64>>,
 }
 
@@ -144,6 +165,9 @@ struct Shared {
     weights: Arc<PublicWeights>,
     cfg: ServerConfig,
     jobs: std::sync::mpsc::Sender<Job>,
+    /// Work ahead (bounded: a full queue drops PREPAREs, which only cost time).
+    prepare: std::sync::mpsc::SyncSender<PrepJob>,
+    prepared: Arc<Prepared>,
     stats: Arc<ServerStats>,
     recorder: Option<Recorder>,
     stop: watch::Sender<bool>,
@@ -166,6 +190,14 @@ fn compute(
         let mut jobs = vec![first];
         while let Ok(j) = rx.try_recv() {
             jobs.push(j);
+        }
+        for j in &mut jobs {
+            if let (Some((seed, stream)), Some(w)) =
+                (j.mask, weights.matrices.get(j.linear as usize))
+            {
+                j.shares = vec![0u64; j.rows * w.cols()];
+                mask(&seed, stream, &mut j.shares);
+            }
         }
         let mut groups: BTreeMap<u32, Vec<Job>> = BTreeMap::new();
         for j in jobs {
@@ -217,6 +249,47 @@ fn compute(
             }
         }
     }
+}
+
+/// PREPARE jobs waiting at most (more are dropped: preparing only saves time).
+const PREPARE_QUEUE: usize = 4096;
+
+/// Validates a PREPARE and queues it for the prepare thread.
+fn prepare_request(
+    sh: &Shared,
+    conn: u64,
+    seed: [u8; 32],
+    linear: u32,
+    rows: u32,
+    streams: Vec<u64>,
+) -> Result<()> {
+    if sh.weights.table.get(linear as usize).is_none() {
+        return Err(ShareError::Protocol(format!(
+            "PREPARE for unknown layer id {linear} (this model has {} linear maps)",
+            sh.weights.table.len()
+        )));
+    }
+    let total = (rows as usize).saturating_mul(streams.len());
+    if rows == 0 || total > sh.cfg.max_rows {
+        return Err(ShareError::Shape(format!(
+            "PREPARE of {} streams x {rows} rows (this server takes 1..={} rows per frame)",
+            streams.len(),
+            sh.cfg.max_rows
+        )));
+    }
+    if sh.prepared.enabled() && !streams.is_empty() {
+        let job = PrepJob {
+            connection: conn,
+            seed,
+            linear,
+            rows,
+            streams,
+        };
+        if sh.prepare.try_send(job).is_err() {
+            tracing::debug!("share server: prepare queue full, PREPARE dropped");
+        }
+    }
+    Ok(())
 }
 
 async fn send_error<S: AsyncWriteExt + Unpin>(s: &mut S, c: u16, m: &str) {
@@ -283,6 +356,7 @@ where
     s.flush().await.ok();
     let mut stop = sh.stop.subscribe();
     let mut shares = vec![];
+    let mut seed: Option<[u8; 32]> = None;
     loop {
         let header = tokio::select! {
             r = s.read_exact(&mut h) => r,
@@ -307,12 +381,56 @@ where
             return Err(ShareError::Protocol(m));
         }
         read_body(&mut s, len, t, &mut body).await?;
-        if kind != frame::PRODUCT {
-            let m = format!("unexpected frame kind {kind:#x} (expected PRODUCT)");
-            send_error(&mut s, code::UNEXPECTED, &m).await;
-            return Err(ShareError::Protocol(m));
-        }
-        let (req, linear, rows) = frame::parse_product_head(&body)?;
+        let (req, linear, rows, stream) = match (kind, seed) {
+            (frame::PRODUCT, _) => {
+                let (req, linear, rows) = frame::parse_product_head(&body)?;
+                (req, linear, rows, None)
+            }
+            (frame::SEED, None) => {
+                let sd = match frame::parse_seed(&body) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        send_error(&mut s, code::UNEXPECTED, &e.to_string()).await;
+                        return Err(e);
+                    }
+                };
+                seed = Some(sd);
+                sh.prepared.open(id);
+                continue;
+            }
+            (frame::MASKED | frame::PREPARE, Some(sd)) => {
+                let parsed = if kind == frame::MASKED {
+                    frame::parse_masked(&body).map(|(q, l, r, st)| (q, l, r, Some(st)))
+                } else {
+                    frame::parse_prepare(&body).and_then(|(l, r, streams)| {
+                        prepare_request(&sh, id, sd, l, r, streams).map(|_| (0, 0, 0, None))
+                    })
+                };
+                match parsed {
+                    Ok((_, _, _, None)) => continue,
+                    Ok(v) => v,
+                    Err(e) => {
+                        let c = match e {
+                            ShareError::Shape(_) => code::ROWS,
+                            _ => code::UNEXPECTED,
+                        };
+                        send_error(&mut s, c, &e.to_string()).await;
+                        return Err(e);
+                    }
+                }
+            }
+            _ => {
+                let m = match kind {
+                    frame::SEED => "a second SEED on one connection".to_string(),
+                    frame::MASKED | frame::PREPARE => {
+                        format!("frame kind {kind:#x} before the connection's SEED")
+                    }
+                    _ => format!("unexpected frame kind {kind:#x} (expected PRODUCT)"),
+                };
+                send_error(&mut s, code::UNEXPECTED, &m).await;
+                return Err(ShareError::Protocol(m));
+            }
+        };
         let Some(&(k, n)) = w.table.get(linear as usize) else {
             let m = format!(
                 "unknown layer id {linear} (this model has {} linear maps, ids 0..{})",
@@ -328,7 +446,11 @@ where
             send_error(&mut s, code::ROWS, &m).await;
             return Err(ShareError::Protocol(m));
         }
-        let got = body.len() - frame::PRODUCT_HEAD;
+        let got = if stream.is_some() {
+            rows * k as usize * 8
+        } else {
+            body.len() - frame::PRODUCT_HEAD
+        };
         if got != rows * k as usize * 8 {
             let m = format!(
                 "wrong width: layer id {linear} takes rows of {k} shares ({} bytes for {rows} \
@@ -338,26 +460,53 @@ where
             send_error(&mut s, code::WIDTH, &m).await;
             return Err(ShareError::Protocol(m));
         }
-        let raw = &body[frame::PRODUCT_HEAD..];
-        if let Some(r) = &sh.recorder {
-            r.record(id, linear, rows as u32, raw)?;
-        }
-        frame::get_u64s(raw, &mut shares);
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
-            connection: id,
-            linear,
-            rows,
-            shares: std::mem::take(&mut shares),
-            reply: tx,
+        let ready = match (stream, seed) {
+            (Some(st), Some(sd)) => {
+                if let Some(r) = &sh.recorder {
+                    // B's view of a MASKED request is the mask it expands.
+                    let mut m = vec![0u64; rows * k as usize];
+                    mask(&sd, st, &mut m);
+                    r.record(id, linear, rows as u32, &frame::le_bytes(&m))?;
+                }
+                let hit = sh.prepared.take(id, st, linear, rows as u32);
+                let c = match hit {
+                    Some(_) => &sh.stats.prepared_hits,
+                    None => &sh.stats.prepared_misses,
+                };
+                c.fetch_add(1, Ordering::Relaxed);
+                hit
+            }
+            _ => {
+                let raw = &body[frame::PRODUCT_HEAD..];
+                if let Some(r) = &sh.recorder {
+                    r.record(id, linear, rows as u32, raw)?;
+                }
+                frame::get_u64s(raw, &mut shares);
+                None
+            }
         };
-        if sh.jobs.send(job).is_err() {
-            send_error(&mut s, code::INTERNAL, "the compute thread has stopped").await;
-            return Err(ShareError::Protocol("compute thread gone".into()));
-        }
-        let Ok(y) = rx.await else {
-            send_error(&mut s, code::INTERNAL, "the product failed").await;
-            return Err(ShareError::Protocol("product failed".into()));
+        let y = match ready {
+            Some(y) => y,
+            None => {
+                let (tx, rx) = oneshot::channel();
+                let job = Job {
+                    connection: id,
+                    linear,
+                    rows,
+                    shares: std::mem::take(&mut shares),
+                    mask: stream.zip(seed).map(|(st, sd)| (sd, st)),
+                    reply: tx,
+                };
+                if sh.jobs.send(job).is_err() {
+                    send_error(&mut s, code::INTERNAL, "the compute thread has stopped").await;
+                    return Err(ShareError::Protocol("compute thread gone".into()));
+                }
+                let Ok(y) = rx.await else {
+                    send_error(&mut s, code::INTERNAL, "the product failed").await;
+                    return Err(ShareError::Protocol("product failed".into()));
+                };
+                y
+            }
         };
         debug_assert_eq!(y.len(), rows * n as usize);
         let head = frame::result_head(req, rows as u32, y.len());
@@ -410,6 +559,22 @@ pub async fn serve(
         .transpose()?;
     let stats = Arc::new(ServerStats::default());
     let (jobs, rx) = std::sync::mpsc::channel();
+    let prepared = Arc::new(Prepared::new(cfg.prepare_bytes));
+    let (prepare, prx) = std::sync::mpsc::sync_channel(PREPARE_QUEUE);
+    if prepared.enabled() {
+        let ahead = crate::prepare::Ahead {
+            weights: weights.clone(),
+            kernel: cfg.kernel,
+            store: prepared.clone(),
+            stats: stats.clone(),
+            idle: cfg.prepare_idle,
+            corrupt: cfg.faults.corrupt_prepared,
+        };
+        std::thread::Builder::new()
+            .name("umbra-share-prepare".into())
+            .spawn(move || prepare_thread(prx, ahead))
+            .map_err(|e| ShareError::Config(e.to_string()))?;
+    }
     {
         let (w, k, f, st) = (
             weights.clone(),
@@ -427,6 +592,8 @@ pub async fn serve(
         weights,
         cfg,
         jobs,
+        prepare,
+        prepared,
         stats: stats.clone(),
         recorder,
         stop,
@@ -463,9 +630,18 @@ pub async fn serve(
                     }
                     Err(_) => return,
                 };
+                let (prepared, sh_stats) = (sh.prepared.clone(), sh.stats.clone());
                 if let Err(e) = connection(s, sh, id).await {
                     tracing::debug!("share server: connection {id} from {peer}: {e}");
                 }
+                prepared.close(id);
+                tracing::info!(
+                    "share server: connection {id} from {peer} closed; masked requests so far: {} \
+                     answered from products computed ahead, {} computed on demand ({} rows ahead)",
+                    sh_stats.prepared_hits.load(Ordering::Relaxed),
+                    sh_stats.prepared_misses.load(Ordering::Relaxed),
+                    sh_stats.prepared_rows.load(Ordering::Relaxed)
+                );
             });
         }
         let _ = sh.stop.send(true);

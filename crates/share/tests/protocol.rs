@@ -39,6 +39,8 @@ fn server(
     c.faults = faults;
     c.record = record;
     c.io_timeout = Duration::from_secs(5);
+    // Work ahead at normal priority: on a busy test machine an idle-priority thread may never run.
+    c.prepare_idle = false;
     spawn(w.clone(), c).unwrap()
 }
 
@@ -214,6 +216,52 @@ fn bad_frames_get_clear_errors_and_the_server_keeps_serving() {
     t.write_all(&[frame::PRODUCT]).unwrap();
     t.flush().unwrap();
     expect_error(&mut t, "exceeds");
+    // Server B's frames: MASKED or PREPARE before the SEED, a second SEED, too many rows.
+    let mut t = raw(&s, &fp);
+    buf.clear();
+    frame::masked(&mut buf, 0, 0, 1, 0);
+    t.write_all(&buf).unwrap();
+    expect_error(&mut t, "before the connection's SEED");
+    let mut t = raw(&s, &fp);
+    t.write_all(&frame::seed(&[1; 32])).unwrap();
+    t.write_all(&frame::seed(&[2; 32])).unwrap();
+    expect_error(&mut t, "a second SEED");
+    let mut t = raw(&s, &fp);
+    t.write_all(&frame::seed(&[1; 32])).unwrap();
+    buf.clear();
+    frame::prepare(&mut buf, 0, 8192, &[1, 2]);
+    t.write_all(&buf).unwrap();
+    expect_error(&mut t, "PREPARE of 2 streams x 8192 rows");
+    let mut t = raw(&s, &fp);
+    t.write_all(&frame::seed(&[1; 32])).unwrap();
+    buf.clear();
+    frame::masked(&mut buf, 0, 999, 1, 0);
+    t.write_all(&buf).unwrap();
+    expect_error(&mut t, "unknown layer id 999");
+    // A MASKED request is answered with the product of the mask the seed gives.
+    let mut t = raw(&s, &fp);
+    t.write_all(&frame::seed(&[4; 32])).unwrap();
+    buf.clear();
+    frame::masked(&mut buf, 3, 0, 2, 77);
+    t.write_all(&buf).unwrap();
+    let (kind, body) = read(&mut t).unwrap();
+    assert_eq!(kind, frame::RESULT);
+    let mut r = vec![0u64; 2 * k];
+    umbra_share::prepare::mask(&[4; 32], 77, &mut r);
+    let n = pw.table[0].1 as usize;
+    let mut y = vec![];
+    frame::get_u64s(&body[frame::RESULT_HEAD..], &mut y);
+    let d = umbra_share::ring::Digits::new(&r, 2, k).unwrap();
+    let mut want = vec![0u64; 2 * n];
+    umbra_share::ring::gemm(
+        umbra_share::ring::Kernel::Portable,
+        &d,
+        &pw.matrices[0],
+        &mut want,
+        None,
+    )
+    .unwrap();
+    assert_eq!(y, want);
     // Not a client: bad HELLO.
     let cfg_tls = Trust::pin(&s.pin).unwrap().client_config().unwrap();
     let tcp = TcpStream::connect(s.addr).unwrap();
@@ -240,6 +288,122 @@ fn bad_frames_get_clear_errors_and_the_server_keeps_serving() {
     assert_eq!(kind, frame::RESULT);
     assert_eq!(frame::parse_result_head(&body).unwrap(), (5, 1));
     assert_eq!(body.len(), frame::RESULT_HEAD + pw.table[0].1 as usize * 8);
+}
+
+#[test]
+fn server_b_answers_decode_steps_from_products_computed_ahead_bit_for_bit() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (cfg, w) = model(2);
+    let pw = Arc::new(PublicWeights::from_weights(&cfg, &w, "tiny".into()).unwrap());
+    // A is slow, so B's work ahead has time to run.
+    let slow = Faults {
+        delay: Duration::from_millis(2),
+        ..Faults::default()
+    };
+    let (a, b) = (
+        server(&pw, slow, None),
+        server(&pw, Faults::default(), None),
+    );
+    let (share, session) = client(&cfg, &w, &a, &b);
+    let (local, local_session, built) =
+        ShareModel::build(&cfg, &w, Format::default(), true).unwrap();
+    local_session.set_transport(umbra_share::backend::Transport::Local(built.matrices));
+    let steps = 24;
+    let mut got = vec![];
+    let mut want = vec![];
+    for (m, out) in [(&share, &mut got), (&local, &mut want)] {
+        let mut cache = m.new_cache();
+        let mut ids = PROMPT.to_vec();
+        let mut pos = 0;
+        for _ in 0..steps {
+            let t = Tensor::new(&ids[pos..], &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let l = m
+                .forward(Input::Ids(&t), &mut cache, Forward::last_logits())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            pos = ids.len();
+            let next = (0..l.len()).max_by(|&i, &j| l[i].total_cmp(&l[j])).unwrap();
+            ids.push(next as u32);
+            out.push(l);
+        }
+    }
+    assert_eq!(
+        got, want,
+        "products computed ahead must be the same ring products"
+    );
+    let maps = 4 * cfg.num_hidden_layers as u64 + 1;
+    let (hits, misses) = (
+        b.stats.prepared_hits.load(Relaxed),
+        b.stats.prepared_misses.load(Relaxed),
+    );
+    assert_eq!(
+        hits + misses,
+        maps * steps as u64,
+        "every request of B is MASKED"
+    );
+    // Nothing is prepared for the prefill and the first decode step, except the head: in the
+    // prefill it sees the last row only, so its call at the first step was announced.
+    assert!(
+        misses >= 2 * maps - 1,
+        "{hits} hits, {misses} misses, {maps} maps"
+    );
+    assert!(
+        hits > 0,
+        "no decode step was answered from work ahead ({misses} misses)"
+    );
+    assert!(b.stats.prepared_rows.load(Relaxed) >= hits);
+    assert_eq!(
+        a.stats.prepared_hits.load(Relaxed) + a.stats.prepared_misses.load(Relaxed),
+        0
+    );
+    // B never received a mask: the client sent A the shares, B stream numbers only.
+    let link = session.stats().link;
+    let a_shares: u64 = PROMPT.len() as u64 * built.table.iter().map(|t| t.0 as u64).sum::<u64>()
+        + (steps as u64 - 1) * built.table.iter().map(|t| t.0 as u64).sum::<u64>();
+    assert!(
+        link.bytes_sent < a_shares * 8 + maps * steps as u64 * 256,
+        "sent {} bytes, A's shares alone are {}",
+        link.bytes_sent,
+        a_shares * 8
+    );
+}
+
+#[test]
+fn a_corrupted_product_computed_ahead_is_caught() {
+    let (cfg, w) = model(1);
+    let pw = Arc::new(PublicWeights::from_weights(&cfg, &w, "tiny".into()).unwrap());
+    let slow = Faults {
+        delay: Duration::from_millis(2),
+        ..Faults::default()
+    };
+    let bad = Faults {
+        corrupt_prepared: true,
+        ..Faults::default()
+    };
+    let (a, b) = (server(&pw, slow, None), server(&pw, bad, None));
+    let (share, session) = client(&cfg, &w, &a, &b);
+    let mut seen = 0;
+    let e = generate(&share, &PROMPT, &greedy(24), |_| {
+        seen += 1;
+        true
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("integrity check failed"), "{e}");
+    assert!(seen < 24, "all {seen} tokens released");
+    assert!(
+        b.stats
+            .prepared_hits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert!(session.poisoned().is_some());
 }
 
 #[test]

@@ -39,8 +39,9 @@ pub struct BenchShareArgs {
     /// Alternating (plaintext, share) repetitions; the best of each is reported.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// GEMM threads of each server this bench starts.
-    #[arg(long, default_value_t = 1)]
+    /// GEMM threads of each server this bench starts (0 = every core, as `umbra serve --share`;
+    /// server B's work ahead runs at idle priority, so it does not take cores from A).
+    #[arg(long, default_value_t = 0)]
     pub server_threads: usize,
     /// Start the two servers as threads of this process instead of child processes (their
     /// CPU time then counts as the client's).
@@ -154,6 +155,14 @@ enum Servers {
     External,
 }
 
+/// `--server-threads`, 0 resolved to every core.
+fn server_threads(a: &BenchShareArgs) -> usize {
+    match a.server_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        t => t,
+    }
+}
+
 fn start_servers(a: &BenchShareArgs, path: &Path) -> Result<(Servers, Remote, &'static str)> {
     if a.client.active() {
         return Ok((Servers::External, a.client.remote()?, "external"));
@@ -166,8 +175,8 @@ fn start_servers(a: &BenchShareArgs, path: &Path) -> Result<(Servers, Remote, &'
     let (urls, pins, servers, how) = if !a.in_process && is_umbra {
         let exe = exe.expect("checked above");
         let s = vec![
-            child_server(&exe, path, a.server_threads)?,
-            child_server(&exe, path, a.server_threads)?,
+            child_server(&exe, path, server_threads(a))?,
+            child_server(&exe, path, server_threads(a))?,
         ];
         let urls = vec![s[0].url.clone(), s[1].url.clone()];
         let pins = [s[0].pin.clone(), s[1].pin.clone()];
@@ -180,7 +189,7 @@ fn start_servers(a: &BenchShareArgs, path: &Path) -> Result<(Servers, Remote, &'
                 ([127, 0, 0, 1], 0).into(),
                 ServerIdentity::generate(&names)?,
             );
-            c.threads = a.server_threads;
+            c.threads = server_threads(a);
             spawn(w.clone(), c)
         };
         let s = vec![mk()?, mk()?];
@@ -376,7 +385,7 @@ pub fn run_bench(a: &BenchShareArgs) -> Result<Value> {
     }
     print_shapes(&shapes);
     let mut out = json!({
-        "model": share.name, "servers": how, "server_threads": a.server_threads,
+        "model": share.name, "servers": how, "server_threads": server_threads(a),
         "kernel": crate::ring::Kernel::best().as_str(), "format_bits": share.session.format().bits,
         "integrity_bits": share.integrity_bits(),
         "prompt_tokens": prompt.len(), "max_tokens": a.max_tokens,

@@ -45,6 +45,10 @@ pub struct ServeShareArgs {
     /// With --share: most rows in one request.
     #[arg(long, default_value_t = 8192)]
     pub max_rows: usize,
+    /// With --share: MiB of products computed ahead for the clients' masks when this server
+    /// is their server B (0: none; those products are then computed when asked for).
+    #[arg(long, default_value_t = 256)]
+    pub prepare_mib: usize,
 }
 
 fn addr(host: &str, port: u16) -> Result<SocketAddr> {
@@ -93,6 +97,7 @@ pub fn run_serve(a: &ServeShareArgs, model: &str, host: &str, port: u16) -> Resu
     };
     cfg.max_frame = a.max_frame_mib.max(1) << 20;
     cfg.max_rows = a.max_rows.max(1);
+    cfg.prepare_bytes = a.prepare_mib << 20;
     cfg.record = a.record.clone();
     let pin = cfg.identity.pin();
     let kernel = cfg.kernel;

@@ -68,6 +68,10 @@ unsafe fn tile<const N: usize>(d: &[i16], kp: usize, w: [&[i16]; N]) -> [u64; N]
             let dv = |g: usize| _mm256_loadu_si256(dp.add(g * kp + c) as *const __m256i);
             let (d0, d1, d2, h0, h1) = (dv(0), dv(1), dv(2), dv(3), dv(4));
             for n in 0..N {
+                // The next tile's rows (the next `N` rows of the matrix, `N kp` entries on) at
+                // the same offset: short rows end before the hardware prefetcher warms up.
+                // `wrapping_add`: past the last row this is only a hint, never a load.
+                _mm_prefetch::<_MM_HINT_T0>(w[n].as_ptr().wrapping_add(c + N * kp) as *const i8);
                 let wv = _mm256_loadu_si256(w[n].as_ptr().add(c) as *const __m256i);
                 low[n][0] = _mm256_add_epi32(low[n][0], _mm256_madd_epi16(d0, wv));
                 low[n][1] = _mm256_add_epi32(low[n][1], _mm256_madd_epi16(d1, wv));
