@@ -263,18 +263,24 @@ fn prepare_request(
     rows: u32,
     streams: Vec<u64>,
 ) -> Result<()> {
-    if sh.weights.table.get(linear as usize).is_none() {
+    let Some(&(k, _)) = sh.weights.table.get(linear as usize) else {
         return Err(ShareError::Protocol(format!(
             "PREPARE for unknown layer id {linear} (this model has {} linear maps)",
             sh.weights.table.len()
         )));
-    }
+    };
     let total = (rows as usize).saturating_mul(streams.len());
-    if rows == 0 || total > sh.cfg.max_rows {
+    // The masks a PREPARE expands are bounded like the shares a PRODUCT may carry.
+    if rows == 0
+        || total > sh.cfg.max_rows
+        || total.saturating_mul(k as usize * 8) > sh.cfg.max_frame
+    {
         return Err(ShareError::Shape(format!(
-            "PREPARE of {} streams x {rows} rows (this server takes 1..={} rows per frame)",
+            "PREPARE of {} streams x {rows} rows (this server takes 1..={} rows and {} bytes of \
+             shares per frame)",
             streams.len(),
-            sh.cfg.max_rows
+            sh.cfg.max_rows,
+            sh.cfg.max_frame
         )));
     }
     if sh.prepared.enabled() && !streams.is_empty() {
@@ -441,8 +447,15 @@ where
             return Err(ShareError::Protocol(m));
         };
         let rows = rows as usize;
-        if rows == 0 || rows > sh.cfg.max_rows {
-            let m = format!("{rows} rows (this server takes 1..={})", sh.cfg.max_rows);
+        // A MASKED request expands `rows x k` mask words: bounded like a PRODUCT's shares.
+        if rows == 0
+            || rows > sh.cfg.max_rows
+            || (stream.is_some() && rows * k as usize * 8 > sh.cfg.max_frame)
+        {
+            let m = format!(
+                "{rows} rows (this server takes 1..={} rows and {} bytes of shares per request)",
+                sh.cfg.max_rows, sh.cfg.max_frame
+            );
             send_error(&mut s, code::ROWS, &m).await;
             return Err(ShareError::Protocol(m));
         }
