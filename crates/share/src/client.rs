@@ -3,9 +3,9 @@
 //!
 //! A round trip writes server A's PRODUCT frame (`a - r`), then server B's MASKED frame (the
 //! stream `r` was drawn from, under the seed B received when its link opened), then reads A's
-//! RESULT and B's: both servers compute at the same time. With a MASKED request of at most
-//! [`PREPARE_MAX_ROWS`] rows goes, every [`PREPARE_REFILL`] tokens, a PREPARE naming the streams
-//! the same map will use at the next [`PREPARE_AHEAD`] tokens, which B computes ahead
+//! RESULT and B's: both servers compute at the same time. Every [`PREPARE_REFILL`] tokens, a
+//! MASKED request of at most [`PREPARE_MAX_ROWS`] rows carries a PREPARE along, naming the
+//! streams the same map will use at the next [`PREPARE_AHEAD`] tokens, which B computes ahead
 //! ([`crate::prepare`]). Every failure names its server (`A
 //! https://host:port`): a refused connection, a TLS or fingerprint mismatch, an ERROR frame, a
 //! closed connection, a malformed RESULT, no answer within the timeout. A link that failed is
