@@ -54,18 +54,23 @@ impl Inner {
         !self.open.contains(&conn) || stream < self.next.get(&conn).copied().unwrap_or(0)
     }
 
-    /// Drops every entry no request can use any more.
-    fn purge(&mut self) {
+    /// Drops the entries `(connection, stream)` for which `drop` holds, keeping `bytes` exact.
+    fn drop_where(&mut self, drop: impl Fn(u64, u64, &HashMap<u64, u64>) -> bool) {
         let Inner {
             ready, bytes, next, ..
         } = self;
         ready.retain(|&(c, s), r| {
-            let keep = s >= next.get(&c).copied().unwrap_or(0);
-            if !keep {
+            let gone = drop(c, s, next);
+            if gone {
                 *bytes -= r.y.len() * 8;
             }
-            keep
+            !gone
         });
+    }
+
+    /// Drops every entry no request can use any more.
+    fn purge(&mut self) {
+        self.drop_where(|c, s, next| s < next.get(&c).copied().unwrap_or(0));
     }
 }
 
@@ -103,13 +108,7 @@ impl Prepared {
         let mut g = self.lock();
         g.open.remove(&conn);
         g.next.remove(&conn);
-        let Inner { ready, bytes, .. } = &mut *g;
-        ready.retain(|&(c, _), r| {
-            if c == conn {
-                *bytes -= r.y.len() * 8;
-            }
-            c != conn
-        });
+        g.drop_where(|c, _, _| c == conn);
     }
 
     /// The products prepared for `stream` of `conn`, if they are those of `rows` rows of map

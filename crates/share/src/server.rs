@@ -473,13 +473,18 @@ where
             send_error(&mut s, code::WIDTH, &m).await;
             return Err(ShareError::Protocol(m));
         }
+        // Set when the mask is already expanded into `shares` (for the recorder): a job computed
+        // on demand then uses it instead of expanding it again.
+        let mut expanded = false;
         let ready = match (stream, seed) {
             (Some(st), Some(sd)) => {
                 if let Some(r) = &sh.recorder {
                     // B's view of a MASKED request is the mask it expands.
-                    let mut m = vec![0u64; rows * k as usize];
-                    mask(&sd, st, &mut m);
-                    r.record(id, linear, rows as u32, &frame::le_bytes(&m))?;
+                    shares.clear();
+                    shares.resize(rows * k as usize, 0);
+                    mask(&sd, st, &mut shares);
+                    expanded = true;
+                    r.record(id, linear, rows as u32, &frame::le_bytes(&shares))?;
                 }
                 let hit = sh.prepared.take(id, st, linear, rows as u32);
                 let c = match hit {
@@ -507,7 +512,10 @@ where
                     linear,
                     rows,
                     shares: std::mem::take(&mut shares),
-                    mask: stream.zip(seed).map(|(st, sd)| (sd, st)),
+                    mask: stream
+                        .zip(seed)
+                        .filter(|_| !expanded)
+                        .map(|(st, sd)| (sd, st)),
                     reply: tx,
                 };
                 if sh.jobs.send(job).is_err() {
